@@ -1,0 +1,66 @@
+"""`bsmamba2` command line: argument parsing, logging set-up, and the one place where errors become exit codes.
+
+Each sub-command lives in `bsmamba2.commands.<name>` and provides:
+    HELP: str                                   one-line description
+    add_arguments(parser: argparse.ArgumentParser) -> None
+    run(args: argparse.Namespace) -> int        exit code (0 = success)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = ("separate", "evaluate", "train", "export", "synth", "demo")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bsmamba2", description="BSMamba2 vocal separation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _load(name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def _load(name: str):
+    try:
+        return importlib.import_module(f"bsmamba2.commands.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"bsmamba2.commands.{name}":
+            return None  # command not built yet
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        logging.getLogger("bsmamba2").error("error: %s", err)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        logging.getLogger("bsmamba2").error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
