@@ -1,0 +1,62 @@
+"""Shared test fixtures: paths to ../shared, seeds, tiny configs, synthetic audio, and the `gpu` marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BSMAMBA2_SHARED", ROOT.parent / "shared"))
+OFFICIAL = SHARED / "fixtures" / "official"
+SAMPLE_ROOT = SHARED / "data" / "musdb18hq-sample"
+SAMPLE_TRACK = SAMPLE_ROOT / "train" / "Music Delta - 80s Rock"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.exists():
+        pytest.fail(f"shared fixtures not found at {SHARED}; set BSMAMBA2_SHARED to the shared/ folder")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def official_ckpt(shared_dir) -> Path:
+    return OFFICIAL / "official_tiny_a.ckpt"
+
+
+@pytest.fixture(scope="session")
+def official_io(shared_dir) -> dict:
+    with np.load(OFFICIAL / "official_tiny_a_io.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def sample_track(shared_dir) -> Path:
+    return SAMPLE_TRACK
+
+
+@pytest.fixture
+def noise_audio():
+    """Three seconds of stereo noise at 44.1 kHz, (channels, time) float32."""
+    return 0.1 * torch.randn(2, 3 * 44100)
