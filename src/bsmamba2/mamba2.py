@@ -1,0 +1,182 @@
+"""The Mamba2 mixer and the bidirectional block of BSMamba2, in plain PyTorch, with a switchable scan backend.
+
+Parameter names and shapes follow `mamba_ssm.modules.mamba2.Mamba2` (in_proj, conv1d, dt_bias, A_log, D, norm,
+out_proj) and the official BSMamba2 `MambaBlock` (forward_blocks.0.{norm,mixer}, backward_blocks.0.{norm,mixer},
+linear), so official weights load without renaming.
+
+Backends for the scan (`set_backend`, or the environment variable BSMAMBA2_BACKEND):
+    "torch"  plain PyTorch (`bsmamba2.ssd`), any device
+    "triton" fused GPU kernels (`bsmamba2.kernels`), CUDA only
+    "auto"   (default) "triton" for CUDA tensors when Triton and the kernels are importable, else "torch"
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bsmamba2 import ssd
+from bsmamba2.config import Mamba2Config
+
+log = logging.getLogger(__name__)
+
+_BACKENDS = ("auto", "torch", "triton")
+_backend = os.environ.get("BSMAMBA2_BACKEND", "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the scan implementation: "auto", "torch" or "triton"."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {_BACKENDS}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def _triton_available() -> bool:
+    try:
+        from bsmamba2.kernels import available  # noqa: PLC0415
+    except ImportError:
+        return False
+    return available()
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend that runs for tensors on `device` under the current setting."""
+    if _backend == "torch":
+        return "torch"
+    if _backend == "triton":
+        if device.type != "cuda" or not _triton_available():
+            raise RuntimeError("backend 'triton' needs a CUDA device and `pip install triton`; use 'torch' or 'auto'")
+        return "triton"
+    return "triton" if device.type == "cuda" and _triton_available() else "torch"
+
+
+class RMSNorm(nn.Module):
+    """mamba_ssm's RMSNorm: x · rsqrt(mean(x²) + eps) · weight, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return out.to(x.dtype)
+
+
+class RMSNormGated(nn.Module):
+    """Gated RMSNorm with the gate applied before normalizing (norm_before_gate=False), per group of channels."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps, self.group_size = eps, group_size
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, z: Tensor) -> Tensor:
+        xf = x.float() * F.silu(z.float())
+        g = xf.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.flatten(-2) * self.weight.float()).to(x.dtype)
+
+
+class Mamba2(nn.Module):
+    """Mamba2 mixer: in_proj → [z, xBC, dt]; causal depthwise conv + SiLU on xBC; SSD scan; gated RMSNorm; out_proj.
+
+    Input and output `(batch, length, d_model)`.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 128, d_conv: int = 4, expand: int = 4, headdim: int = 64,
+                 ngroups: int = 1, chunk_size: int = 256, A_init_range: tuple[float, float] = (1.0, 16.0),
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        self.d_model, self.d_state, self.d_conv, self.headdim = d_model, d_state, d_conv, headdim
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(f"expand*d_model ({self.d_inner}) must be a multiple of headdim ({headdim})")
+        self.nheads, self.ngroups, self.chunk_size = self.d_inner // headdim, ngroups, chunk_size
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, self.d_inner + self.conv_dim + self.nheads, bias=False)  # [z, xBC, dt]
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1)
+
+        # mamba_ssm's initialisation: dt log-uniform in [dt_min, dt_max] stored through softplus⁻¹; A uniform in
+        # A_init_range stored as log; D = 1.
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(*A_init_range)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+
+        self.norm = RMSNormGated(self.d_inner, group_size=self.d_inner // ngroups)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+
+    @classmethod
+    def from_config(cls, d_model: int, cfg: Mamba2Config) -> "Mamba2":
+        return cls(d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+                   ngroups=cfg.ngroups, chunk_size=cfg.chunk_size)
+
+    def forward(self, u: Tensor) -> Tensor:
+        b, l, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        # causal depthwise conv: pad d_conv-1 on both sides, keep the first l outputs
+        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
+        x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h), float32
+        A = -torch.exp(self.A_log.float())  # (h,)
+        y = self.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)))
+        y = self.norm(y.flatten(-2), z)  # (b, l, d_inner)
+        return self.out_proj(y)
+
+    def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        """SSD with skip: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n) → (b, l, h, p)."""
+        if resolve_backend(x.device) == "triton":
+            from bsmamba2.kernels import ssd_scan  # noqa: PLC0415
+
+            return ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
+        return ssd.ssd_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
+
+
+class PreNormMamba2(nn.Module):
+    """x + Mamba2(RMSNorm(x)): mamba_ssm's `Block` as the official model uses it (no MLP, unfused add+norm)."""
+
+    def __init__(self, dim: int, cfg: Mamba2Config):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps=1e-5)
+        self.mixer = Mamba2.from_config(dim, cfg)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.mixer(self.norm(x))
+
+
+class BiMamba2Block(nn.Module):
+    """Bidirectional Mamba2 along one axis: [fwd(x), flip(bwd(flip(x)))] → 1×1 ConvTranspose1d (2D→D) → + x.
+
+    Input and output `(sequences, length, dim)`.
+    """
+
+    def __init__(self, dim: int, cfg: Mamba2Config):
+        super().__init__()
+        self.forward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
+        self.backward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
+        self.linear = nn.ConvTranspose1d(2 * dim, dim, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        fwd = self.forward_blocks[0](x)
+        bwd = self.backward_blocks[0](x.flip(1)).flip(1)
+        both = torch.cat([fwd, bwd], dim=-1)  # (s, l, 2d)
+        # a kernel-1 transposed conv is a linear map with weight (2d, d, 1) used as Wᵀ
+        return F.linear(both, self.linear.weight[:, :, 0].t(), self.linear.bias) + x
+
+

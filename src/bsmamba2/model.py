@@ -1,0 +1,107 @@
+"""BSMamba2: band split → dual-path (time, then band) sequence layers → per-band mask estimation.
+
+Shapes: spectra `(b, c, f, t)` complex; latents `(b, t, k, d)` with k = bands; waveforms `(b, c, time)`.
+The sequence layers are the only difference between BSMamba2 and the BS-RoFormer baseline (`roformer.py`);
+everything else lives in `BandSplitModel`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from bsmamba2.config import BSMamba2Config, ModelConfig, RoFormerConfig
+from bsmamba2.mamba2 import BiMamba2Block
+from bsmamba2.spectral import (BandSplit, MaskEstimator, RMSNorm, band_feature_sizes, features_to_spec, istft,
+                               spec_to_features, stft)
+
+
+class BandSplitModel(nn.Module):
+    """Common skeleton. Subclasses provide `make_layer() -> nn.ModuleList([time_module, band_module])`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if sum(config.band_widths) != config.stft.n_fft // 2 + 1:
+            raise ValueError(f"band widths sum to {sum(config.band_widths)}, expected {config.stft.n_fft // 2 + 1} bins")
+        self.config = config
+        self.audio_channels = 2 if config.stereo else 1
+        self.stems = tuple(config.stems)
+        self.sample_rate = config.stft.sample_rate
+        self.activation_checkpointing = False
+        sizes = band_feature_sizes(config.band_widths, self.audio_channels)
+        self.layers = nn.ModuleList(self.make_layer() for _ in range(config.depth))
+        self.final_norm = RMSNorm(config.dim)
+        self.band_split = BandSplit(config.dim, sizes)
+        self.mask_estimators = nn.ModuleList(
+            MaskEstimator(config.dim, sizes, depth=config.mask_estimator_depth) for _ in self.stems
+        )
+
+    def make_layer(self) -> nn.ModuleList:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _dual_path(self, x: Tensor, time_module: nn.Module, band_module: nn.Module) -> Tensor:
+        b, t, k, d = x.shape
+        x = x.transpose(1, 2).reshape(b * k, t, d)  # (b·k, t, d): one sequence per band, along time
+        x = time_module(x)
+        x = x.reshape(b, k, t, d).transpose(1, 2).reshape(b * t, k, d)  # (b·t, k, d): along bands
+        x = band_module(x)
+        return x.reshape(b, t, k, d)
+
+    def forward(self, spec: Tensor) -> Tensor:
+        """Complex spectrum `(b, c, f, t)` → masked complex spectra `(b, stems, c, f, t)`."""
+        if spec.dim() != 4 or spec.shape[1] != self.audio_channels or not spec.is_complex():
+            raise ValueError(f"expected a complex spectrum (batch, {self.audio_channels}, freq, frames), "
+                             f"got {tuple(spec.shape)} {spec.dtype}")
+        feats = spec_to_features(spec)  # (b, t, f·c·2)
+        x = self.band_split(feats)  # (b, t, k, d)
+        for time_module, band_module in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(self._dual_path, x, time_module, band_module, use_reentrant=False)
+            else:
+                x = self._dual_path(x, time_module, band_module)
+        x = self.final_norm(x)
+        masks = torch.stack([est(x) for est in self.mask_estimators], dim=1)  # (b, n, t, f·c·2)
+        masks = features_to_spec(masks, self.audio_channels)  # (b, n, c, f, t) complex
+        return spec.unsqueeze(1) * masks
+
+    def stft(self, wave: Tensor) -> Tensor:
+        """`(..., time)` → `(..., f, frames)` with the model's STFT settings."""
+        return stft(wave, self.config.stft)
+
+    def istft(self, spec: Tensor, length: int) -> Tensor:
+        return istft(spec, self.config.stft, length)
+
+    def forward_waveform(self, wave: Tensor) -> Tensor:
+        """Waveform `(b, c, time)` → separated stems `(b, stems, c, time)`, same length."""
+        if wave.dim() != 3 or wave.shape[1] != self.audio_channels:
+            raise ValueError(f"expected a waveform (batch, {self.audio_channels}, time), got {tuple(wave.shape)}")
+        return self.istft(self(self.stft(wave)), wave.shape[-1])
+
+
+class BSMamba2(BandSplitModel):
+    """BSMamba2 (Kim & Choi 2025): bidirectional Mamba2 blocks along time and along bands."""
+
+    config: BSMamba2Config
+
+    def __init__(self, config: BSMamba2Config | None = None):
+        super().__init__(config or BSMamba2Config())
+
+    def make_layer(self) -> nn.ModuleList:
+        d, m = self.config.dim, self.config.mamba
+        return nn.ModuleList([BiMamba2Block(d, m), BiMamba2Block(d, m)])
+
+
+def build_model(config: ModelConfig) -> BandSplitModel:
+    """The model class that `config` describes (BSMamba2 or BS-RoFormer)."""
+    if isinstance(config, BSMamba2Config):
+        return BSMamba2(config)
+    if isinstance(config, RoFormerConfig):
+        from bsmamba2.roformer import BSRoFormer  # noqa: PLC0415
+
+        return BSRoFormer(config)
+    raise TypeError(f"not a model config: {type(config).__name__}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
