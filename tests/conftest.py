@@ -60,3 +60,28 @@ def sample_track(shared_dir) -> Path:
 def noise_audio():
     """Three seconds of stereo noise at 44.1 kHz, (channels, time) float32."""
     return 0.1 * torch.randn(2, 3 * 44100)
+
+
+@pytest.fixture(scope="session")
+def tiny_musdb(tmp_path_factory, sample_track) -> Path:
+    """A MUSDB18-HQ-layout root cut from the shared sample track: train/ has three 2.5-s tracks plus one named as a
+    track of the paper's validation split ("Actions - One Minute Smile"); test/ has one. In "Cut B" the vocals are
+    silent for the first 1.2 s. Stems are PCM16 WAV; mixture.wav is the sum of the stems."""
+    import soundfile as sf
+
+    sr = 44100
+    stems = {s: sf.read(str(sample_track / f"{s}.wav"), dtype="float32")[0] for s in ("vocals", "drums", "bass", "other")}
+    root = tmp_path_factory.mktemp("tiny_musdb")
+    cuts = {"train/Cut A": 0.0, "train/Cut B": 2.0, "train/Cut C": 4.0,
+            "train/Actions - One Minute Smile": 1.0, "test/Cut D": 3.0}
+    for name, offset in cuts.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        start = int(offset * sr)
+        parts = {s: a[start : start + int(2.5 * sr)].copy() for s, a in stems.items()}  # (time, channels)
+        if name == "train/Cut B":
+            parts["vocals"][: int(1.2 * sr)] = 0.0
+        for s, a in parts.items():
+            sf.write(str(folder / f"{s}.wav"), a, sr, subtype="PCM_16")
+        sf.write(str(folder / "mixture.wav"), np.clip(sum(parts.values()), -1, 1), sr, subtype="PCM_16")
+    return root

@@ -1,0 +1,81 @@
+"""The paper's training loss: 10 * L1 in time + multi-resolution complex STFT L1.
+
+    loss = w * mean|ŝ - s| + Σ_{win ∈ {4096, 2048, 1024, 512, 256}} mean|STFT_win(ŝ) - STFT_win(s)|
+
+Each STFT uses a periodic Hann window of `win` samples, hop 147, n_fft = max(win, 2048) (a shorter window is
+zero-padded to n_fft, centred), center=True with reflect padding, no normalisation; the spectral term is the mean
+modulus of the complex difference. Everything is computed in float32, also under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Σ over windows of mean |STFT(pred) - STFT(target)| (complex modulus)."""
+
+    def __init__(self, windows: tuple[int, ...] = (4096, 2048, 1024, 512, 256), hop: int = 147, min_nfft: int = 2048):
+        super().__init__()
+        self.windows = tuple(int(w) for w in windows)
+        self.hop = int(hop)
+        self.n_ffts = tuple(max(w, int(min_nfft)) for w in self.windows)
+        for i, w in enumerate(self.windows):
+            self.register_buffer(f"window_{i}", torch.hann_window(w, periodic=True), persistent=False)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            pred, target: (..., time) waveforms of the same shape.
+        Returns:
+            scalar float32.
+        """
+        pred = pred.float().reshape(-1, pred.shape[-1])  # (signals, time)
+        target = target.float().reshape(-1, target.shape[-1])
+        both = torch.cat([pred, target])  # one STFT call per resolution for prediction and target
+        total = pred.new_zeros(())
+        for i, (win, n_fft) in enumerate(zip(self.windows, self.n_ffts)):
+            spec = torch.stft(
+                both,
+                n_fft=n_fft,
+                hop_length=self.hop,
+                win_length=win,
+                window=getattr(self, f"window_{i}").float(),
+                center=True,
+                pad_mode="reflect",
+                return_complex=True,
+            )  # (2 * signals, freq, frames)
+            p, t = spec.chunk(2)
+            total = total + (p - t).abs().mean()
+        return total
+
+
+class SeparationLoss(nn.Module):
+    """time_weight * L1(time) + multi-resolution complex STFT L1; returns (total, {"time": ..., "stft": ...})."""
+
+    def __init__(
+        self,
+        time_weight: float = 10.0,
+        windows: tuple[int, ...] = (4096, 2048, 1024, 512, 256),
+        hop: int = 147,
+        min_nfft: int = 2048,
+    ):
+        super().__init__()
+        self.time_weight = float(time_weight)
+        self.stft = MultiResolutionSTFTLoss(windows, hop, min_nfft)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """
+        Args:
+            pred, target: (batch, stems, channels, time).
+        Returns:
+            total loss (scalar float32) and its parts, detached.
+        """
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        with torch.autocast(pred.device.type, enabled=False):
+            time = (pred.float() - target.float()).abs().mean()
+            spec = self.stft(pred, target)
+        total = self.time_weight * time + spec
+        return total, {"time": time.detach(), "stft": spec.detach()}
