@@ -1,0 +1,77 @@
+"""Device and precision choices shared by inference commands: `auto|cpu|cuda|cuda:N|mps` and `fp32|bf16|fp16`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """Turn a user's device name into a `torch.device`; `auto` picks CUDA, then Apple MPS, then CPU.
+
+    Raises ValueError with what is available when the requested device cannot be used.
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise ValueError("device 'mps' requested but Apple MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested but this PyTorch sees no CUDA GPU; use --device cpu or auto")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"bad device {name!r}; write cuda or cuda:N") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist "
+                f"(cuda:0…cuda:{torch.cuda.device_count() - 1})"
+            )
+        return device
+    raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def resolve_precision(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """`None`/fp32 → float32; bf16/fp16 run the model under autocast. fp16 needs a GPU; bf16 works on CPU too."""
+    if precision is None:
+        return torch.float32
+    if isinstance(precision, torch.dtype):
+        dtype = precision
+    else:
+        key = str(precision).lower().replace("float", "fp").replace("bfloat16", "bf16")
+        key = {"fp16": "fp16", "half": "fp16", "bf16": "bf16", "fp32": "fp32", "full": "fp32"}.get(key, key)
+        if key not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        dtype = PRECISIONS[key]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("fp16 needs a GPU; on CPU use --precision fp32 (default) or bf16")
+    return dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast context for `dtype` on `device`, or a no-op for float32 (the model keeps its FFTs and scans in fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
