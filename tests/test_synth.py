@@ -1,0 +1,202 @@
+"""The procedural song generator and `bsmamba2 synth`: sums, determinism, labels vs energy, levels, singing, layout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from scipy import signal
+
+from bsmamba2.cli import main
+from bsmamba2.data.synth import ACTIVITIES, REGIONS_FILENAME, STEMS, VOICE_TYPES, Song, generate_song
+
+SR = 44100
+
+
+@pytest.fixture(scope="module")
+def songs() -> dict[str, list[Song]]:
+    """Three 8-second songs per activity pattern."""
+    return {a: [generate_song(seed, 8.0, a) for seed in (11, 12, 13)] for a in ACTIVITIES}
+
+
+def _frame_rms(x: np.ndarray, hop: int = 441) -> np.ndarray:
+    """(channels, time) -> (frames,) RMS over channels in hop-sized frames."""
+    n = x.shape[-1] // hop * hop
+    return np.sqrt(np.mean(x[:, :n].reshape(x.shape[0], -1, hop) ** 2, axis=(0, 2)))
+
+
+def test_stems_sum_to_mixture_with_expected_shapes(songs):
+    for song in sum(songs.values(), []):
+        assert set(song.stems) == set(STEMS)
+        assert song.mixture.shape == (2, 8 * SR) and song.mixture.dtype == np.float32
+        total = np.zeros_like(song.mixture)
+        for name in STEMS:
+            stem = song.stems[name]
+            assert stem.shape == song.mixture.shape and stem.dtype == np.float32
+            assert np.isfinite(stem).all()
+            total += stem
+        np.testing.assert_allclose(total, song.mixture, atol=1e-6)
+
+
+def test_same_seed_same_song_other_seed_other_song():
+    a = generate_song(5, 3.0, "mixed")
+    b = generate_song(5, 3.0, "mixed")
+    c = generate_song(6, 3.0, "mixed")
+    for name in STEMS:
+        np.testing.assert_array_equal(a.stems[name], b.stems[name])
+    assert a.vocal_regions == b.vocal_regions and a.info == b.info
+    assert not np.array_equal(a.mixture, c.mixture)
+    # A sequence seed is a different stream from its first element.
+    assert not np.array_equal(generate_song((5, 0), 3.0).mixture, a.mixture)
+
+
+def test_levels_do_not_clip_and_vocals_sit_near_the_accompaniment(songs):
+    for song in sum(songs.values(), []):
+        peak = np.abs(song.mixture).max()
+        assert 0.3 <= peak < 1.0
+        for name in STEMS:
+            assert np.abs(song.stems[name]).max() < 1.0
+        mask = song.vocal_mask()
+        accomp = song.stems["drums"] + song.stems["bass"] + song.stems["other"]
+        v = np.sqrt(np.mean(song.stems["vocals"][:, mask] ** 2))
+        acc = np.sqrt(np.mean(accomp[:, mask] ** 2))
+        ratio_db = 20 * np.log10(v / acc)
+        assert -6.0 <= ratio_db <= 4.0, ratio_db
+        assert ratio_db == pytest.approx(song.info["vocal_to_accompaniment_db"], abs=0.05)
+        # Every accompaniment stem is audible somewhere, none dominates by more than ~20 dB.
+        rms = {k: np.sqrt(np.mean(song.stems[k] ** 2)) for k in ("drums", "bass", "other")}
+        loud = max(rms.values())
+        assert all(r == 0 or r > loud / 30 for r in rms.values()), rms
+
+
+def test_vocal_regions_match_vocal_energy(songs):
+    hop = 441  # 10 ms frames
+    for song in sum(songs.values(), []):
+        regions = song.vocal_regions
+        assert regions, "every song of 8 s sings at least once"
+        assert all(0 <= s < e <= song.seconds for s, e in regions)
+        assert all(e0 <= s1 for (_, e0), (s1, _) in zip(regions, regions[1:]))
+        rms = _frame_rms(song.stems["vocals"], hop)
+        t = (np.arange(rms.shape[0]) + 0.5) * hop / SR
+        inside = np.zeros_like(t, dtype=bool)
+        tail = np.zeros_like(t, dtype=bool)  # after a phrase, where its reverb dies away (RT60 <= 2.5 s)
+        near = np.zeros_like(t, dtype=bool)  # a breath before a phrase, the phrase and its reverb tail
+        for s, e in regions:
+            inside |= (t >= s + 0.05) & (t < e - 0.05)
+            tail |= (t >= e + 0.3) & (t < e + 2.6)
+            near |= (t >= s - 0.6) & (t < e + 2.6)
+        level_in = np.sqrt(np.mean(rms[inside] ** 2))
+        # Each sung phrase carries energy throughout most of its frames ...
+        for s, e in regions:
+            seg = rms[(t >= s + 0.05) & (t < e - 0.05)]
+            assert np.mean(seg > level_in * 10 ** (-30 / 20)) > 0.7
+        # ... reverb tails are well below the singing, and far from any phrase the stem is silent.
+        quiet_tail = tail & ~inside
+        if quiet_tail.any():
+            assert np.sqrt(np.mean(rms[quiet_tail] ** 2)) < level_in * 10 ** (-20 / 20)
+        if (~near).any():
+            assert rms[~near].max() < level_in * 10 ** (-60 / 20)
+
+
+def test_activity_patterns_control_phrase_lengths_and_density():
+    def stats(activity):
+        lengths, fractions = [], []
+        for seed in range(4):
+            song = generate_song(seed, 16.0, activity)
+            lengths += [e - s for s, e in song.vocal_regions]
+            fractions.append(song.vocal_mask(hop=441).mean())
+        return np.array(lengths), float(np.mean(fractions))
+
+    sparse_len, sparse_frac = stats("sparse")
+    dense_len, dense_frac = stats("dense")
+    assert sparse_len.min() >= 0.45 and sparse_len.max() <= 2.05
+    assert sparse_frac < 0.35 < 0.6 < dense_frac
+    assert np.median(dense_len) > 2 * np.median(sparse_len)
+
+
+def _autocorr_f0(x: np.ndarray, sr: int, fmin: float = 70.0, fmax: float = 1100.0) -> float:
+    """F0 of a short frame from the normalized autocorrelation peak, with parabolic interpolation."""
+    x = x - x.mean()
+    ac = signal.fftconvolve(x, x[::-1], mode="full")[x.size - 1:]
+    ac /= ac[0] + 1e-12
+    lo, hi = int(sr / fmax), int(sr / fmin)
+    lag = lo + int(np.argmax(ac[lo:hi]))
+    # The first lag whose peak is almost as high avoids octave errors.
+    for cand in range(lo, hi):
+        if ac[cand] > 0.9 * ac[lag] and ac[cand] >= ac[cand - 1] and ac[cand] >= ac[cand + 1]:
+            lag = cand
+            break
+    a, b, c = ac[lag - 1], ac[lag], ac[lag + 1]
+    shift = 0.5 * (a - c) / (a - 2 * b + c + 1e-12)
+    return sr / (lag + shift)
+
+
+def test_sung_pitch_is_in_range_and_wobbles_at_vibrato_rate():
+    # Dense, so that there are long notes; the dry mono vocal is the stem's mid signal (reverb is small).
+    song = generate_song(21, 12.0, "dense")
+    low, high, _ = VOICE_TYPES[song.info["voice"]]
+    lo_hz, hi_hz = 440 * 2 ** ((low - 1 - 69) / 12), 440 * 2 ** ((high + 1 - 69) / 12)
+    mid = song.stems["vocals"].mean(axis=0).astype(np.float64)
+    hop, win = 441, 2048
+    f0s, times = [], []
+    for s, e in song.vocal_regions:
+        for start in range(int((s + 0.1) * SR), int((e - 0.1) * SR) - win, hop):
+            f0s.append(_autocorr_f0(mid[start:start + win], SR, lo_hz * 0.8, hi_hz * 1.2))
+            times.append(start / SR)
+    f0s = np.array(f0s)
+    assert np.median(f0s) == pytest.approx(np.sqrt(lo_hz * hi_hz), rel=1.0)
+    assert np.mean((f0s > lo_hz * 0.9) & (f0s < hi_hz * 1.1)) > 0.9
+    # Vibrato: the pitch track (in cents, detrended per 0.5 s) has its strongest modulation at 4.5-7.5 Hz.
+    cents = 1200 * np.log2(f0s)
+    fs_track = SR / hop
+    detrended = cents - signal.medfilt(cents, 31)
+    freqs, power = signal.welch(detrended, fs=fs_track, nperseg=128)
+    band = (freqs > 2) & (freqs < 20)
+    peak = freqs[band][np.argmax(power[band])]
+    assert 4.5 <= peak <= 7.5, (peak, song.info["vibrato_hz"])
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="vocal_activity"):
+        generate_song(0, 2.0, "loud")
+    with pytest.raises(ValueError, match="seconds"):
+        generate_song(0, 0.5)
+
+
+def test_cli_writes_a_valid_musdb_layout(tmp_path):
+    root = tmp_path / "synth"
+    argv = ["synth", "--out", str(root), "--tracks", "2", "--test-tracks", "1", "--seconds", "3", "--seed", "4",
+            "--test-activity", "sparse"]
+    assert main(argv) == 0
+    train = sorted(p.name for p in (root / "train").iterdir())
+    test = sorted(p.name for p in (root / "test").iterdir())
+    assert len(train) == 2 and len(test) == 1
+    for split, names in (("train", train), ("test", test)):
+        for name in names:
+            folder = root / split / name
+            data = {}
+            for stem in ("mixture",) + STEMS:
+                info = sf.info(str(folder / f"{stem}.wav"))
+                assert info.samplerate == SR and info.channels == 2 and info.frames == 3 * SR
+                assert info.subtype == "PCM_16"
+                data[stem], _ = sf.read(str(folder / f"{stem}.wav"), dtype="int16")
+            # Integer stems add up to the mixture exactly.
+            total = sum(data[s].astype(np.int32) for s in STEMS)
+            np.testing.assert_array_equal(total, data["mixture"])
+            meta = json.loads((folder / REGIONS_FILENAME).read_text())
+            assert meta["vocal_activity"] == ("sparse" if split == "test" else "mixed")
+            song = generate_song(meta["seed"], 3.0, meta["vocal_activity"])
+            assert [tuple(r) for r in meta["vocal_regions"]] == song.vocal_regions
+            np.testing.assert_allclose(data["vocals"].T / 32768.0, song.stems["vocals"], atol=1 / 32768)
+    assert json.loads((root / "synth.json").read_text())["tracks"] == 2
+    # Running again keeps the tracks; other settings on the same folder are refused with a clear error.
+    mtime = (root / "train" / train[0] / "mixture.wav").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (root / "train" / train[0] / "mixture.wav").stat().st_mtime_ns == mtime
+    assert main(["synth", "--out", str(root), "--tracks", "1", "--seconds", "4", "--seed", "4"]) == 1
+    assert main(["synth", "--out", str(root), "--tracks", "1", "--seconds", "4", "--seed", "4", "--overwrite"]) == 0
+    assert sf.info(str(root / "train" / train[0] / "vocals.wav")).frames == 4 * SR
+    assert not list(root.rglob("*.tmp"))
+    assert main(["synth", "--out", str(root), "--tracks", "0"]) == 1
