@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from bsmamba2 import ssd
 from bsmamba2.config import Mamba2Config
+from bsmamba2.ssd import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        xf = x.to(compute_dtype(x))
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(xf.dtype)
         return out.to(x.dtype)
 
 
@@ -83,10 +84,11 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, z: Tensor) -> Tensor:
-        xf = x.float() * F.silu(z.float())
+        cd = compute_dtype(x)
+        xf = x.to(cd) * F.silu(z.to(cd))
         g = xf.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (g.flatten(-2) * self.weight.float()).to(x.dtype)
+        return (g.flatten(-2) * self.weight.to(cd)).to(x.dtype)
 
 
 class Mamba2(nn.Module):
@@ -132,8 +134,9 @@ class Mamba2(nn.Module):
         # causal depthwise conv: pad d_conv-1 on both sides, keep the first l outputs
         xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, h), float32
-        A = -torch.exp(self.A_log.float())  # (h,)
+        cd = compute_dtype(u)
+        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # (b, l, h), at least float32
+        A = -torch.exp(self.A_log.to(cd))  # (h,)
         y = self.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
                       B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)))
         y = self.norm(y.flatten(-2), z)  # (b, l, d_inner)

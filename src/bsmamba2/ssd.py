@@ -35,7 +35,7 @@ def _expand_groups(t: Tensor, heads: int) -> Tensor:
     return t.repeat_interleave(heads // g, dim=2)
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """float32 for half inputs (decays must not be computed in bf16), float64 stays float64."""
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -51,7 +51,7 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
                    initial_state: Tensor | None = None, return_final_state: bool = False):
     """The SSD recurrence step by step (ground truth). Returns y `(b, l, h, p)` [, final state `(b, h, p, n)`]."""
     b, l, h, p = x.shape
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     Bh, Ch = _expand_groups(B, h).to(cd), _expand_groups(C, h).to(cd)
     xf, dtf, Af = x.to(cd), dt.to(cd), A.to(cd)
     state = x.new_zeros(b, h, p, Bh.shape[-1], dtype=cd) if initial_state is None else initial_state.to(cd)
@@ -67,7 +67,7 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 
 def segment_decay(a: Tensor) -> Tensor:
     """L[..., i, j] = exp(Σ_{j<k≤i} a_k) for i ≥ j, else 0.  `a`: (..., l) → (..., l, l), float32."""
-    cum = torch.cumsum(a.to(_compute_dtype(a)), dim=-1)
+    cum = torch.cumsum(a.to(compute_dtype(a)), dim=-1)
     diff = cum[..., :, None] - cum[..., None, :]  # (..., i, j)
     causal = torch.ones(a.shape[-1], a.shape[-1], dtype=torch.bool, device=a.device).tril()
     return torch.exp(diff.masked_fill(~causal, float("-inf")))
@@ -75,7 +75,7 @@ def segment_decay(a: Tensor) -> Tensor:
 
 def ssd_quadratic(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None) -> Tensor:
     """The masked (attention-like) form: y_i = Σ_{j≤i} L_ij (C_i·B_j) dt_j x_j. Returns y `(b, l, h, p)`."""
-    h, cd = x.shape[2], _compute_dtype(x)
+    h, cd = x.shape[2], compute_dtype(x)
     L = segment_decay((dt.to(cd) * A.to(cd)).transpose(1, 2))  # (b, h, i, j)
     scores = torch.einsum("bihn,bjhn->bhij", _expand_groups(C, h).to(cd), _expand_groups(B, h).to(cd))
     xdt = x.to(cd) * dt.to(cd)[..., None]  # (b, l, h, p)
@@ -94,7 +94,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     b, l, h, p = x.shape
     q = max(1, min(chunk_size, l))  # chunk length
     pad = (-l) % q
-    cd = _compute_dtype(x)
+    cd = compute_dtype(x)
     Bh, Ch = _expand_groups(B, h).to(cd), _expand_groups(C, h).to(cd)
     xdt = x.to(cd) * dt.to(cd)[..., None]  # (b, l, h, p)
     a = dt.to(cd) * A.to(cd)  # (b, l, h) log-decay per step
