@@ -1,0 +1,185 @@
+"""`bsmamba2 separate`: split songs (files or folders) into vocals and instrumental with a BSMamba2 checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from bsmamba2.audio import AUDIO_EXTENSIONS, SUBTYPES, WRITE_FORMATS, AudioError, audio_info
+from bsmamba2.separate import DEFAULT_TEMPLATE, MANIFEST_NAME, MODES, Manifest, Separator
+
+HELP = "separate songs into vocals and instrumental"
+
+log = logging.getLogger("bsmamba2.separate")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
+                   help="audio files, or folders searched recursively for audio (wav, flac, ogg, mp3, aiff, …)")
+    p.add_argument("-o", "--out-dir", type=Path, default=Path("separated"),
+                   help="where outputs and manifest.json go (default: ./separated)")
+    p.add_argument("--checkpoint", "-c", type=Path, default=None,
+                   help="model checkpoint: official BSMamba2 .ckpt or bsmamba2 .safetensors (default: bundled model)")
+    g = p.add_argument_group("chunking")
+    g.add_argument("--segment", type=float, default=8.0,
+                   help="seconds per model call, the training length by default; 0 = whole file at once (default 8)")
+    g.add_argument("--overlap", type=float, default=0.5, help="overlap between segments, 0 <= x < 1 (default 0.5)")
+    g.add_argument("--mode", choices=MODES, default="overlap-add",
+                   help="overlap-add (default) or paper: the paper's evaluation, non-overlapping segments concatenated")
+    g.add_argument("--paper", action="store_const", dest="mode", const="paper", help="same as --mode paper")
+    g.add_argument("--batch-size", "-b", type=int, default=4, help="segments per model call (default 4)")
+    g = p.add_argument_group("device")
+    g.add_argument("--device", "-d", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="model precision (autocast); fp16 needs a GPU (default fp32)")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", "-f", choices=sorted(WRITE_FORMATS), default="wav", help="output format (default wav)")
+    g.add_argument("--subtype", type=str.upper, choices=SUBTYPES, default="PCM_16",
+                   help="sample format (default PCM_16); FLOAT keeps values beyond ±1, integer formats clip them")
+    g.add_argument("--sample-rate", type=int, default=None, help="output sample rate (default: the input's)")
+    g.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help="output path under OUT_DIR with {track} {stem} {ext} {parent} (default: %(default)s)")
+    g.add_argument("--stems", default=None,
+                   help="comma-separated stems to write (default: all, e.g. vocals,instrumental)")
+    g.add_argument("--downmix", action="store_true",
+                   help="fold inputs with more than two channels to stereo instead of failing")
+    g.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-file summaries")
+
+
+def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand folders recursively to audio files; return (files, [(input, error)])."""
+    files: list[Path] = []
+    errors: list[tuple[Path, str]] = []
+    exclude = exclude.resolve() if exclude is not None else None
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(
+                f for f in item.rglob("*")
+                if f.is_file() and f.suffix.lower() in AUDIO_EXTENSIONS and not f.name.startswith(".")
+                and not (exclude is not None and f.resolve().is_relative_to(exclude))
+            )  # fmt: skip
+            if not found:
+                errors.append((item, f"{item}: folder holds no audio files ({', '.join(AUDIO_EXTENSIONS[:6])}, …)"))
+            for f in found:
+                add(f)
+        elif item.exists():
+            add(item)
+        else:
+            errors.append((item, f"{item}: no such file or folder; check the path"))
+    return files, errors
+
+
+def _error_line(path: Path, err: BaseException) -> str:
+    msg = str(err) or type(err).__name__
+    return msg if str(path) in msg else f"{path}: {msg}"
+
+
+def run(args: argparse.Namespace) -> int:
+    package_log = logging.getLogger("bsmamba2")
+    level = package_log.level
+    if args.quiet:
+        package_log.setLevel(logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        package_log.setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    quiet = args.quiet
+    out_dir: Path = args.out_dir
+    stems = [s.strip() for s in args.stems.split(",") if s.strip()] if args.stems else None
+
+    files, failures = find_inputs(args.inputs, exclude=out_dir)
+    for _, message in failures:
+        log.error("error: %s", message)
+
+    # Checkpoint and settings errors concern every input: they end the run (cli.py turns them into exit 1).
+    separator = Separator(
+        args.checkpoint, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
+        batch_size=args.batch_size, mode=args.mode,
+    )  # fmt: skip
+    settings = separator.settings() | {
+        "sample_rate": args.sample_rate, "format": args.format, "subtype": args.subtype, "downmix": args.downmix,
+        "template": args.template, "stems": list(separator._select(stems)),
+    }  # fmt: skip
+    checkpoint_sha256 = separator.checkpoint_sha256
+    manifest = Manifest(out_dir)
+    log.debug("model: %s, stems %s, device %s, %s", separator.checkpoint_path, separator.stems, separator.device,
+              separator.dtype)
+
+    claimed: dict[Path, Path] = {}  # output path -> input that writes it
+    done = skipped = 0
+    failed = len(failures)
+    with logging_redirect_tqdm():
+        for path in tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2, position=0):
+            try:
+                outputs = separator.output_paths(path, out_dir, args.template, args.format, stems)
+                clash = [claimed[p.resolve()] for p in outputs.values() if p.resolve() in claimed]
+                if clash:
+                    raise ValueError(
+                        f"its outputs would overwrite those of {clash[0]}; use a --template with {{parent}}, "
+                        "e.g. '{parent}/{track}/{stem}.{ext}'"
+                    )
+                claimed.update({p.resolve(): path for p in outputs.values()})
+                input_sha256 = manifest.input_sha256(path)
+                if not args.overwrite and all(p.exists() for p in outputs.values()):
+                    entry = manifest.get(path)
+                    if entry is None or manifest.is_done(path, input_sha256, checkpoint_sha256, settings, outputs):
+                        log.info("%s: skipped, outputs exist (--overwrite to redo)", path)
+                        skipped += 1
+                        continue
+                    log.info("%s: outputs exist but were made from another input, checkpoint or settings; redoing",
+                             path)
+                info = audio_info(path)
+                manifest.update(
+                    path, status="running", input_sha256=input_sha256, checkpoint_sha256=checkpoint_sha256,
+                    checkpoint=str(separator.checkpoint_path) if separator.checkpoint_path else None,
+                    settings=settings, error=None,
+                )  # fmt: skip
+                with tqdm(total=round(info.duration, 2), desc=path.name[:40], unit="s", leave=False, position=1,
+                          disable=quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
+                    result = separator.separate_file_result(
+                        path, out_dir, template=args.template, format=args.format, subtype=args.subtype,
+                        sample_rate=args.sample_rate, downmix=args.downmix, stems=stems,
+                        progress=lambda sec: bar.update(min(sec, bar.total - bar.n)),
+                    )  # fmt: skip
+                manifest.update(
+                    path, status="done", outputs={k: str(v) for k, v in result.outputs.items()},
+                    duration_s=round(result.duration, 3), elapsed_s=round(result.elapsed, 3), rtf=round(result.rtf, 4),
+                )  # fmt: skip
+                done += 1
+                log.info("%s: %.1f s of audio in %.1f s (real-time factor %.3f) -> %s", path, result.duration,
+                         result.elapsed, result.rtf, _common_folder(list(result.outputs.values())))
+            except KeyboardInterrupt:
+                if manifest.get(path):
+                    manifest.update(path, status="interrupted")
+                raise
+            except (AudioError, ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+                failed += 1
+                log.error("error: %s", _error_line(path, err))
+                if path.exists():
+                    manifest.update(path, status="failed", error=str(err))
+    if len(files) + len(failures) > 1 or failed:
+        log.log(logging.WARNING if failed else logging.INFO,
+                "%d separated, %d skipped, %d failed; manifest: %s", done, skipped, failed, out_dir / MANIFEST_NAME)
+    return 1 if failed else 0
+
+
+def _common_folder(paths: list[Path]) -> Path:
+    parents = {p.parent for p in paths}
+    return parents.pop() if len(parents) == 1 else paths[0].parent
