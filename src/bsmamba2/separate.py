@@ -279,10 +279,14 @@ def load_checkpoint(checkpoint: str | os.PathLike | None) -> tuple[nn.Module, Pa
     except (ModuleNotFoundError, ImportError):
         raise
     except Exception as err:  # noqa: BLE001 - any failure of a foreign file becomes one clear line
-        raise ValueError(
-            f"checkpoint {path} could not be loaded ({type(err).__name__}: {err}); pass a BSMamba2 or BS-RoFormer "
-            "checkpoint (an official Lightning .ckpt or a bsmamba2 .safetensors file)"
-        ) from err
+        detail = " ".join(str(err).split()) or type(err).__name__
+        if len(detail) > 300:
+            detail = detail[:297] + "..."
+        if str(path) not in detail:
+            detail = f"{path}: {detail}"
+        if "expected" not in detail:
+            detail += " — pass a BSMamba2 or BS-RoFormer checkpoint (an official Lightning .ckpt or a bsmamba2 .safetensors)"
+        raise ValueError(f"checkpoint {detail}") from err
     return model, path
 
 
