@@ -1,0 +1,237 @@
+"""GPU benchmark: BSMamba2 (plain-PyTorch and fast backends) against BS-RoFormer, bf16 autocast, 8-s stereo chunks.
+
+For each (model, backend) it measures, in one process:
+    inference  audio-seconds per second at --batch (forward_waveform, STFT and iSTFT included), median of --iters
+    training   seconds per step at --train-batch (forward + L1 loss + backward + AdamW), median of --steps,
+               and the peak GPU memory of the step
+    error      relative error ‖out − ref‖/‖ref‖ of the bf16-autocast output against the plain path in float32 on the
+               same weights and input (BSMamba2 only; the reference runs at batch 1 to keep its memory small)
+
+Prints a table and writes JSON to --out (default $OUT/bench_gpu.json when $OUT is set).
+
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py                      # everything, paper-size models
+    PYTHONPATH=src python3 benchmarks/bench_gpu.py --runs mamba:triton --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from bsmamba2 import mamba2
+from bsmamba2.config import BSMamba2Config, RoFormerConfig
+from bsmamba2.model import build_model
+
+SR = 44100
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _time_cuda(fn, iters: int, warmup: int) -> list[float]:
+    """Seconds per call of `fn`, timed with CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _make(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = BSMamba2Config() if arch == "mamba" else RoFormerConfig()
+    return build_model(cfg).cuda()
+
+
+def bench_inference(model, batch: int, samples: int, iters: int, warmup: int) -> dict:
+    model.eval()
+    wave = torch.randn(batch, 2, samples, device="cuda") * 0.1
+
+    def step():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.forward_waveform(wave)
+
+    torch.cuda.reset_peak_memory_stats()
+    times = _time_cuda(step, iters, warmup)
+    med = statistics.median(times)
+    return {"infer_s_per_batch": med, "infer_s_all": times, "audio_s_per_s": batch * samples / SR / med,
+            "infer_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def bench_training(model, batch: int, samples: int, steps: int, warmup: int, checkpointing: bool) -> dict:
+    model.train()
+    model.activation_checkpointing = checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    wave = torch.randn(batch, 2, samples, device="cuda") * 0.1
+    target = torch.randn(batch, 1, 2, samples, device="cuda") * 0.05
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.forward_waveform(wave)
+        loss = (out.float() - target).abs().mean()
+        loss.backward()
+        opt.step()
+
+    step()  # allocate optimizer state before measuring memory
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    times = _time_cuda(step, steps, warmup)
+    model.activation_checkpointing = False
+    del opt
+    return {"train_s_per_step": statistics.median(times), "train_s_all": times,
+            "train_peak_gib": torch.cuda.max_memory_allocated() / 2**30, "checkpointing": checkpointing}
+
+
+def accuracy(model, samples: int) -> dict:
+    """bf16-autocast output of the current backend vs the plain path in float32, same weights and input."""
+    model.eval()
+    gen = torch.Generator(device="cuda").manual_seed(123)
+    wave = torch.randn(1, 2, samples, device="cuda", generator=gen) * 0.1
+    backend = mamba2.get_backend()
+    with torch.inference_mode():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model.forward_waveform(wave).float()
+        out32 = model.forward_waveform(wave).float()
+        mamba2.set_backend("torch")
+        try:
+            ref = model.forward_waveform(wave).float()
+        finally:
+            mamba2.set_backend(backend)
+    return {"rel_err_bf16_vs_plain_fp32": _rel(out, ref), "rel_err_fp32_vs_plain_fp32": _rel(out32, ref)}
+
+
+def profile(model, batch: int, samples: int, path: str | None) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    model.eval()
+    wave = torch.randn(batch, 2, samples, device="cuda") * 0.1
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.forward_waveform(wave)
+        _sync()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.forward_waveform(wave)
+            _sync()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    if path:
+        with open(path, "w") as f:
+            f.write(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", default="mamba:torch,mamba:triton,roformer:-",
+                    help="comma-separated model:backend pairs (model mamba|roformer; backend torch|triton|-)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="chunk length in seconds (8 s = 801 frames)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--train-batch", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off", "both"],
+                    help="activation checkpointing in training; auto: off, and on if off runs out of memory")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table of one fast-backend inference batch")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 1
+    out_dir = os.environ.get("OUT")
+    out_path = args.out or (os.path.join(out_dir, "bench_gpu.json") if out_dir else None)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    samples = int(round(args.seconds * SR))
+    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "command": " ".join(sys.argv), "seconds": args.seconds,
+            "frames": samples // 441 + 1}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    print(json.dumps(meta), flush=True)
+    results = []
+    for run in args.runs.split(","):
+        arch, backend = run.split(":")
+        row = {"model": "BSMamba2" if arch == "mamba" else "BS-RoFormer", "backend": backend,
+               "batch": args.batch, "train_batch": args.train_batch}
+        results.append(row)
+        if backend != "-":
+            mamba2.set_backend(backend)
+        try:
+            model = _make(arch)
+            row["params"] = sum(p.numel() for p in model.parameters())
+            t0 = time.perf_counter()
+            row.update(bench_inference(model, args.batch, samples, args.iters, warmup=2))
+            row["first_calls_s"] = time.perf_counter() - t0
+            print(f"{run}: inference {row['audio_s_per_s']:.1f} audio-s/s", flush=True)
+            if arch == "mamba":
+                row.update(accuracy(model, samples))
+            if not args.no_train:
+                modes = {"auto": [False], "on": [True], "off": [False], "both": [False, True]}[args.checkpointing]
+                for ckpt in modes:
+                    try:
+                        r = bench_training(model, args.train_batch, samples, args.steps, 1, ckpt)
+                    except torch.OutOfMemoryError:
+                        r = {"train_oom": True, "checkpointing": ckpt}
+                        if args.checkpointing == "auto" and not ckpt:
+                            modes.append(True)
+                    row.setdefault("training", []).append(r)
+                    torch.cuda.empty_cache()
+            if args.profile and backend == "triton":
+                row["profile"] = profile(model, args.batch, samples,
+                                         os.path.join(out_dir, "profile.txt") if out_dir else None)
+                print(row["profile"], flush=True)
+        except Exception as e:  # keep going: one failing run must not lose the others' numbers
+            row["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        finally:
+            model = None
+            torch.cuda.empty_cache()
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump({"meta": meta, "results": results}, f, indent=1)
+
+    print("\nmodel        backend  batch  audio-s/s  train s/step  peak GiB  ckpt  rel.err bf16 (fp32)")
+    for r in results:
+        tr = [t for t in r.get("training", []) if "train_s_per_step" in t]
+        t = min(tr, key=lambda t: t["train_peak_gib"]) if tr else {}
+        err = (f"{r['rel_err_bf16_vs_plain_fp32']:.2e} ({r['rel_err_fp32_vs_plain_fp32']:.1e})"
+               if "rel_err_bf16_vs_plain_fp32" in r else "-")
+        print(f"{r['model']:<12} {r['backend']:<8} {r['batch']:>5}  {r.get('audio_s_per_s', math.nan):>9.1f}  "
+              f"{t.get('train_s_per_step', math.nan):>12.3f}  {t.get('train_peak_gib', math.nan):>8.1f}  "
+              f"{str(t.get('checkpointing', '-')):<5} {err}  {r.get('error', '')}")
+        for t in r.get("training", []):
+            if t is not None and t.get("train_oom"):
+                print(f"{'':>12} training OOM with checkpointing={t['checkpointing']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
