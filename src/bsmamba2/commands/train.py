@@ -1,0 +1,48 @@
+"""`bsmamba2 train`: train BSMamba2 (or the BS-RoFormer baseline) on a MUSDB18-HQ-layout folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+HELP = "train a model on MUSDB18-HQ (one process, or several through torchrun)"
+
+log = logging.getLogger("bsmamba2")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run config: a YAML path or a shipped name (bsmamba2-paper, "
+                        "bsroformer-paper, tiny); default: RUN_DIR/config.yaml with --resume, else bsmamba2-paper")
+    parser.add_argument("--data", help="MUSDB18-HQ root (ROOT/train/<track>/vocals.wav ...); overrides data.root")
+    parser.add_argument("--out", required=True, help="run folder for checkpoints, config.yaml and TensorBoard logs")
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.epilog = ("multi-GPU: torchrun --nproc-per-node N -m bsmamba2 train ...; the accumulation adapts so that "
+                     "train.effective_batch stays the same")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bsmamba2.train import cleanup_distributed, train  # noqa: PLC0415  (torch import only when needed)
+    from bsmamba2.trainconfig import load_run_config  # noqa: PLC0415
+
+    out = Path(args.out)
+    name = args.config
+    if name is None:
+        name = out / "config.yaml" if args.resume and (out / "config.yaml").is_file() else "bsmamba2-paper"
+    if args.resume and not (out / "last.pt").is_file():
+        raise FileNotFoundError(f"--resume: {out / 'last.pt'} does not exist; start the run without --resume")
+    if not args.resume and (out / "last.pt").is_file():
+        raise ValueError(f"{out} already holds a run (last.pt); pass --resume to continue it or pick another --out")
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    config = load_run_config(name, overrides)
+    try:
+        result = train(config, out, resume=args.resume)
+    finally:
+        cleanup_distributed()
+    log.info("done: step %d, epoch %d, best validation uSDR %.3f dB; export with `bsmamba2 export %s`",
+             result.step, result.epoch, result.best_usdr, out / "best.pt")
+    return 0

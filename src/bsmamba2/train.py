@@ -1,0 +1,500 @@
+"""Training loop: the paper's recipe in one readable function, resumable, data-parallel through torchrun.
+
+    bsmamba2 train --config bsmamba2-paper.yaml --data MUSDB18HQ --out runs/paper            # one GPU (or CPU)
+    torchrun --nproc-per-node 2 -m bsmamba2 train --config bsmamba2-paper.yaml --data ... --out ...  # DDP
+    bsmamba2 train --out runs/paper --resume                                                  # after any crash
+
+Recipe: AdamW (lr 5e-4), bf16 autocast on GPU, gradient clipping at 3, gradient accumulation so that
+batch × processes × accumulation = `train.effective_batch`, an EMA of the weights (decay 0.999) that is what
+validation scores and export writes, validation uSDR at every epoch end.
+
+Resumability: RUN_DIR/last.pt (and best.pt, by validation uSDR) hold the model, EMA, optimiser, grad scaler, step,
+epoch, RNG states and the data position; the training data are a pure function of (seed, sample index) (see
+`bsmamba2.data.mixing`), so a run killed with SIGKILL and resumed reaches exactly the weights of an uninterrupted
+run (bit-identical on CPU; on GPU up to the non-determinism of its kernels). Checkpoints are written to a temporary
+file and renamed, so a kill never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from bsmamba2.data.mixing import AlignedDataset, StreamSampler, build_datasets
+from bsmamba2.data.musdb import load_musdb
+from bsmamba2.losses import SeparationLoss
+from bsmamba2.metrics import usdr
+from bsmamba2.model import build_model
+from bsmamba2.trainconfig import RunConfig, run_config_from_dict, run_config_to_dict
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces the loop uses
+
+
+class WaveformModel(nn.Module):
+    """Waveform in, stems out, through `forward`, so DistributedDataParallel sees the whole computation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:  # (b, c, time) -> (b, stems, c, time)
+        return self.model.forward_waveform(wave)
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (buffers are copied), kept in float32.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates (as torch_ema does), so that early
+    validation scores an average of recent weights rather than of the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        self.decay = float(decay)
+        self.updates = 0
+        self.model = copy.deepcopy(model).float().eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        ema_params = list(self.model.parameters())
+        params = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (world 1 without torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, values: list[float]) -> list[float]:
+        """Average scalars over processes."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def sum(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on CPU), if any."""
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if want_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    return Dist(rank=rank, local_rank=local_rank, world=world, device=dev)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A training checkpoint (last.pt / best.pt), loaded without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training checkpoint {path} not found")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION or "ema" not in ckpt:
+        raise ValueError(f"{path} is not a bsmamba2 training checkpoint (last.pt/best.pt of `bsmamba2 train`)")
+    return ckpt
+
+
+def accumulation_steps(effective_batch: int, batch_size: int, world: int) -> int:
+    """Micro-batches per optimiser step that keep batch_size × world × accumulation = effective_batch."""
+    per_step = batch_size * world
+    if effective_batch % per_step:
+        raise ValueError(
+            f"train.effective_batch={effective_batch} is not a multiple of train.batch_size={batch_size} × "
+            f"{world} process(es); change train.batch_size or train.effective_batch"
+        )
+    return effective_batch // per_step
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    dataset: AlignedDataset,
+    ddp: Dist,
+    batch_size: int,
+    loss_fn: SeparationLoss,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+) -> dict[str, float]:
+    """Mean uSDR (dB, over excerpts and target stems) and mean loss of `model` on the validation excerpts.
+
+    Excerpts are split over processes (every world-th one) and the sums are all-reduced.
+    """
+    model.eval()
+    mono = model.audio_channels == 1
+    indices = list(range(ddp.rank, len(dataset), ddp.world))
+    usdr_sum = loss_sum = 0.0
+    count = batches = 0
+    for first in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[first : first + batch_size]]
+        mix = torch.stack([m for m, _ in items]).to(ddp.device)  # (b, c, time)
+        tgt = torch.stack([t for _, t in items]).to(ddp.device)  # (b, stems, c, time)
+        if mono:
+            mix, tgt = mix.mean(1, keepdim=True), tgt.mean(2, keepdim=True)
+        with autocast():
+            pred = model.forward_waveform(mix)
+        pred = pred.float()
+        loss, _ = loss_fn(pred, tgt)
+        scores = usdr(pred, tgt)  # (b, stems)
+        usdr_sum += float(np.sum(scores))
+        count += int(np.size(scores))
+        loss_sum += float(loss) * len(items)
+        batches += len(items)
+    usdr_sum, count, loss_sum, batches = ddp.sum([usdr_sum, count, loss_sum, batches])
+    return {"usdr": usdr_sum / max(count, 1), "loss": loss_sum / max(batches, 1)}
+
+
+def _summary_writer(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+    except ImportError:
+        log.warning("tensorboard is not installed (pip install 'bsmamba2[train]'); TensorBoard logging is off")
+        return None
+    return SummaryWriter(str(path))
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epoch: int
+    best_usdr: float
+    history: list[dict[str, float]]
+    model: nn.Module  # the trained weights
+    ema: nn.Module  # their moving average: what validation scores and export writes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(
+    config: RunConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    on_step_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train `config.model` on `config.data.root` into `out_dir` (last.pt, best.pt, config.yaml, history.json, tb/).
+
+    Args:
+        config: the run's settings.
+        out_dir: run folder; created if needed.
+        resume: continue from out_dir/last.pt (an error if it does not exist).
+        on_step_end: called with the step number after every optimiser step (and after its checkpoint).
+    Returns:
+        TrainResult with the final model and EMA model.
+    """
+    tc, dc = config.train, config.data
+    if dc.root is None:
+        raise ValueError("no training data: pass --data ROOT (MUSDB18-HQ layout) or set data.root in the config")
+    if tc.precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"train.precision={tc.precision!r}; expected bf16, fp16 or fp32")
+    out = Path(out_dir)
+    ddp = setup_distributed(tc.device)
+    cuda = ddp.device.type == "cuda"
+    if ddp.main:
+        out.mkdir(parents=True, exist_ok=True)
+    ddp.barrier()
+
+    # ---- model, EMA, optimiser, scaler; identical initial weights on every process (same seed)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    random.seed(tc.seed)
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    model = build_model(config.model).to(ddp.device)
+    model.activation_checkpointing = bool(tc.activation_checkpointing)
+    ema = EMA(model, tc.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[tc.precision] if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=amp_dtype)
+
+    accum = accumulation_steps(tc.effective_batch, tc.batch_size, ddp.world)
+    steps_per_epoch = max(1, tc.epoch_samples // tc.effective_batch)
+    total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
+
+    step, best_usdr, history = 0, -math.inf, []
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    if resume:
+        ckpt = load_checkpoint(last_path, map_location=ddp.device)
+        saved_model = ckpt["config"]["model"]
+        if saved_model != run_config_to_dict(config)["model"]:
+            raise ValueError(f"{last_path} was trained with a different model config; resume with its config.yaml")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best_usdr, history = int(ckpt["step"]), float(ckpt["best_usdr"]), list(ckpt["history"])
+        rng = ckpt["rng"]
+        if len(rng) == ddp.world:
+            _set_rng_state(rng[ddp.rank])
+        else:  # world size changed: RNG streams cannot continue; derive fresh ones from the step
+            torch.manual_seed(tc.seed + 1_000_003 * step + ddp.rank)
+        if ckpt["effective_batch"] != tc.effective_batch:
+            log.warning("effective batch changed from %d to %d on resume", ckpt["effective_batch"], tc.effective_batch)
+        del ckpt
+        if ddp.main:
+            log.info("resumed from %s at step %d (epoch %d)", last_path, step, step // steps_per_epoch)
+    if ddp.main:
+        _atomic_write_text(yaml.safe_dump(run_config_to_dict(config), sort_keys=False), out / "config.yaml")
+
+    net: nn.Module = WaveformModel(model)
+    if tc.compile:
+        net = torch.compile(net)
+    if ddp.enabled:
+        net = DistributedDataParallel(net, device_ids=[ddp.local_rank] if cuda else None)
+
+    # ---- data: rank 0 detects source activity (cached), the others then read the cache
+    split = load_musdb(dc.root, dc.stems, dc.valid_tracks, dc.sample_rate)
+    if ddp.main:
+        build_datasets(split, dc, model.stems, 2, tc.seed, workers=dc.num_workers)
+    ddp.barrier()
+    train_set, valid_set = build_datasets(split, dc, model.stems, 2, tc.seed)
+    sampler = StreamSampler(tc.batch_size, ddp.world, ddp.rank, accum, start_step=step)
+    loader = DataLoader(
+        train_set,
+        batch_size=tc.batch_size,
+        sampler=sampler,
+        num_workers=dc.num_workers,
+        pin_memory=cuda,
+        persistent_workers=dc.num_workers > 0,
+        prefetch_factor=4 if dc.num_workers > 0 else None,
+        drop_last=True,
+    )
+    batches = iter(loader)
+    loss_fn = SeparationLoss(tc.time_weight, tc.stft_windows, tc.stft_hop, tc.stft_min_nfft).to(ddp.device)
+    mono = model.audio_channels == 1
+
+    writer = _summary_writer(out / "tb") if ddp.main else None
+    if ddp.main:
+        log.info(
+            "training %s (%.2fM parameters) on %s × %d: batch %d × accumulation %d = %d, %d steps/epoch, %d steps",
+            type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, ddp.device, ddp.world,
+            tc.batch_size, accum, tc.effective_batch, steps_per_epoch, total_steps,
+        )
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not ddp.main, dynamic_ncols=True)
+
+    def save(path: Path) -> None:
+        rng = [_rng_state()]
+        if ddp.enabled:
+            rng = [None] * ddp.world
+            dist.all_gather_object(rng, _rng_state())
+        if not ddp.main:
+            return
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "config": run_config_to_dict(config),
+            "model": model.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "samples_seen": step * tc.effective_batch,  # data position: the stream resumes at this sample
+            "effective_batch": tc.effective_batch,
+            "accumulation": accum,
+            "best_usdr": best_usdr,
+            "history": history,
+            "rng": rng,
+            "world_size": ddp.world,
+        }
+        _atomic_torch_save(state, path)
+
+    window = {"loss": 0.0, "time": 0.0, "stft": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+    while step < total_steps:
+        # ---- one optimiser step: `accum` micro-batches, gradients synchronised on the last one only
+        model.train()
+        step_loss = step_time = step_stft = 0.0
+        for micro in range(accum):
+            mix, tgt = next(batches)  # (b, c, time), (b, stems, c, time)
+            mix, tgt = mix.to(ddp.device, non_blocking=True), tgt.to(ddp.device, non_blocking=True)
+            if mono:
+                mix, tgt = mix.mean(1, keepdim=True), tgt.mean(2, keepdim=True)
+            sync = contextlib.nullcontext() if (micro == accum - 1 or not ddp.enabled) else net.no_sync()
+            with sync:
+                with autocast():
+                    pred = net(mix)
+                loss, parts = loss_fn(pred, tgt)
+                scaler.scale(loss / accum).backward()
+            step_loss += float(loss.detach()) / accum
+            step_time += float(parts["time"]) / accum
+            step_stft += float(parts["stft"]) / accum
+        scaler.unscale_(optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        if math.isfinite(grad_norm) or scaler.is_enabled():
+            scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
+        else:
+            log.warning("step %d: non-finite gradient norm, update skipped", step + 1)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+        step += 1
+
+        # ---- logging
+        window["loss"] += step_loss
+        window["time"] += step_time
+        window["stft"] += step_stft
+        window["grad_norm"] += grad_norm if math.isfinite(grad_norm) else 0.0
+        window["n"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", epoch=step // steps_per_epoch, refresh=False)
+        if step % tc.log_every_steps == 0 or step == total_steps:
+            n = window["n"]
+            loss_m, time_m, stft_m, gn_m = ddp.mean([window[k] / n for k in ("loss", "time", "stft", "grad_norm")])
+            elapsed = time.perf_counter() - window["t0"]
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_m, step)
+                writer.add_scalar("train/loss_time", time_m, step)
+                writer.add_scalar("train/loss_stft", stft_m, step)
+                writer.add_scalar("train/grad_norm", gn_m, step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                writer.add_scalar("train/steps_per_s", n / max(elapsed, 1e-9), step)
+            window = {"loss": 0.0, "time": 0.0, "stft": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+
+        # ---- epoch end: validate the EMA weights, keep the best
+        epoch_end = step % steps_per_epoch == 0
+        epoch = step // steps_per_epoch
+        if epoch_end and valid_set is not None and len(valid_set) and epoch % tc.valid_every_epochs == 0:
+            scores = validate(ema.model, valid_set, ddp, tc.valid_batch_size, loss_fn, autocast)
+            is_best = scores["usdr"] > best_usdr
+            best_usdr = max(best_usdr, scores["usdr"])
+            history.append({"step": step, "epoch": epoch, "val_usdr": scores["usdr"], "val_loss": scores["loss"]})
+            if ddp.main:
+                log.info("epoch %d step %d: val uSDR %.3f dB (best %.3f), val loss %.4f",
+                         epoch, step, scores["usdr"], best_usdr, scores["loss"])
+                if writer is not None:
+                    writer.add_scalar("val/usdr", scores["usdr"], step)
+                    writer.add_scalar("val/loss", scores["loss"], step)
+                    writer.flush()
+                _atomic_write_text(json.dumps(history, indent=1), out / "history.json")
+            save(last_path)
+            if is_best:
+                save(best_path)
+        elif epoch_end or step == total_steps or (tc.save_every_steps and step % tc.save_every_steps == 0):
+            save(last_path)
+        if on_step_end is not None:
+            on_step_end(step)
+
+    bar.close()
+    if writer is not None:
+        writer.close()
+    ddp.barrier()
+    return TrainResult(step, step // steps_per_epoch, best_usdr, history, model, ema.model)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,219 @@
+"""Training loop: kill-and-resume gives identical weights, 2-process DDP (gloo) keeps ranks identical and equals one
+process with the same effective batch, EMA, checkpoints, CLI train + export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsmamba2 import cli
+from bsmamba2.checkpoint import load_model
+from bsmamba2.train import EMA, accumulation_steps, load_checkpoint, train
+from bsmamba2.trainconfig import (RunConfig, apply_overrides, load_run_config, run_config_from_dict,
+                                  run_config_to_dict)
+
+# Small and fast: 0.25-s excerpts, batch 2 × accumulation 2, 2 optimiser steps per epoch (validation at each).
+TEST_OVERRIDES = [
+    "data.segment_seconds=0.25",
+    "data.valid_max_excerpts=2",
+    "model.mask_estimator_depth=1",
+    "train.batch_size=2",
+    "train.effective_batch=4",
+    "train.epoch_samples=8",
+    "train.epochs=2",
+    "train.valid_batch_size=2",
+    "train.save_every_steps=1",
+    "train.device=cpu",
+]
+
+
+def _config(root: Path, *extra: str) -> RunConfig:
+    return load_run_config("tiny", [*TEST_OVERRIDES, f"data.root={root}", *extra])
+
+
+def _assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+def _run_script(code: str, tmp_path: Path, *, torchrun: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    cmd = [sys.executable, str(script)]
+    if torchrun:
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={torchrun}",
+               "--master-addr=127.0.0.1", f"--master-port={port}", str(script)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=full_env)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_configs_load_and_override():
+    paper = load_run_config("bsmamba2-paper")
+    assert (paper.model.dim, paper.model.depth, len(paper.model.band_widths)) == (256, 6, 62)
+    assert (paper.train.lr, paper.train.batch_size, paper.train.effective_batch) == (5e-4, 5, 60)
+    assert paper.train.precision == "bf16" and paper.train.grad_clip == 3.0 and paper.train.ema_decay == 0.999
+    rof = load_run_config("bsroformer-paper.yaml")
+    assert (rof.model.arch, rof.model.dim, rof.train.batch_size, rof.train.effective_batch) == ("bsroformer", 384, 4, 64)
+    cfg = load_run_config("tiny", ["train.lr=3e-4", "model.mamba.d_state=4", "data.stems=[vocals, other]"])
+    assert cfg.train.lr == 3e-4 and cfg.model.mamba.d_state == 4 and cfg.data.stems == ("vocals", "other")
+    assert run_config_from_dict(run_config_to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_run_config("tiny", ["train.lrr=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(FileNotFoundError, match="tiny.yaml"):
+        load_run_config("no-such-config")
+
+
+def test_accumulation_keeps_effective_batch():
+    assert accumulation_steps(60, 5, 2) == 6  # the paper: 5 × 2 GPUs × 6
+    assert accumulation_steps(60, 5, 4) == 3
+    assert accumulation_steps(60, 5, 1) == 12
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(60, 5, 8)
+
+
+def test_ema_update_and_warmup():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.999)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # first update: decay min(0.999, 2/11)
+    d = 2 / 11
+    assert torch.allclose(ema.model.weight, d * before + (1 - d) * model.weight)
+    for _ in range(5000):
+        ema.update(model)
+    assert torch.allclose(ema.model.weight, model.weight, atol=1e-5)
+    assert not ema.model.weight.requires_grad
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_musdb, tmp_path_factory):
+    """Four optimiser steps without interruption (two epochs, validation after each)."""
+    out = tmp_path_factory.mktemp("straight")
+    result = train(_config(tiny_musdb), out)
+    return out, result
+
+
+def test_straight_run_writes_checkpoints_and_logs(straight_run):
+    out, result = straight_run
+    assert result.step == 4 and result.epoch == 2
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == [2, 4] and all(math.isfinite(h["val_usdr"]) for h in history)
+    assert result.best_usdr == max(h["val_usdr"] for h in history)
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert last["step"] == 4 and last["samples_seen"] == 16 and last["effective_batch"] == 4
+    assert best["step"] in (2, 4) and best["best_usdr"] == pytest.approx(max(h["val_usdr"] for h in history[: best["epoch"]]))
+    assert set(last) >= {"model", "ema", "optimizer", "scaler", "step", "epoch", "rng", "config", "history"}
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "config.yaml").is_file()
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+    # training moved the weights away from their initialisation, and the EMA is not the raw model
+    _assert_same_state(last["model"], {k: v for k, v in result.model.state_dict().items()}, "returned model")
+    assert any(not torch.equal(last["model"][k], last["ema"]["model"][k]) for k in last["model"])
+
+
+def test_sigkill_and_resume_gives_identical_weights(straight_run, tiny_musdb, tmp_path):
+    """Train 2 steps in a subprocess that SIGKILLs itself right after step 2's checkpoint, resume to 4 steps:
+    model, EMA and optimiser state equal the uninterrupted run's bit for bit."""
+    straight_out, _ = straight_run
+    out = tmp_path / "killed"
+    overrides = [*TEST_OVERRIDES, f"data.root={tiny_musdb}"]
+    proc = _run_script(
+        f"""
+        import os, signal, torch
+        torch.set_num_threads(2)
+        from bsmamba2.train import train
+        from bsmamba2.trainconfig import load_run_config
+
+        def crash(step):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        train(load_run_config("tiny", {overrides!r}), {str(out)!r}, on_step_end=crash)
+        """,
+        tmp_path,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    result = train(_config(tiny_musdb), out, resume=True)
+    assert result.step == 4
+    a, b = load_checkpoint(straight_out / "last.pt"), load_checkpoint(out / "last.pt")
+    _assert_same_state(a["model"], b["model"], "model")
+    _assert_same_state(a["ema"]["model"], b["ema"]["model"], "ema")
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        _assert_same_state(sa, sb, "optimizer")
+    assert a["history"] == b["history"] and a["best_usdr"] == b["best_usdr"]
+
+
+def test_ddp_two_processes_gloo(straight_run, tiny_musdb, tmp_path):
+    """torchrun, 2 processes on CPU (gloo), batch 1 each × accumulation 2 = the straight run's effective batch 4:
+    both ranks end with identical weights, equal (up to float summation order) to the one-process run."""
+    straight_out, _ = straight_run
+    out = tmp_path / "ddp"
+    overrides = [*TEST_OVERRIDES, f"data.root={tiny_musdb}", "train.batch_size=1", "train.valid_batch_size=1"]
+    proc = _run_script(
+        f"""
+        import os, torch
+        from bsmamba2.train import cleanup_distributed, train
+        from bsmamba2.trainconfig import load_run_config
+
+        result = train(load_run_config("tiny", {overrides!r}), {str(out)!r})
+        torch.save(result.model.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+        cleanup_distributed()
+        """,
+        tmp_path,
+        torchrun=2,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    _assert_same_state(r0, r1, "rank 0 vs rank 1")
+    ckpt = load_checkpoint(out / "last.pt")  # written by rank 0 only, with both ranks' RNG states
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 4
+    single = load_checkpoint(straight_out / "last.pt")["model"]
+    for k in r0:
+        assert torch.allclose(r0[k], single[k], rtol=1e-3, atol=1e-4), k
+    # same effective batch 4: batch 1 × 2 processes × accumulation 2 here, batch 2 × 1 process × 2 straight
+    assert ckpt["accumulation"] == 2 and ckpt["effective_batch"] == 4
+
+
+def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
+    out = tmp_path / "run"
+    args = ["train", "--config", "tiny", "--data", str(tiny_musdb), "--out", str(out)]
+    sets = [x for o in TEST_OVERRIDES for x in ("--set", o)]
+    assert cli.main([*args, *sets, "--set", "train.max_steps=1"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 1
+    # a second start without --resume refuses to overwrite the run
+    assert cli.main([*args, *sets]) == 1
+    assert "--resume" in caplog.text
+    # resume reads RUN_DIR/config.yaml when no --config is given
+    assert cli.main(["train", "--out", str(out), "--resume", "--set", "train.max_steps=2"]) == 0
+    assert load_checkpoint(out / "last.pt")["step"] == 2
+    # export: the EMA weights, loadable by the inference loader, with the run's config
+    assert cli.main(["export", str(out), str(tmp_path / "model.safetensors")]) == 0
+    model = load_model(tmp_path / "model.safetensors")
+    ckpt = load_checkpoint(out / "best.pt")
+    _assert_same_state(model.state_dict(), ckpt["ema"]["model"], "exported EMA")
+    assert model.config == run_config_from_dict(ckpt["config"]).model
+    assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 1
