@@ -94,7 +94,7 @@ class _Plan:
 
     def scale_midi(self, low: float, high: float) -> np.ndarray:
         """MIDI numbers of the scale within [low, high]."""
-        notes = [m for m in range(int(low), int(high) + 1) if (m - self.key) % 12 in self.scale]
+        notes = [m for m in range(int(low), int(high) + 1) if m % 12 in self.scale]
         return np.array(notes, dtype=np.int64)
 
 
@@ -440,7 +440,10 @@ def _sing_segment(rng: np.random.Generator, t0: float, m: int, sr: int, bp: dict
     formants = np.stack([np.interp(at, ft, fv[:, i]) for i in range(4)]
                         + [np.full(at.shape, 4500.0 * fscale)], axis=1)  # (frames, 5)
     frame_f0 = _midi_to_hz(np.interp(at, *bp["pitch"]))
-    formants[:, 0] = np.maximum(formants[:, 0], 1.08 * frame_f0)
+    # Sopranos and altos tune F1 to a high F0 (jaw opening); nobody lets F1 fall below F0.
+    tune = np.clip((frame_f0 - 400.0) / 200.0, 0.0, 1.0)
+    formants[:, 0] += tune * (1.05 * frame_f0 - formants[:, 0])
+    formants[:, 0] = np.maximum(formants[:, 0], 1.05 * frame_f0)
     formants[:, 1] = np.maximum(formants[:, 1], formants[:, 0] + 250.0)
     bws = np.broadcast_to(np.array(BANDWIDTHS), formants.shape).copy()
     bws[:, 0] = np.maximum(bws[:, 0], 0.08 * frame_f0)
