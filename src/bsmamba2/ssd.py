@@ -24,6 +24,7 @@ All forms do their decay arithmetic (cumsum, exp) in float32, also under autocas
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -89,42 +90,52 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
 
     Any length: the sequence is zero-padded to whole chunks (dt = 0 on padding, so it neither decays nor adds to
     the state) and the output cut back. A sequence no longer than `chunk_size` is one chunk of its own length.
+    B and C are used per group (never copied per head): heads are split as h = g·r, r heads per group.
     Returns y `(b, l, h, p)` [, final state `(b, h, p, n)`].
     """
     b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    if h % g:
+        raise ValueError(f"heads ({h}) must be a multiple of groups ({g})")
+    r = h // g
     q = max(1, min(chunk_size, l))  # chunk length
     pad = (-l) % q
-    cd = compute_dtype(x)
-    Bh, Ch = _expand_groups(B, h).to(cd), _expand_groups(C, h).to(cd)
-    xdt = x.to(cd) * dt.to(cd)[..., None]  # (b, l, h, p)
-    a = dt.to(cd) * A.to(cd)  # (b, l, h) log-decay per step
-    if pad:
-        Bh, Ch, xdt = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (Bh, Ch, xdt))
-        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
     c = (l + pad) // q
-    Bh, Ch, xdt = (t.reshape(b, c, q, h, -1) for t in (Bh, Ch, xdt))  # (b, c, q, h, ·)
-    a = a.reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
-    a_cum = torch.cumsum(a, dim=-1)  # (b, h, c, q)
+    cd = compute_dtype(x)
+    a = dt.to(cd) * A.to(cd)  # (b, l, h) log-decay per step
+    xdt = x.to(cd) * dt.to(cd)[..., None]  # (b, l, h, p)
+    Bf, Cf = B.to(cd), C.to(cd)
+    if pad:
+        xdt, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xdt, Bf, Cf))
+        a = F.pad(a, (0, 0, 0, pad))
+    a = a.view(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
+    a_cum = torch.cumsum(a, dim=-1)
+    Bc = Bf.view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    Cc = Cf.view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
+    X = xdt.view(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, q, p)
 
-    # 1. within each chunk: the quadratic form
-    L = segment_decay(a)  # (b, h, c, i, j)
-    scores = torch.einsum("bcihn,bcjhn->bhcij", Ch, Bh)
-    y = torch.einsum("bhcij,bcjhp->bcihp", L * scores, xdt)
+    # 1. within each chunk: the quadratic form, scores shared by the r heads of a group
+    scores = Cc @ Bc.transpose(-1, -2)  # (b, c, g, i, j)
+    y = (segment_decay(a) * scores.unsqueeze(3)) @ X  # (b, c, g, r, q, p)
 
-    # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, q)
-    chunk_states = torch.einsum("bcjhn,bhcj,bcjhp->bchpn", Bh, decay_to_end, xdt)
+    # 2. pass states across chunks (sequential over chunks: linear in length)
+    state = None if initial_state is None else initial_state.to(cd).view(b, g, r, p, n)
+    if c > 1 or state is not None or return_final_state:
+        decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, r, q)
+        chunk_states = (X * decay_to_end[..., None]).transpose(-1, -2) @ Bc.unsqueeze(3)  # (b, c, g, r, p, n)
+        chunk_decay = torch.exp(a_cum[..., -1])  # (b, c, g, r) total decay over each chunk
+        if state is None:
+            state = torch.zeros_like(chunk_states[:, 0])
+        entering = []
+        for i in range(c):
+            entering.append(state)
+            state = chunk_decay[:, i, ..., None, None] * state + chunk_states[:, i]
+        prev = torch.stack(entering, dim=1)  # (b, c, g, r, p, n) state entering each chunk
+        # 3. the entering state's contribution to every output of its chunk
+        y = y + torch.exp(a_cum)[..., None] * (Cc.unsqueeze(3) @ prev.transpose(-1, -2))
 
-    # 3. pass states across chunks (sequential over chunks: linear in length)
-    state = x.new_zeros(b, h, p, Bh.shape[-1], dtype=cd) if initial_state is None else initial_state.to(cd)
-    chunk_decay = torch.exp(a_cum[..., -1])  # (b, h, c) total decay over each chunk
-    entering = []
-    for i in range(c):
-        entering.append(state)
-        state = chunk_decay[:, :, i, None, None] * state + chunk_states[:, i]
-    prev = torch.stack(entering, dim=1)  # (b, c, h, p, n) state entering each chunk
-
-    # 4. the entering state's contribution to every output of the chunk
-    y = y + torch.einsum("bcihn,bchpn,bhci->bcihp", Ch, prev, torch.exp(a_cum))
-    y = _skip(y.reshape(b, c * q, h, p)[:, :l], x, D).to(x.dtype)
-    return (y, state) if return_final_state else y
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
+    y = _skip(y, x, D).to(x.dtype)
+    if return_final_state:
+        return y, state.reshape(b, h, p, n)
+    return y
