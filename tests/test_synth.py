@@ -229,7 +229,7 @@ def test_cli_writes_a_valid_musdb_layout(tmp_path):
     root = tmp_path / "synth"
     argv = ["synth", "--out", str(root), "--tracks", "2", "--test-tracks", "1", "--seconds", "3", "--seed", "4",
             "--test-activity", "sparse"]
-    assert main(argv) == 0
+    assert main(argv + ["--workers", "2"]) == 0
     train = sorted(p.name for p in (root / "train").iterdir())
     test = sorted(p.name for p in (root / "test").iterdir())
     assert len(train) == 2 and len(test) == 1

@@ -319,11 +319,14 @@ def _plan_phrases(rng: np.random.Generator, plan: _Plan, activity: str) -> list[
         end = start + max(p_lo, round(length / grid) * grid)
         end = min(end, start + p_hi)
         if end > plan.seconds - 0.15:
-            if not spans and plan.seconds >= 1.0:  # every song sings at least once
+            # The song ends mid-phrase: keep what fits if it is a phrase at all; every song sings at least once.
+            if not spans:
                 start = max(0.05, min(start, plan.seconds - 0.15 - p_lo))
-                end = min(plan.seconds - 0.15, start + p_lo)
-                if end - start >= 0.3:
-                    spans.append((start, end))
+            end = plan.seconds - 0.15
+            if end - start >= min(p_lo, 0.5):
+                spans.append((start, end))
+            elif not spans and end - start >= 0.3:
+                spans.append((start, end))
             break
         spans.append((start, end))
         gap = math.exp(rng.uniform(math.log(g_lo), math.log(g_hi)))
