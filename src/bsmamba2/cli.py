@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("separate", "evaluate", "train", "export", "synth", "demo")
+COMMANDS = ("separate", "evaluate", "train", "export", "synth", "demo", "download")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
