@@ -10,6 +10,7 @@ import soundfile as sf
 from scipy import signal
 
 from bsmamba2.cli import main
+from bsmamba2.data.musdb import load_musdb
 from bsmamba2.data.synth import (ACTIVITIES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS, Song, _sing_segment,
                                  generate_song)
 
@@ -227,13 +228,18 @@ def test_bad_arguments_are_rejected():
 
 def test_cli_writes_a_valid_musdb_layout(tmp_path):
     root = tmp_path / "synth"
-    argv = ["synth", "--out", str(root), "--tracks", "2", "--test-tracks", "1", "--seconds", "3", "--seed", "4",
-            "--test-activity", "sparse"]
+    argv = ["synth", "--out", str(root), "--tracks", "2", "--valid-tracks", "1", "--test-tracks", "1", "--seconds",
+            "3", "--seed", "4", "--test-activity", "sparse"]
     assert main(argv + ["--workers", "2"]) == 0
     train = sorted(p.name for p in (root / "train").iterdir())
+    valid = sorted(p.name for p in (root / "valid").iterdir())
     test = sorted(p.name for p in (root / "test").iterdir())
-    assert len(train) == 2 and len(test) == 1
-    for split, names in (("train", train), ("test", test)):
+    assert len(train) == 2 and len(valid) == 1 and len(test) == 1
+    # The training code's MUSDB18-HQ reader takes the folder as it is.
+    musdb = load_musdb(root)
+    assert [t.name for t in musdb.train] == train and [t.name for t in musdb.valid] == valid
+    assert [t.name for t in musdb.test] == test and musdb.train[0].frames == 3 * SR
+    for split, names in (("train", train), ("valid", valid), ("test", test)):
         for name in names:
             folder = root / split / name
             data = {}

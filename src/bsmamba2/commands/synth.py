@@ -1,7 +1,7 @@
 """`bsmamba2 synth`: write procedurally generated songs in the MUSDB18-HQ layout.
 
-ROOT/{train,test}/<track>/{mixture,vocals,drums,bass,other}.wav (stereo, 44.1 kHz) plus
-ROOT/{train,test}/<track>/vocal_regions.json (the sung phrases, in seconds, and what was drawn), and ROOT/synth.json
+ROOT/{train,valid,test}/<track>/{mixture,vocals,drums,bass,other}.wav (stereo, 44.1 kHz) plus
+ROOT/{train,valid,test}/<track>/vocal_regions.json (the sung phrases, in seconds, and what was drawn), and ROOT/synth.json
 (the arguments). Track i of a split is `generate_song((seed, split, i))`, so a folder can be regenerated or extended
 bit for bit. With PCM_16 files the stems are quantized first and the mixture is their integer sum, so the stems on
 disk add up to the mixture exactly.
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from bsmamba2.data.synth import ACTIVITIES, REGIONS_FILENAME, SAMPLE_RATE, STEMS, generate_song
 
 HELP = "synthesize songs with controllable vocal density in the MUSDB18-HQ layout"
-SPLITS = {"train": 0, "test": 1}
+SPLITS = {"train": 0, "test": 1, "valid": 2}
 SUBTYPES = ("PCM_16", "FLOAT")
 
 log = logging.getLogger(__name__)
@@ -34,13 +34,16 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="dataset root to write (created if missing)")
     parser.add_argument("--tracks", type=int, default=10, help="training tracks (default 10)")
+    parser.add_argument("--valid-tracks", type=int, default=0,
+                        help="validation tracks in ROOT/valid/, which training picks up (default 0)")
     parser.add_argument("--test-tracks", type=int, default=0, help="test tracks (default 0)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each song (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--vocal-activity", choices=ACTIVITIES, default="mixed",
                         help="sparse: 0.5-2 s phrases, long gaps; dense: long phrases, short gaps; mixed: both")
     parser.add_argument("--test-activity", choices=ACTIVITIES, default=None,
-                        help="vocal activity of the test split (default: as --vocal-activity)")
+                        help="vocal activity of the test split (default: as --vocal-activity; "
+                        "validation follows --vocal-activity)")
     parser.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help="Hz (default 44100)")
     parser.add_argument("--subtype", choices=SUBTYPES, default="PCM_16", help="WAV sample format (default PCM_16)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating in parallel (default 1)")
@@ -52,7 +55,7 @@ def track_name(seed: int, index: int) -> str:
 
 
 def _job_settings(args: argparse.Namespace, split: str) -> dict:
-    activity = args.vocal_activity if split == "train" or args.test_activity is None else args.test_activity
+    activity = args.test_activity if split == "test" and args.test_activity else args.vocal_activity
     return {"seconds": float(args.seconds), "vocal_activity": activity, "sample_rate": int(args.sample_rate),
             "subtype": args.subtype}
 
@@ -107,8 +110,9 @@ def _write_job(job: tuple[str, list[int], dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tracks < 0 or args.test_tracks < 0 or args.tracks + args.test_tracks == 0:
-        raise ValueError("ask for at least one track: --tracks N and/or --test-tracks M (N, M >= 0)")
+    counts = {"train": args.tracks, "valid": args.valid_tracks, "test": args.test_tracks}
+    if min(counts.values()) < 0 or sum(counts.values()) == 0:
+        raise ValueError("ask for at least one track: --tracks, --valid-tracks and --test-tracks take counts >= 0")
     if args.seconds < 1.0:
         raise ValueError(f"--seconds must be at least 1, got {args.seconds}")
     if args.sample_rate < 16000:
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     root: Path = args.out
     jobs, kept = [], 0
-    for split, count in (("train", args.tracks), ("test", args.test_tracks)):
+    for split, count in counts.items():
         settings = _job_settings(args, split)
         if count:
             (root / split).mkdir(parents=True, exist_ok=True)
