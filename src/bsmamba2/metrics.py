@@ -79,12 +79,17 @@ def usdr(estimate: Any, reference: Any, eps: float = USDR_EPS) -> float | np.nda
     Returns:
         a float for (channels, time) input, else an array of shape (...).
     """
-    est = _as_numpy(estimate).astype(np.float64, copy=False)
-    ref = _as_numpy(reference).astype(np.float64, copy=False)
+    est = _as_numpy(estimate)
+    ref = _as_numpy(reference)
     _check_pair(est, ref, "usdr")
-    num = np.sum(ref**2, axis=(-2, -1)) + eps
-    den = np.sum((ref - est) ** 2, axis=(-2, -1)) + eps
-    out = 10.0 * np.log10(num / den)
+    num = np.zeros(est.shape[:-2])
+    den = np.zeros(est.shape[:-2])
+    step = 1 << 18  # float64 temporaries of a block stay in cache; long tracks never make full-size copies
+    for t in range(0, est.shape[-1], step):
+        r = np.ascontiguousarray(ref[..., t : t + step], dtype=np.float64)
+        num += np.sum(np.square(r), axis=(-2, -1))
+        den += np.sum(np.square(np.ascontiguousarray(est[..., t : t + step], dtype=np.float64) - r), axis=(-2, -1))
+    out = 10.0 * np.log10((num + eps) / (den + eps))
     return float(out) if out.ndim == 0 else out
 
 
@@ -101,6 +106,15 @@ def museval_frames(length: int, window: int, hop: int) -> list[tuple[int, int]]:
         nwin = (length - window + hop) // hop
         return [(t * hop, t * hop + window) for t in range(nwin)]
     return [(0, length)]
+
+
+def _channel_sum(x: np.ndarray) -> np.ndarray:
+    """(..., channels, time) -> (..., time): channels added in order in the input dtype, as numpy's sum over a
+    short axis does (museval's silence test); a loop, because numpy reduces a length-2 inner axis slowly."""
+    acc = x[..., 0, :].copy()
+    for c in range(1, x.shape[-2]):
+        acc += x[..., c, :]
+    return acc
 
 
 def csdr_frames(
@@ -122,34 +136,32 @@ def csdr_frames(
     frames = museval_frames(est_in.shape[-1], win, hp)
     lead = est_in.shape[:-2]
 
-    est = est_in.astype(np.float64, copy=False)
-    ref = ref_in.astype(np.float64, copy=False)
-    # Silence rule of museval: the channel sum (in the input dtype, as museval sums it) is zero at every sample.
-    ref_silent_sample = np.sum(np.swapaxes(ref_in, -1, -2), axis=-1) == 0  # (..., time)
-    est_silent_sample = np.sum(np.swapaxes(est_in, -1, -2), axis=-1) == 0
-
-    if len(frames) > 1 or frames[0][1] == win:
-        # All frames are full windows: strided views, no copies.
-        starts = np.array([s for s, _ in frames])
-        n_used = frames[-1][1]
-
-        def framed(x: np.ndarray) -> np.ndarray:  # (..., [channels,] time) -> (..., [channels,] frames, window)
-            view = np.lib.stride_tricks.sliding_window_view(x[..., :n_used], win, axis=-1)
-            return view[..., starts, :]
-
-        num = np.sum(framed(ref) ** 2, axis=(-3, -1))  # (..., frames)
-        den = np.sum(framed(est - ref) ** 2, axis=(-3, -1))
-        silent = np.all(framed(ref_silent_sample), axis=-1) | np.all(framed(est_silent_sample), axis=-1)
-    else:  # one frame shorter than the window: the whole signal
-        num = np.sum(ref**2, axis=(-2, -1))[..., None]
-        den = np.sum((est - ref) ** 2, axis=(-2, -1))[..., None]
-        silent = (np.all(ref_silent_sample, axis=-1) | np.all(est_silent_sample, axis=-1))[..., None]
+    n = len(frames)
+    num = np.empty(lead + (n,))
+    den = np.empty(lead + (n,))
+    silent = np.empty(lead + (n,), dtype=bool)
+    # Frames in blocks of ~16 s so that the float64 temporaries stay small and in cache (long tracks, batches).
+    per_block = max(1, (16 * sample_rate) // max(win, 1))
+    for b0 in range(0, n, per_block):
+        block = frames[b0 : b0 + per_block]
+        lo, hi = block[0][0], block[-1][1]
+        e_in, r_in = est_in[..., lo:hi], ref_in[..., lo:hi]
+        r = np.ascontiguousarray(r_in, dtype=np.float64)  # contiguous: fast reductions for transposed inputs
+        d = np.ascontiguousarray(e_in, dtype=np.float64) - r
+        # Silence rule of museval: the channel sum (in the input dtype, as museval sums it) is zero at every sample.
+        r_silent = _channel_sum(r_in) == 0  # (..., time)
+        e_silent = _channel_sum(e_in) == 0
+        for k, (start, stop) in enumerate(block):
+            i, sl = b0 + k, slice(start - lo, stop - lo)
+            num[..., i] = np.sum(np.square(r[..., sl]), axis=(-2, -1))
+            den[..., i] = np.sum(np.square(d[..., sl]), axis=(-2, -1))
+            silent[..., i] = np.all(r_silent[..., sl], axis=-1) | np.all(e_silent[..., sl], axis=-1)
 
     with np.errstate(divide="ignore", invalid="ignore"):
         sdr = 10.0 * np.log10(num / den)
     sdr = np.where(den == 0, np.inf, sdr)
     sdr = np.where(silent, np.nan, sdr)
-    return sdr.reshape(*lead, len(frames))
+    return sdr
 
 
 def csdr(estimate: Any, reference: Any, sample_rate: int, window: float = 1.0, hop: float = 1.0) -> float | np.ndarray:
