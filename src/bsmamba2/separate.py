@@ -13,6 +13,7 @@ sample rate. No file-format code lives here: `bsmamba2.audio` does the reading a
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -595,6 +596,7 @@ class Separator:
             reader.block_frames = max(1, int(READ_BLOCK_SECONDS * info.sample_rate))
             blocks = (self._check_channels(b, str(path), downmix) for b in reader)
             writers: dict[str, AudioWriter] = {}
+            new_dirs = _missing_parents(targets.values(), Path(out_dir))
             try:
                 for stem, target in targets.items():
                     writers[stem] = AudioWriter(target, out_sr, channels, subtype=subtype, format=format)
@@ -605,10 +607,25 @@ class Separator:
             except BaseException:
                 for writer in writers.values():
                     writer.abort()
+                for folder in sorted(new_dirs, key=lambda d: len(d.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()  # only if empty: folders this call created for its outputs
                 raise
         outputs = {stem: writer.commit() for stem, writer in writers.items()}
         elapsed = time.perf_counter() - start
         return FileResult(outputs, frames_in / info.sample_rate, elapsed, out_sr, channels)
+
+
+def _missing_parents(paths: Iterable[Path], root: Path) -> set[Path]:
+    """Folders between `root` (exclusive) and each path that do not exist yet."""
+    missing = set()
+    root = root.resolve()
+    for path in paths:
+        folder = path.resolve().parent
+        while folder != root and folder != folder.parent and not folder.exists():
+            missing.add(folder)
+            folder = folder.parent
+    return missing
 
 
 # -- batch runs: manifest and resume ---------------------------------------------------------------------------------

@@ -1,0 +1,235 @@
+"""`bsmamba2 separate` end to end on real files: outputs, rates, channels, batch runs, resume, and every error case."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import bsmamba2.separate as separate_module
+from bsmamba2.audio import audio_info, read_audio, write_audio
+from bsmamba2.checkpoint import save_model
+from bsmamba2.cli import main
+from bsmamba2.config import BSMamba2Config
+from bsmamba2.model import build_model
+
+SR = 44100
+PCM16_STEP = 1 / 32767
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_model(build_model(BSMamba2Config.tiny()).eval(), tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def excerpt(sample_track, tmp_path_factory):
+    """The first 1.5 s of the real sample mixture, PCM16 stereo at 44.1 kHz."""
+    wave, sr = read_audio(sample_track / "mixture.wav")
+    return write_audio(tmp_path_factory.mktemp("in") / "excerpt.wav", wave[:, : int(1.5 * sr)], sr)
+
+
+@pytest.fixture
+def log(caplog):
+    caplog.set_level(logging.INFO)
+    return caplog
+
+
+def _errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _check_outputs(out_dir, track, mixture_path, tol):
+    mix, sr = read_audio(mixture_path)
+    vocals, vsr = read_audio(out_dir / track / "vocals.wav")
+    inst, isr = read_audio(out_dir / track / "instrumental.wav")
+    assert vsr == isr == sr
+    assert vocals.shape == inst.shape == mix.shape
+    assert (vocals + inst - mix).abs().max() <= tol
+    assert vocals.abs().max() > 0 and not torch.allclose(vocals, mix, atol=1e-3)
+    return vocals, inst
+
+
+def test_official_checkpoint_through_cli(official_ckpt, excerpt, tmp_path, log):
+    rc = main(["separate", str(excerpt), "-o", str(tmp_path), "--checkpoint", str(official_ckpt),
+               "--segment", "0", "--subtype", "FLOAT", "--quiet"])  # fmt: skip
+    assert rc == 0, _errors(log)
+    _check_outputs(tmp_path, "excerpt", excerpt, tol=1e-6)
+
+
+def test_sample_track_default_settings(tiny_ckpt, sample_track, tmp_path, log):
+    mixture = sample_track / "mixture.wav"
+    rc = main(["separate", str(mixture), "-o", str(tmp_path), "--checkpoint", str(tiny_ckpt)])
+    assert rc == 0, _errors(log)
+    _check_outputs(tmp_path, "mixture", mixture, tol=2 * PCM16_STEP)  # each output rounded to PCM16 once
+    assert audio_info(tmp_path / "mixture" / "vocals.wav").subtype == "PCM_16"
+    summary = [m for m in log.messages if "real-time factor" in m]
+    assert len(summary) == 1 and "6.8 s of audio" in summary[0]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (entry,) = manifest["files"].values()
+    assert entry["status"] == "done" and len(entry["input_sha256"]) == 64 and len(entry["checkpoint_sha256"]) == 64
+    assert entry["settings"]["segment"] == 8.0 and entry["settings"]["overlap"] == 0.5 and entry["rtf"] > 0
+
+
+def test_resampled_mono_input(tiny_ckpt, excerpt, tmp_path, log):
+    wave, _ = read_audio(excerpt)
+    import soxr
+
+    low = soxr.resample(wave[:, :SR].mean(0).numpy(), SR, 22050)  # 1 s, mono, 22.05 kHz
+    src = tmp_path / "low.flac"
+    sf.write(src, low, 22050, subtype="PCM_24")
+    rc = main(["separate", str(src), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt),
+               "--segment", "0.5", "--subtype", "FLOAT", "--quiet"])  # fmt: skip
+    assert rc == 0, _errors(log)
+    for stem in ("vocals", "instrumental"):
+        info = audio_info(tmp_path / "out" / "low" / f"{stem}.wav")
+        assert (info.sample_rate, info.channels, info.frames) == (22050, 1, len(low))
+    _check_outputs(tmp_path / "out", "low", src, tol=1e-6)
+    # --sample-rate writes another rate; --format/--subtype/--stems pick the files
+    rc = main(["separate", str(src), "-o", str(tmp_path / "o44"), "--checkpoint", str(tiny_ckpt), "--segment", "0.5",
+               "--sample-rate", "44100", "--format", "flac", "--subtype", "pcm_24", "--stems", "vocals", "-q"])  # fmt: skip
+    assert rc == 0, _errors(log)
+    assert sorted(p.name for p in (tmp_path / "o44" / "low").iterdir()) == ["vocals.flac"]
+    info = audio_info(tmp_path / "o44" / "low" / "vocals.flac")
+    assert (info.sample_rate, info.channels, info.frames, info.subtype) == (44100, 1, 2 * len(low), "PCM_24")
+
+
+def test_every_error_case_names_the_file_and_others_still_run(tiny_ckpt, excerpt, tmp_path, log):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + np.random.bytes(100))
+    sf.write(bad / "empty.wav", np.zeros((0, 2), np.float32), SR)
+    nan = np.zeros((SR // 2, 2), np.float32)
+    nan[1000, 0] = np.inf
+    sf.write(bad / "nan.wav", nan, SR, subtype="FLOAT")
+    sf.write(bad / "three.wav", 0.1 * np.random.randn(SR // 4, 3).astype(np.float32), SR)
+    out = tmp_path / "out"
+    rc = main(["separate", str(bad / "missing.wav"), str(bad / "corrupt.wav"), str(bad / "empty.wav"),
+               str(bad / "nan.wav"), str(bad / "three.wav"), str(excerpt),
+               "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0.5", "-q"])  # fmt: skip
+    assert rc == 1
+    errors = _errors(log)
+    expected = {
+        "missing.wav": "no such file",
+        "corrupt.wav": "cannot decode audio",
+        "empty.wav": "contains no audio samples",
+        "nan.wav": "NaN or Inf",
+        "three.wav": "--downmix",
+    }
+    for name, what in expected.items():
+        lines = [e for e in errors if name in e]
+        assert len(lines) == 1 and what in lines[0] and "\n" not in lines[0], (name, errors)
+    assert any("5 failed" in m for m in log.messages)
+    assert (out / "excerpt" / "vocals.wav").exists()  # the good input still ran
+    assert sorted(p.name for p in out.iterdir()) == ["excerpt", "manifest.json"]  # no partial outputs
+    statuses = {os.path.basename(k): v["status"] for k, v in json.loads((out / "manifest.json").read_text())["files"].items()}
+    assert statuses["excerpt.wav"] == "done" and statuses["nan.wav"] == statuses["three.wav"] == "failed"
+    # the fix the message names works
+    rc = main(["separate", str(bad / "three.wav"), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0.5",
+               "--downmix", "-q"])  # fmt: skip
+    assert rc == 0 and audio_info(out / "three" / "vocals.wav").channels == 2
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "mismatched", "none"])
+def test_checkpoint_errors(kind, tiny_ckpt, excerpt, tmp_path, log, monkeypatch):
+    if kind == "missing":
+        ckpt, what = tmp_path / "nope.ckpt", "not found"
+    elif kind == "garbage":
+        ckpt, what = tmp_path / "garbage.ckpt", "garbage.ckpt"
+        ckpt.write_bytes(np.random.bytes(3000))
+    elif kind == "mismatched":
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(tiny_ckpt), "pt") as f:
+            header = dict(f.metadata())
+        config = json.loads(header["config"])
+        config["depth"] = 2
+        header["config"] = json.dumps(config)
+        ckpt, what = tmp_path / "other.safetensors", "do not match"
+        save_file(load_file(str(tiny_ckpt)), str(ckpt), metadata=header)
+    else:
+        monkeypatch.setattr(separate_module, "_default_checkpoint", lambda: None)
+        ckpt, what = None, "github.com/EuiYeonKim/BSMamba2"
+    args = ["separate", str(excerpt), "-o", str(tmp_path / "out"), "-q"] + (["--checkpoint", str(ckpt)] if ckpt else [])
+    assert main(args) == 1
+    (line,) = _errors(log)
+    assert what in line and "\n" not in line
+    if kind == "none":
+        assert "--checkpoint" in line
+    assert not (tmp_path / "out" / "excerpt").exists()
+
+
+def test_skip_existing_overwrite_and_resume(tiny_ckpt, excerpt, tmp_path, log):
+    second = write_audio(tmp_path / "in" / "second.wav", read_audio(excerpt)[0][:, :SR], SR)
+    out = tmp_path / "out"
+    base = ["separate", str(excerpt), str(second), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0.5"]
+    assert main(base) == 0
+    first_vocals = out / "excerpt" / "vocals.wav"
+    stamp = first_vocals.stat().st_mtime_ns
+
+    log.clear()
+    assert main(base) == 0  # nothing to do: both skipped
+    assert first_vocals.stat().st_mtime_ns == stamp
+    assert sum("skipped, outputs exist" in m for m in log.messages) == 2
+
+    # an interrupted run: the second input was running and only one of its outputs was written
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    key = str(second.resolve())
+    manifest["files"][key]["status"] = "running"
+    manifest_path.write_text(json.dumps(manifest))
+    (out / "second" / "instrumental.wav").unlink()
+    log.clear()
+    assert main(base) == 0
+    assert first_vocals.stat().st_mtime_ns == stamp  # done work is kept
+    assert (out / "second" / "instrumental.wav").exists()
+    assert json.loads(manifest_path.read_text())["files"][key]["status"] == "done"
+    assert any("1 separated, 1 skipped" in m for m in log.messages)
+
+    # other settings: the manifest tells the existing outputs are stale
+    log.clear()
+    assert main(base + ["--overlap", "0.25"]) == 0
+    assert any("2 separated" in m for m in log.messages)
+    assert json.loads(manifest_path.read_text())["files"][key]["settings"]["overlap"] == 0.25
+
+    # --overwrite redoes everything
+    stamp = first_vocals.stat().st_mtime_ns
+    assert main(base + ["--overlap", "0.25", "--overwrite"]) == 0
+    assert first_vocals.stat().st_mtime_ns != stamp
+
+
+def test_folders_templates_and_collisions(tiny_ckpt, excerpt, tmp_path, log):
+    wave = read_audio(excerpt)[0][:, : SR // 2]
+    write_audio(tmp_path / "music" / "a" / "song.wav", wave, SR)
+    write_audio(tmp_path / "music" / "b" / "song.flac", wave, SR)
+    (tmp_path / "music" / "notes.txt").write_text("not audio")
+    out = tmp_path / "music" / "separated"  # inside the searched folder: its outputs must not be picked up
+    base = ["separate", str(tmp_path / "music"), "--checkpoint", str(tiny_ckpt), "--segment", "0.5"]
+    assert main(base + ["-o", str(out)]) == 1
+    assert any("song.flac" in e and "{parent}" in e for e in _errors(log))
+    log.clear()
+    assert main(base + ["-o", str(out), "--template", "{parent}/{track}/{stem}.{ext}"]) == 0, _errors(log)
+    assert (out / "a" / "song" / "vocals.wav").exists() and (out / "b" / "song" / "instrumental.wav").exists()
+    log.clear()
+    assert main(base + ["-o", str(out), "--template", "{parent}/{track}/{stem}.{ext}"]) == 0
+    assert sum("skipped, outputs exist" in m for m in log.messages) == 2  # the outputs folder was not searched
+
+
+def test_quiet_and_progress(tiny_ckpt, excerpt, tmp_path, capsys, log):
+    assert main(["separate", str(excerpt), "-o", str(tmp_path / "q"), "--checkpoint", str(tiny_ckpt),
+                 "--segment", "0.5", "--quiet"]) == 0  # fmt: skip
+    assert "%|" not in capsys.readouterr().err
+    assert not any("real-time factor" in m for m in log.messages)
+    assert main(["separate", str(excerpt), "-o", str(tmp_path / "p"), "--checkpoint", str(tiny_ckpt),
+                 "--segment", "0.5", "--paper"]) == 0  # fmt: skip
+    assert "excerpt.wav" in capsys.readouterr().err  # the per-file progress bar, over audio seconds
+    assert any("real-time factor" in m for m in log.messages)
+    settings = json.loads((tmp_path / "p" / "manifest.json").read_text())["files"].popitem()[1]["settings"]
+    assert settings["mode"] == "paper" and settings["overlap"] == 0.0
