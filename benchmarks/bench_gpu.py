@@ -142,6 +142,38 @@ def profile(model, batch: int, samples: int, path: str | None) -> str:
     return table
 
 
+def scan_sweep() -> list[dict]:
+    """Time the SSD kernels alone (bf16, both directions in one launch) at the model's two axes, over chunk length
+    and warps. Band axis: 2·b·t sequences of 62; time axis: 2·b·62 sequences of 801 (b = 8)."""
+    from bsmamba2.kernels.ssd import ssd_bwd, ssd_fwd
+
+    h, p, n, b = 16, 64, 128, 8
+    rows = []
+    for axis, s, l in (("band", 2 * b * 801, 62), ("time", 2 * b * 62, 801)):
+        x = torch.randn(s, l, h, p, device="cuda", dtype=torch.bfloat16)
+        dt = torch.nn.functional.softplus(torch.randn(s, l, h, device="cuda") - 2)
+        A = -torch.rand(2, h, device="cuda") - 0.1
+        D = torch.randn(2, h, device="cuda")
+        B = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
+        C = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn_like(x)
+        blocks = (64,) if l <= 64 else (32, 64, 128)
+        for blk in blocks:
+            for warps in (4, 8):
+                os.environ["BSMAMBA2_SSD_BLOCK"], os.environ["BSMAMBA2_SSD_WARPS"] = str(blk), str(warps)
+                try:
+                    f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
+                    bw = statistics.median(_time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
+                except Exception as e:  # a variant that does not compile (shared memory) is skipped
+                    rows.append({"axis": axis, "block": blk, "warps": warps, "error": str(e)[:200]})
+                    continue
+                rows.append({"axis": axis, "block": blk, "warps": warps, "fwd_ms": f * 1e3, "bwd_ms": bw * 1e3})
+                print(f"scan {axis} block {blk} warps {warps}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms", flush=True)
+    os.environ.pop("BSMAMBA2_SSD_BLOCK")
+    os.environ.pop("BSMAMBA2_SSD_WARPS")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="mamba:torch,mamba:triton,roformer:-",
@@ -155,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off", "both"],
                     help="activation checkpointing in training; auto: off, and on if off runs out of memory")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of one fast-backend inference batch")
+    ap.add_argument("--scan-sweep", action="store_true", help="first time the SSD kernels alone over chunk/warps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -177,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = None
     print(json.dumps(meta), flush=True)
     results = []
+    if args.scan_sweep:
+        meta["scan_sweep"] = scan_sweep()
     for run in args.runs.split(","):
         arch, backend = run.split(":")
         row = {"model": "BSMamba2" if arch == "mamba" else "BS-RoFormer", "backend": backend,

@@ -176,6 +176,11 @@ class BiMamba2Block(nn.Module):
         self.linear = nn.ConvTranspose1d(2 * dim, dim, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if resolve_backend(x.device) == "triton":
+            from bsmamba2.kernels import block as fast  # noqa: PLC0415
+
+            if fast.supports(self):
+                return fast.bimamba2_block_forward(self, x)  # same function, both directions in shared launches
         fwd = self.forward_blocks[0](x)
         bwd = self.backward_blocks[0](x.flip(1)).flip(1)
         both = torch.cat([fwd, bwd], dim=-1)  # (s, l, 2d)

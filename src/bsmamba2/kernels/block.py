@@ -1,0 +1,127 @@
+"""Fast forward of `BiMamba2Block`: both directions share every launch, and the layer's linear maps are merged.
+
+The plain block computes, for x `(s, l, d)`,
+
+    f = x + out_f(Mamba2_f(rms(x) · w_f)),   b = flip(x' + out_b(Mamba2_b(rms(x') · w_b))),  x' = flip(x)
+    y = [f, b] Wmᵀ + bm + x                                   (the 1×1 ConvTranspose1d, 2d → d)
+
+Here, with the same parameters and the same function:
+    1. rms(x) once (both pre-norms have the same eps); the pre-norm gains are folded into the in-projections, and
+       both directions' in-projections are one matrix product (d → 2·(d_inner + conv_dim + heads)).
+    2. The backward direction never flips: its causal conv1d becomes anti-causal (taps t..t+3) and its scan reads
+       positions L−1−τ (`ssd_scan_bidirectional`), so one conv pass and one scan launch serve both directions.
+    3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
+       W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner) and W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
+       outputs of both directions, one small d × d product on x.
+The element-wise glue (rms scale, conv1d + SiLU, softplus, gated RMSNorm) runs through `torch.compile`
+(BSMAMBA2_COMPILE=0 runs it eagerly); the matrix products are cuBLAS; the scan is the Triton kernel.
+
+Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bsmamba2.kernels.ssd import ssd_scan_bidirectional
+
+
+def _rms_scale(x: Tensor, eps: float) -> Tensor:
+    """x · rsqrt(mean(x²) + eps) in float32, returned in x's dtype (the pre-norm without its gain)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _conv_dt(xbc_raw: Tensor, dt_raw: Tensor, conv_w: Tensor, conv_b: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Depthwise conv1d + SiLU for both directions, and dt = softplus(dt_raw + dt_bias).
+
+    xbc_raw (s, l, 2, c) (a view of the in-projection), conv_w (2, c, k), conv_b (2, c), dt_raw (s, l, 2, h),
+    dt_bias (2, h) → xbc (2, s, l, c) in xbc_raw's dtype, dt (2, s, l, h) float32.
+    Direction 0 is causal (taps t−k+1..t); direction 1 anti-causal (taps t..t+k−1, weights reversed), which is the
+    causal conv of the flipped sequence, flipped back.
+    """
+    k = conv_w.shape[-1]
+    l = xbc_raw.shape[1]
+    xr = xbc_raw.permute(2, 0, 1, 3).float()  # (2, s, l, c)
+    w = conv_w.float()
+    xf = F.pad(xr[0], (0, 0, k - 1, 0))  # (s, l + k − 1, c), zeros before the start
+    xb = F.pad(xr[1], (0, 0, 0, k - 1))  # zeros after the end
+    out_f = conv_b[0].float() + sum(xf[:, i:i + l] * w[0, :, i] for i in range(k))
+    out_b = conv_b[1].float() + sum(xb[:, k - 1 - i:k - 1 - i + l] * w[1, :, i] for i in range(k))
+    xbc = F.silu(torch.stack([out_f, out_b])).to(xbc_raw.dtype)
+    dt = F.softplus(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None, :])
+    return xbc, dt
+
+
+def _gated_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """Gated RMSNorm (gate before norm) of both directions, concatenated along channels.
+
+    y (2, s, l, e), z (s, l, 2, e) (a view of the in-projection), weight (2, e) → (s, l, 2·e) in y's dtype.
+    """
+    two, s, l, e = y.shape
+    g = y.float() * F.silu(z.permute(2, 0, 1, 3).float())  # (2, s, l, e)
+    g = g.unflatten(-1, (-1, group_size))
+    g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()[:, None, None, :]
+    return g.permute(1, 2, 0, 3).reshape(s, l, two * e).to(y.dtype)
+
+
+def compile_enabled() -> bool:
+    return os.environ.get("BSMAMBA2_COMPILE", "1") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    fn = {"rms": _rms_scale, "conv_dt": _conv_dt, "gated_norm": _gated_norm}[name]
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _glue(name: str, device: torch.device):
+    if device.type == "cuda" and compile_enabled():
+        return _compiled(name)
+    return {"rms": _rms_scale, "conv_dt": _conv_dt, "gated_norm": _gated_norm}[name]
+
+
+def supports(block) -> bool:
+    """Whether `bimamba2_block_forward` computes exactly this block's function (standard layout, equal eps)."""
+    f, b = block.forward_blocks[0], block.backward_blocks[0]
+    mf, mb = f.mixer, b.mixer
+    return (len(block.forward_blocks) == 1 and len(block.backward_blocks) == 1 and f.norm.eps == b.norm.eps
+            and mf.norm.eps == mb.norm.eps and mf.norm.group_size == mb.norm.group_size
+            and all(getattr(mf, a) == getattr(mb, a) for a in ("d_inner", "conv_dim", "nheads", "headdim",
+                                                                "ngroups", "d_state", "d_conv")))
+
+
+def bimamba2_block_forward(block, x: Tensor) -> Tensor:
+    """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`."""
+    f, b = block.forward_blocks[0], block.backward_blocks[0]
+    mf, mb = f.mixer, b.mixer
+    s, l, d = x.shape
+    e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
+    width = e + c + h  # one direction's in-projection: [z, xBC, dt]
+
+    with torch.autocast(device_type=x.device.type, enabled=False):  # merged weights in float32
+        w_in = torch.cat([mf.in_proj.weight * f.norm.weight[None, :], mb.in_proj.weight * b.norm.weight[None, :]])
+        wm = block.linear.weight[:, :, 0]  # (2d, d), used as [f, b] @ wm
+        w_g = torch.cat([wm[:d].t() @ mf.out_proj.weight, wm[d:].t() @ mb.out_proj.weight], dim=1)  # (d, 2e)
+        w_x = (wm[:d] + wm[d:]).t()  # (d, d)
+        conv_w = torch.stack([mf.conv1d.weight[:, 0], mb.conv1d.weight[:, 0]])  # (2, c, k)
+        conv_b = torch.stack([mf.conv1d.bias, mb.conv1d.bias])  # (2, c)
+        dt_bias = torch.stack([mf.dt_bias, mb.dt_bias])  # (2, h)
+        A = -torch.exp(torch.stack([mf.A_log, mb.A_log]).float())  # (2, h)
+        D = torch.stack([mf.D, mb.D])  # (2, h)
+        norm_w = torch.stack([mf.norm.weight, mb.norm.weight])  # (2, e)
+
+    xn = _glue("rms", x.device)(x, f.norm.eps)
+    zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
+    z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
+    xbc, dt = _glue("conv_dt", x.device)(xbc_raw, dt_raw, conv_w, conv_b, dt_bias)  # (2, s, l, c), (2, s, l, h)
+    xs, B, C = xbc.reshape(2 * s, l, c).split([e, g * n, g * n], dim=-1)
+    y = ssd_scan_bidirectional(xs.unflatten(-1, (h, p)), dt.reshape(2 * s, l, h), A,
+                               B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D)  # (2s, l, h, p)
+    gn = _glue("gated_norm", x.device)(y.view(2, s, l, e), z, norm_w, mf.norm.eps, mf.norm.group_size)  # (s, l, 2e)
+    return F.linear(gn, w_g) + F.linear(x, w_x, block.linear.bias) + x

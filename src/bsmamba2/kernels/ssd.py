@@ -1,0 +1,361 @@
+"""SSD scan (the Mamba2 recurrence) as Triton kernels: forward and backward, chunked, states kept on chip.
+
+The plain-PyTorch twin is `bsmamba2.ssd.ssd_chunked` (and `ssd_sequential`, the ground truth). Per head h, with
+a_t = dt_t·A_h, cum_t = Σ_{k≤t} a_k and v_t = dt_t·x_t, the scan computes
+
+    y_i = Σ_{j≤i} exp(cum_i − cum_j) (C_i·B_j) v_j + D_h x_i
+
+One program owns one (sequence, head) and walks the sequence in chunks of BLOCK_Q steps, carrying the state
+(headdim × d_state, float32) in registers, so no state ever goes to memory:
+
+    intra-chunk   y  = (C Bᵀ ∘ decay) v                        the masked (attention-like) form, (Q×Q) tile
+    inter-chunk   y += exp(acum) · C Sᵀ                        S: the state entering the chunk
+    state         S  = exp(Σa) S + (v · exp(Σa − acum))ᵀ B
+
+A sequence no longer than BLOCK_Q (the band axis, 62 bands) is one chunk: the quadratic form only, no state.
+
+Gradients (dy given; M_ij = exp(cum_i − cum_j)(C_i·B_j)(dy_i·v_j) for i ≥ j):
+    dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j        forward sweep, carrying S          (kernel with DO_DC)
+    dv_j = Σ_{i≥j} exp(·)(C_i·B_j) dy_i        backward sweep, carrying dS = Σ exp(·) dy_i ⊗ C_i   (DO_DV)
+    dB_j = Σ_{i≥j} exp(·)(dy_i·v_j) C_i        same sweep
+    dcum_t = C_t·dC_t − B_t·dB_t  (= Σ_j M_tj − Σ_i M_it),  da_t = Σ_{k≥t} dcum_k  (suffix sum, carried)
+    dx = dt·dv + D·dy,  ddt = x·dv + A·da,  dA = Σ da·dt,  dD = Σ dy·x
+A one-chunk sequence does both sweeps in one program. B and C are shared by the heads of a group, so their
+gradients are accumulated over heads with float32 atomics.
+
+Directions: DIR_MODE 0 scans every sequence forward, 1 every sequence backward (position t read as L−1−t: the
+backward half of a bidirectional block without flip copies), 2 the first `seqs_per_dir` sequences forward and the
+rest backward (both directions of a block in one launch). A and D are `(ndir, heads)`.
+
+Decay arithmetic (cumsum, exp) and accumulation are float32; matrix products take the inputs' dtype (bf16 on the
+fast path, float32 with IEEE products otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _ssd_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, P, N,
+    sx_s, sx_l, sx_h, sx_p,
+    sdt_s, sdt_l, sdt_h,
+    sb_s, sb_l, sb_g, sb_n,
+    sc_s, sc_l, sc_g, sc_n,
+    sy_s, sy_l, sy_h, sy_p,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    d = s // seqs_per_dir
+    if DIR_MODE == 0:
+        reverse = s < 0
+    elif DIR_MODE == 1:
+        reverse = s >= 0
+    else:
+        reverse = d == 1
+    g = h // heads_per_group
+    s64 = s.to(tl.int64)
+    x_base = x_ptr + s64 * sx_s + h * sx_h
+    dt_base = dt_ptr + s64 * sdt_s + h * sdt_h
+    b_base = B_ptr + s64 * sb_s + g * sb_g
+    c_base = C_ptr + s64 * sc_s + g * sc_g
+    y_base = y_ptr + s64 * sy_s + h * sy_h
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(L, BLOCK_Q)
+    for c in range(0, n_chunks):
+        tau = c * BLOCK_Q + offs_q  # position in scan order
+        mq = tau < L
+        t = tl.where(reverse, L - 1 - tau, tau)  # position in memory
+        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mq[:, None] & mp[None, :], other=0.0)
+        dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mq[:, None] & mn[None, :], other=0.0).to(DOT)
+        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mq[:, None] & mn[None, :], other=0.0).to(DOT)
+        a = dt * A
+        acum = tl.cumsum(a, axis=0)
+        a_tot = tl.sum(a, axis=0)
+        v = x.to(tl.float32) * dt[:, None]
+        G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j
+        decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
+        y = tl.dot((G * decay).to(DOT), v.to(DOT), input_precision=PREC)  # (Q, P)
+        if c > 0:
+            y += tl.exp(acum)[:, None] * tl.dot(Cm, tl.trans(state).to(DOT), input_precision=PREC)
+        if c < n_chunks - 1:
+            w = tl.exp(a_tot - acum)  # decay from each step to the chunk's end
+            state = state * tl.exp(a_tot) + tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm, input_precision=PREC)
+        if HAS_D:
+            y += tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+        tl.store(y_base + t[:, None] * sy_l + offs_p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty),
+                 mask=mq[:, None] & mp[None, :])
+
+
+@triton.jit
+def _ssd_bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, r1_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, P, N,
+    sx_s, sx_l, sx_h, sx_p,
+    sdt_s, sdt_l, sdt_h,
+    sb_s, sb_l, sb_g, sb_n,
+    sc_s, sc_l, sc_g, sc_n,
+    sdy_s, sdy_l, sdy_h, sdy_p,
+    sdx_s, sdx_l, sdx_h, sdx_p,
+    sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC accumulators share one layout
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    DO_DC: tl.constexpr, DO_DV: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    d = s // seqs_per_dir
+    if DIR_MODE == 0:
+        reverse = s < 0
+    elif DIR_MODE == 1:
+        reverse = s >= 0
+    else:
+        reverse = d == 1
+    g = h // heads_per_group
+    s64 = s.to(tl.int64)
+    x_base = x_ptr + s64 * sx_s + h * sx_h
+    dt_base = dt_ptr + s64 * sdt_s + h * sdt_h
+    b_base = B_ptr + s64 * sb_s + g * sb_g
+    c_base = C_ptr + s64 * sc_s + g * sc_g
+    dy_base = dy_ptr + s64 * sdy_s + h * sdy_h
+    dx_base = dx_ptr + s64 * sdx_s + h * sdx_h
+    db_base = dB_ptr + s64 * sdb_s + g * sdb_g
+    dc_base = dC_ptr + s64 * sdb_s + g * sdb_g
+    r_base = ddt_ptr + s64 * sdt_s + h * sdt_h  # r1 and ddt use dt's layout
+    r1_base = r1_ptr + s64 * sdt_s + h * sdt_h
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mp = offs_p < P
+    mn = offs_n < N
+    A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
+    if HAS_D:
+        Dh = tl.load(D_ptr + d * nheads + h).to(tl.float32)
+    else:
+        Dh = 0.0
+    causal = offs_q[:, None] >= offs_q[None, :]
+    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # S (forward sweep) or dS (backward sweep)
+    zero = tl.sum(tl.zeros((BLOCK_Q,), dtype=tl.float32), axis=0)
+    carry = zero  # Σ dcum over later chunks (backward sweep)
+    dA_part = zero
+    dD_part = zero
+    n_chunks = tl.cdiv(L, BLOCK_Q)
+    for i in range(0, n_chunks):
+        if DO_DC:
+            c = i
+        else:
+            c = n_chunks - 1 - i
+        tau = c * BLOCK_Q + offs_q
+        mq = tau < L
+        t = tl.where(reverse, L - 1 - tau, tau)
+        mqp = mq[:, None] & mp[None, :]
+        mqn = mq[:, None] & mn[None, :]
+        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
+        dy = tl.load(dy_base + t[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mqp, other=0.0).to(DOT)
+        dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
+        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
+        a = dt * A
+        acum = tl.cumsum(a, axis=0)
+        a_tot = tl.sum(a, axis=0)
+        v = x.to(tl.float32) * dt[:, None]
+        decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
+        Gd = tl.dot(dy, tl.trans(v.to(DOT)), input_precision=PREC) * decay  # (Q, Q): dy_i·v_j, masked
+        if DO_DC:
+            dC = tl.dot(Gd.to(DOT), Bm, input_precision=PREC)  # (Q, N)
+            if c > 0:
+                dC += tl.exp(acum)[:, None] * tl.dot(dy, state.to(DOT), input_precision=PREC)
+            if c < n_chunks - 1:
+                w = tl.exp(a_tot - acum)
+                state = state * tl.exp(a_tot) + tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm,
+                                                       input_precision=PREC)
+            r1 = tl.sum(Cm.to(tl.float32) * dC, axis=1)
+            tl.atomic_add(dc_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC, mask=mqn)
+            if not DO_DV:
+                tl.store(r1_base + t * sdt_l, r1, mask=mq)
+        if DO_DV:
+            G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC) * decay  # (Q, Q): C_i·B_j, masked
+            dv = tl.dot(tl.trans(G.to(DOT)), dy, input_precision=PREC)  # (Q, P)
+            dB = tl.dot(tl.trans(Gd.to(DOT)), Cm, input_precision=PREC)  # (Q, N)
+            if c < n_chunks - 1:
+                w = tl.exp(a_tot - acum)
+                dv += w[:, None] * tl.dot(Bm, tl.trans(state).to(DOT), input_precision=PREC)
+                dB += w[:, None] * tl.dot(v.to(DOT), state.to(DOT), input_precision=PREC)
+            if c > 0:
+                state = state * tl.exp(a_tot) + tl.dot(tl.trans((dy.to(tl.float32) * tl.exp(acum)[:, None])
+                                                                .to(DOT)), Cm, input_precision=PREC)
+            r2 = tl.sum(Bm.to(tl.float32) * dB, axis=1)
+            if not DO_DC:
+                r1 = tl.load(r1_base + t * sdt_l, mask=mq, other=0.0)
+            dcum = r1 - r2
+            tot = tl.sum(dcum, axis=0)
+            da = tot - tl.cumsum(dcum, axis=0) + dcum + carry  # Σ_{k ≥ τ} dcum_k
+            carry += tot
+            xf = x.to(tl.float32)
+            dyf = dy.to(tl.float32)
+            dx = dv * dt[:, None] + Dh * dyf
+            ddt = tl.sum(dv * xf, axis=1) + da * A
+            dA_part += tl.sum(da * dt, axis=0)
+            dD_part += tl.sum(tl.sum(dyf * xf, axis=1), axis=0)
+            tl.store(dx_base + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=mqp)
+            tl.store(r_base + t * sdt_l, ddt, mask=mq)
+            tl.atomic_add(db_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB, mask=mqn)
+    if DO_DV:
+        tl.atomic_add(dA_ptr + d * nheads + h, dA_part)
+        if HAS_D:
+            tl.atomic_add(dD_ptr + d * nheads + h, dD_part)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def block_q_for(length: int) -> int:
+    """Chunk length of the fast scan: one chunk for short sequences (the band axis), else BSMAMBA2_SSD_BLOCK (64)."""
+    if length <= 64:
+        return _block(length)
+    return int(os.environ.get("BSMAMBA2_SSD_BLOCK", "64"))
+
+
+def _num_warps() -> int:
+    return int(os.environ.get("BSMAMBA2_SSD_WARPS", "4"))
+
+
+def _prec(x: Tensor) -> str:
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _dot_dtype(x: Tensor):
+    """Operand dtype of the kernels' matrix products: the input's; float32 under Triton's CPU interpreter, whose
+    bf16 products are wrong (Triton 3.9)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
+
+
+def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int) -> None:
+    s, l, h, p = x.shape
+    if dt.shape != (s, l, h) or B.shape[:2] != (s, l) or B.shape != C.shape:
+        raise ValueError(f"ssd shapes disagree: x {tuple(x.shape)}, dt {tuple(dt.shape)}, B {tuple(B.shape)}, "
+                         f"C {tuple(C.shape)}")
+    ndir = 2 if dir_mode == 2 else 1
+    if A.shape != (ndir, h) or (D is not None and D.shape != (ndir, h)):
+        raise ValueError(f"A and D must be ({ndir}, {h}) for dir_mode {dir_mode}")
+    if dir_mode == 2 and s % 2:
+        raise ValueError("dir_mode 2 needs an even number of sequences (forward half, then backward half)")
+    if h % B.shape[2]:
+        raise ValueError(f"heads ({h}) must be a multiple of groups ({B.shape[2]})")
+
+
+def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int = 0) -> Tensor:
+    """Forward scan. x (s, l, h, p), dt (s, l, h), A/D (ndir, h), B/C (s, l, g, n), any strides → y (s, l, h, p)."""
+    _check(x, dt, A, B, C, D, dir_mode)
+    s, l, h, p = x.shape
+    g, n = B.shape[2:]
+    y = torch.empty(s, l, h, p, device=x.device, dtype=x.dtype)
+    if s == 0 or l == 0:
+        return y
+    bq = block_q_for(l)
+    A, Dc = A.float().contiguous(), (D.float().contiguous() if D is not None else A)
+    _ssd_fwd_kernel[(s, h)](
+        x, dt, A, B, C, Dc, y,
+        l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
+        BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
+        PREC=_prec(x), DOT=_dot_dtype(x), num_warps=_num_warps(),
+    )
+    return y
+
+
+def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+            dir_mode: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """Gradients (dx, ddt, dA, dB, dC, dD) of the scan for the output gradient dy `(s, l, h, p)`.
+
+    dx has x's dtype; ddt, dA, dD are float32; dB and dC are float32 `(s, l, g, n)` (accumulated over heads).
+    """
+    s, l, h, p = x.shape
+    g, n = B.shape[2:]
+    dev = x.device
+    dx = torch.empty(s, l, h, p, device=dev, dtype=x.dtype)
+    ddt = torch.empty(s, l, h, device=dev, dtype=torch.float32)
+    dB = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
+    dC = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
+    dA = torch.zeros_like(A, dtype=torch.float32)
+    dD = torch.zeros_like(A, dtype=torch.float32)
+    if s == 0 or l == 0:
+        return dx.zero_(), ddt.zero_(), dA, dB, dC, (dD if D is not None else None)
+    if dt.stride() != ddt.stride():
+        dt = dt.contiguous()  # ddt and the r1 buffer are indexed with dt's strides
+    bq = block_q_for(l)
+    one_chunk = l <= bq
+    A_, D_ = A.float().contiguous(), (D.float().contiguous() if D is not None else A.float().contiguous())
+    r1 = ddt if one_chunk else torch.empty_like(ddt)
+    common = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
+                  PREC=_prec(x), DOT=_dot_dtype(x), num_warps=_num_warps())
+    args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dB, dC, dD, r1,
+            l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dB.stride())
+    if one_chunk:
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=True, **common)
+    else:
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=False, **common)
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, DO_DV=True, **common)
+    return dx, ddt, dA, dB, dC, (dD if D is not None else None)
+
+
+class SSDScan(torch.autograd.Function):
+    """Autograd wrapper: y = SSD(x, dt, A, B, C, D) with the Triton kernels for forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, dir_mode):
+        y = ssd_fwd(x, dt, A, B, C, D, dir_mode)
+        ctx.save_for_backward(x, dt, A, B, C, D)
+        ctx.dir_mode = dir_mode
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, dt, A, B, C, D = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD = ssd_bwd(dy, x, dt, A, B, C, D, ctx.dir_mode)
+        return (dx, ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                None if dD is None else dD.to(D.dtype), None)
+
+
+def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+             chunk_size: int | None = None, reverse: bool = False) -> Tensor:
+    """Drop-in for `bsmamba2.ssd.ssd_chunked` (no initial/final state): x (b, l, h, p), dt (b, l, h), A (h,),
+    B/C (b, l, g, n), D (h,) or None → y (b, l, h, p). `reverse=True` scans from the end (as on a flipped input).
+
+    `chunk_size` is accepted for interface compatibility; the kernels pick their own chunk (`block_q_for`), which
+    changes only rounding, not the function.
+    """
+    del chunk_size
+    if D is not None and D.dim() != 1:
+        raise ValueError("the fast scan takes D of shape (heads,)")
+    return SSDScan.apply(x, dt, A[None], B, C, None if D is None else D[None], 1 if reverse else 0)
+
+
+def ssd_scan_bidirectional(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None) -> Tensor:
+    """Both directions in one launch: the first half of the sequences (dim 0) is scanned forward with A[0], D[0],
+    the second half backward with A[1], D[1]. x (2s, l, h, p), dt (2s, l, h), A/D (2, h), B/C (2s, l, g, n)."""
+    return SSDScan.apply(x, dt, A, B, C, D, 2)

@@ -1,0 +1,187 @@
+"""Fast path (Triton kernels) against the plain-PyTorch path: forward and gradients on fresh random inputs.
+
+Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set here before Triton is
+imported) at tiny sizes. With CUDA the `gpu` tests run the kernels compiled, at model size, and the official
+fixture through the fast path.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("BSMAMBA2_SSD_BLOCK", "16")  # several chunks at tiny lengths
+
+triton = pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+
+from bsmamba2 import kernels, mamba2  # noqa: E402
+from bsmamba2.config import BSMamba2Config, Mamba2Config  # noqa: E402
+from bsmamba2.kernels.block import bimamba2_block_forward  # noqa: E402
+from bsmamba2.kernels.ssd import SSDScan, block_q_for, ssd_scan  # noqa: E402
+from bsmamba2.mamba2 import BiMamba2Block  # noqa: E402
+from bsmamba2.ssd import ssd_chunked, ssd_sequential  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def random_scan_inputs(s, l, h, p, g, n, ndir, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(s, l, h, p, generator=gen)
+    dt = F.softplus(torch.randn(s, l, h, generator=gen) - 1.0)
+    A = -(0.05 + 2 * torch.rand(ndir, h, generator=gen))
+    B = torch.randn(s, l, g, n, generator=gen)
+    C = torch.randn(s, l, g, n, generator=gen)
+    D = torch.randn(ndir, h, generator=gen)
+    return [t.to(DEV) for t in (x, dt, A, B, C, D)]
+
+
+def reference_scan(x, dt, A, B, C, D, dir_mode):
+    """Plain path in float64: forward sequences as they are, backward ones flipped, scanned, flipped back."""
+    s = x.shape[0]
+    halves = [(0, s // 2, False), (s // 2, s, True)] if dir_mode == 2 else [(0, s, dir_mode == 1)]
+    outs = []
+    for k, (lo, hi, rev) in enumerate(halves):
+        f = (lambda t: t.flip(1)) if rev else (lambda t: t)
+        y = ssd_chunked(f(x[lo:hi]), f(dt[lo:hi]), A[k], f(B[lo:hi]), f(C[lo:hi]), D[k], chunk_size=32)
+        outs.append(f(y))
+    return torch.cat(outs)
+
+
+def check_scan(s, l, h, p, g, n, dir_mode, dtype, seed, tol):
+    ins = random_scan_inputs(s, l, h, p, g, n, 2 if dir_mode == 2 else 1, seed)
+    dy = torch.randn(s, l, h, p, device=DEV, generator=None)
+    fast = [(t.to(dtype) if t.dim() == 4 else t).clone().requires_grad_() for t in ins]
+    y = SSDScan.apply(*fast, dir_mode)
+    assert y.dtype == dtype and y.shape == (s, l, h, p)
+    (y.float() * dy).sum().backward()
+    ref = [t.double().requires_grad_() for t in ins]
+    yr = reference_scan(*ref, dir_mode)
+    (yr * dy.double()).sum().backward()
+    assert torch.isfinite(y).all()
+    errors = {"y": rel(y, yr)} | {name: rel(a.grad, b.grad) for name, a, b in zip("x dt A B C D".split(), fast, ref)}
+    assert max(errors.values()) <= tol, errors
+
+
+@pytest.mark.parametrize("dir_mode", [0, 1, 2])
+@pytest.mark.parametrize("length", [13, 45])  # one chunk (the band axis); several chunks with a partial last one
+def test_scan_forward_and_gradients_float32(dir_mode, length):
+    if DEV == "cuda":
+        length *= 20  # 260 / 900: several 64-step chunks
+    check_scan(2 if dir_mode == 2 else 1, length, 2, 8, 1, 16, dir_mode, torch.float32, seed=length + dir_mode,
+               tol=1e-4)
+
+
+def test_scan_groups_and_odd_sizes():
+    """Two groups of two heads; headdim and d_state not powers of two (masked tiles)."""
+    check_scan(2, 21, 4, 6, 2, 10, 2, torch.float32, seed=5, tol=1e-4)
+
+
+def test_scan_bfloat16():
+    check_scan(2, 40, 2, 16, 1, 16, 2, torch.bfloat16, seed=7, tol=2e-2)
+
+
+def test_ssd_scan_entry_point_matches_sequential():
+    x, dt, A, B, C, D = random_scan_inputs(2, 30, 2, 8, 1, 16, 1, seed=11)
+    for reverse in (False, True):
+        y = ssd_scan(x, dt, A[0], B, C, D[0], chunk_size=256, reverse=reverse)
+        f = (lambda t: t.flip(1)) if reverse else (lambda t: t)
+        ref = f(ssd_sequential(*(f(t).double() for t in (x, dt)), A[0].double(), f(B).double(), f(C).double(),
+                               D[0].double()))
+        assert rel(y, ref) < 1e-5
+
+
+def test_block_q_for_lengths():
+    assert block_q_for(62) == 64  # the band axis is one chunk
+    assert block_q_for(1) == 16
+    assert block_q_for(801) >= 16
+
+
+def _block(dim, mamba_cfg, seed):
+    torch.manual_seed(seed)
+    blk = BiMamba2Block(dim, mamba_cfg)
+    with torch.no_grad():  # move every parameter off its initial value so that each one matters
+        for prm in blk.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    return blk.to(DEV)
+
+
+def test_fast_block_matches_plain_block_float32():
+    cfg = Mamba2Config(expand=2, d_state=16, headdim=8, chunk_size=16)
+    blk = _block(16, cfg, seed=1)
+    x = torch.randn(2, 23, 16, device=DEV, requires_grad=True)
+    params = [x] + list(blk.parameters())
+    y = bimamba2_block_forward(blk, x)
+    gy = torch.randn_like(y)
+    fast = torch.autograd.grad((y * gy).sum(), params)
+    mamba2.set_backend("torch")
+    try:
+        yr = blk(x)
+    finally:
+        mamba2.set_backend("auto")
+    plain = torch.autograd.grad((yr * gy).sum(), params)
+    assert rel(y, yr) < 1e-5
+    names = ["x"] + [nm for nm, _ in blk.named_parameters()]
+    errors = {nm: rel(a, b) for nm, a, b in zip(names, fast, plain)}
+    assert max(errors.values()) < 1e-4, errors
+
+
+def test_available_reports_interpreter_or_cuda():
+    assert kernels.available() == (torch.cuda.is_available() or kernels.interpreting())
+
+
+# ----------------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fast_block_paper_size(dtype):
+    """A paper-size block (dim 256, 16 heads of 64, d_state 128) on both axes' lengths, fast vs plain float32."""
+    blk = _block(256, Mamba2Config(), seed=2)
+    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    for s, l in ((40, 62), (4, 801)):
+        x = torch.randn(s, l, 256, device=DEV, requires_grad=True)
+        params = [x] + list(blk.parameters())
+        gy = torch.randn(s, l, 256, device=DEV)
+        mamba2.set_backend("triton")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = blk(x)
+        fast = torch.autograd.grad((y.float() * gy).sum(), params)
+        mamba2.set_backend("torch")
+        try:
+            yr = blk(x)
+        finally:
+            mamba2.set_backend("auto")
+        plain = torch.autograd.grad((yr * gy).sum(), params)
+        names = ["x"] + [nm for nm, _ in blk.named_parameters()]
+        errors = {"y": rel(y, yr)} | {nm: rel(a, b) for nm, a, b in zip(names, fast, plain)}
+        assert max(errors.values()) <= tol, (s, l, errors)
+
+
+@pytest.mark.gpu
+def test_gpu_official_fixture_through_fast_path(official_ckpt, official_io):
+    from bsmamba2.checkpoint import load_model
+
+    model = load_model(official_ckpt).cuda()
+    mamba2.set_backend("triton")
+    try:
+        with torch.no_grad():
+            spec = model(torch.from_numpy(official_io["mixture_spec"])[None].cuda())[0, 0].cpu()
+    finally:
+        mamba2.set_backend("auto")
+    assert rel(spec, torch.from_numpy(official_io["vocals_spec"])) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backend_picks_triton():
+    assert mamba2.resolve_backend(torch.device("cuda")) == "triton"
+    model = BSMamba2Config.tiny()
+    assert model.mamba.chunk_size == 16
