@@ -227,3 +227,33 @@ def test_evaluate_end_to_end_official_tiny(root, tmp_path, official_ckpt, capsys
     assert cli.main(argv) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "tracks").iterdir()} == stamp
     assert "Table IV" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures (the spectrogram function is also used by the demo)
+
+
+def test_plot_spectrograms_api(tmp_path, sample_track):
+    import matplotlib.image as mpimg
+
+    from bsmamba2 import plots
+
+    mix, sr = sf.read(sample_track / "mixture.wav", dtype="float32")
+    voc, _ = sf.read(sample_track / "vocals.wav", dtype="float32")
+    fig = plots.plot_spectrograms(
+        {"mixture": torch.from_numpy(mix.T), "vocals": voc.T, "mono": voc[:, 0]}, sr, tmp_path / "fig.png",
+        start=1.0, duration=2.0, title="three panels",
+    )  # fmt: skip
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 3
+    assert images[0].get_extent()[:2] == pytest.approx([1.0, 3.0])
+    assert len({im.get_clim() for im in images}) == 1  # one colour scale for all panels
+    assert mpimg.imread(tmp_path / "fig.png").shape[1] > 300
+    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+    with pytest.raises(ValueError, match="outside the signals"):
+        plots.plot_spectrograms({"mixture": mix.T}, sr, start=10.0)
+    # a 1-kHz tone peaks in the mel band holding 1 kHz
+    t = np.arange(sr) / sr
+    spec = plots.mel_spectrogram(np.sin(2 * np.pi * 1000 * t), sr, n_mels=64)
+    edges = plots.mel_to_hz(np.linspace(0, plots.hz_to_mel(sr / 2), 66))
+    assert edges[spec.mean(axis=1).argmax()] < 1000 < edges[spec.mean(axis=1).argmax() + 2]
