@@ -29,10 +29,17 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def excerpt(sample_track, tmp_path_factory):
-    """The first 1.5 s of the real sample mixture, PCM16 stereo at 44.1 kHz."""
+def short(sample_track, tmp_path_factory):
+    """Half a second of the real sample mixture, for tests about files rather than chunking."""
     wave, sr = read_audio(sample_track / "mixture.wav")
-    return write_audio(tmp_path_factory.mktemp("in") / "excerpt.wav", wave[:, : int(1.5 * sr)], sr)
+    return write_audio(tmp_path_factory.mktemp("in") / "short.wav", wave[:, sr : sr + sr // 2], sr)
+
+
+@pytest.fixture(scope="module")
+def excerpt(sample_track, tmp_path_factory):
+    """The first second of the real sample mixture, PCM16 stereo at 44.1 kHz."""
+    wave, sr = read_audio(sample_track / "mixture.wav")
+    return write_audio(tmp_path_factory.mktemp("in") / "excerpt.wav", wave[:, :sr], sr)
 
 
 @pytest.fixture
@@ -100,7 +107,7 @@ def test_resampled_mono_input(tiny_ckpt, excerpt, tmp_path, log):
     assert (info.sample_rate, info.channels, info.frames, info.subtype) == (44100, 1, 2 * len(low), "PCM_24")
 
 
-def test_every_error_case_names_the_file_and_others_still_run(tiny_ckpt, excerpt, tmp_path, log):
+def test_every_error_case_names_the_file_and_others_still_run(tiny_ckpt, short, tmp_path, log):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "corrupt.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt " + np.random.bytes(100))
@@ -111,8 +118,8 @@ def test_every_error_case_names_the_file_and_others_still_run(tiny_ckpt, excerpt
     sf.write(bad / "three.wav", 0.1 * np.random.randn(SR // 4, 3).astype(np.float32), SR)
     out = tmp_path / "out"
     rc = main(["separate", str(bad / "missing.wav"), str(bad / "corrupt.wav"), str(bad / "empty.wav"),
-               str(bad / "nan.wav"), str(bad / "three.wav"), str(excerpt),
-               "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0.5", "-q"])  # fmt: skip
+               str(bad / "nan.wav"), str(bad / "three.wav"), str(short),
+               "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0", "-q"])  # fmt: skip
     assert rc == 1
     errors = _errors(log)
     expected = {
@@ -126,18 +133,18 @@ def test_every_error_case_names_the_file_and_others_still_run(tiny_ckpt, excerpt
         lines = [e for e in errors if name in e]
         assert len(lines) == 1 and what in lines[0] and "\n" not in lines[0], (name, errors)
     assert any("5 failed" in m for m in log.messages)
-    assert (out / "excerpt" / "vocals.wav").exists()  # the good input still ran
-    assert sorted(p.name for p in out.iterdir()) == ["excerpt", "manifest.json"]  # no partial outputs
+    assert (out / "short" / "vocals.wav").exists()  # the good input still ran
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "short"]  # no partial outputs
     statuses = {os.path.basename(k): v["status"] for k, v in json.loads((out / "manifest.json").read_text())["files"].items()}
-    assert statuses["excerpt.wav"] == "done" and statuses["nan.wav"] == statuses["three.wav"] == "failed"
+    assert statuses["short.wav"] == "done" and statuses["nan.wav"] == statuses["three.wav"] == "failed"
     # the fix the message names works
-    rc = main(["separate", str(bad / "three.wav"), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0.5",
+    rc = main(["separate", str(bad / "three.wav"), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0",
                "--downmix", "-q"])  # fmt: skip
     assert rc == 0 and audio_info(out / "three" / "vocals.wav").channels == 2
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "mismatched", "none"])
-def test_checkpoint_errors(kind, tiny_ckpt, excerpt, tmp_path, log, monkeypatch):
+def test_checkpoint_errors(kind, tiny_ckpt, short, tmp_path, log, monkeypatch):
     if kind == "missing":
         ckpt, what = tmp_path / "nope.ckpt", "not found"
     elif kind == "garbage":
@@ -157,21 +164,21 @@ def test_checkpoint_errors(kind, tiny_ckpt, excerpt, tmp_path, log, monkeypatch)
     else:
         monkeypatch.setattr(separate_module, "_default_checkpoint", lambda: None)
         ckpt, what = None, "github.com/EuiYeonKim/BSMamba2"
-    args = ["separate", str(excerpt), "-o", str(tmp_path / "out"), "-q"] + (["--checkpoint", str(ckpt)] if ckpt else [])
+    args = ["separate", str(short), "-o", str(tmp_path / "out"), "-q"] + (["--checkpoint", str(ckpt)] if ckpt else [])
     assert main(args) == 1
     (line,) = _errors(log)
     assert what in line and "\n" not in line
     if kind == "none":
         assert "--checkpoint" in line
-    assert not (tmp_path / "out" / "excerpt").exists()
+    assert not (tmp_path / "out" / "short").exists()
 
 
-def test_skip_existing_overwrite_and_resume(tiny_ckpt, excerpt, tmp_path, log):
-    second = write_audio(tmp_path / "in" / "second.wav", read_audio(excerpt)[0][:, :SR], SR)
+def test_skip_existing_overwrite_and_resume(tiny_ckpt, short, tmp_path, log):
+    second = write_audio(tmp_path / "in" / "second.wav", read_audio(short)[0][:, : SR // 4], SR)
     out = tmp_path / "out"
-    base = ["separate", str(excerpt), str(second), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0.5"]
+    base = ["separate", str(short), str(second), "-o", str(out), "--checkpoint", str(tiny_ckpt), "--segment", "0"]
     assert main(base) == 0
-    first_vocals = out / "excerpt" / "vocals.wav"
+    first_vocals = out / "short" / "vocals.wav"
     stamp = first_vocals.stat().st_mtime_ns
 
     log.clear()
@@ -205,13 +212,13 @@ def test_skip_existing_overwrite_and_resume(tiny_ckpt, excerpt, tmp_path, log):
     assert first_vocals.stat().st_mtime_ns != stamp
 
 
-def test_folders_templates_and_collisions(tiny_ckpt, excerpt, tmp_path, log):
-    wave = read_audio(excerpt)[0][:, : SR // 2]
+def test_folders_templates_and_collisions(tiny_ckpt, short, tmp_path, log):
+    wave = read_audio(short)[0][:, : SR // 4]
     write_audio(tmp_path / "music" / "a" / "song.wav", wave, SR)
     write_audio(tmp_path / "music" / "b" / "song.flac", wave, SR)
     (tmp_path / "music" / "notes.txt").write_text("not audio")
     out = tmp_path / "music" / "separated"  # inside the searched folder: its outputs must not be picked up
-    base = ["separate", str(tmp_path / "music"), "--checkpoint", str(tiny_ckpt), "--segment", "0.5"]
+    base = ["separate", str(tmp_path / "music"), "--checkpoint", str(tiny_ckpt), "--segment", "0"]
     assert main(base + ["-o", str(out)]) == 1
     assert any("song.flac" in e and "{parent}" in e for e in _errors(log))
     log.clear()
@@ -222,14 +229,14 @@ def test_folders_templates_and_collisions(tiny_ckpt, excerpt, tmp_path, log):
     assert sum("skipped, outputs exist" in m for m in log.messages) == 2  # the outputs folder was not searched
 
 
-def test_quiet_and_progress(tiny_ckpt, excerpt, tmp_path, capsys, log):
-    assert main(["separate", str(excerpt), "-o", str(tmp_path / "q"), "--checkpoint", str(tiny_ckpt),
-                 "--segment", "0.5", "--quiet"]) == 0  # fmt: skip
+def test_quiet_and_progress(tiny_ckpt, short, tmp_path, capsys, log):
+    assert main(["separate", str(short), "-o", str(tmp_path / "q"), "--checkpoint", str(tiny_ckpt),
+                 "--segment", "0", "--quiet"]) == 0  # fmt: skip
     assert "%|" not in capsys.readouterr().err
     assert not any("real-time factor" in m for m in log.messages)
-    assert main(["separate", str(excerpt), "-o", str(tmp_path / "p"), "--checkpoint", str(tiny_ckpt),
-                 "--segment", "0.5", "--paper"]) == 0  # fmt: skip
-    assert "excerpt.wav" in capsys.readouterr().err  # the per-file progress bar, over audio seconds
+    assert main(["separate", str(short), "-o", str(tmp_path / "p"), "--checkpoint", str(tiny_ckpt),
+                 "--segment", "0", "--paper"]) == 0  # fmt: skip
+    assert "short.wav" in capsys.readouterr().err  # the per-file progress bar, over audio seconds
     assert any("real-time factor" in m for m in log.messages)
     settings = json.loads((tmp_path / "p" / "manifest.json").read_text())["files"].popitem()[1]["settings"]
     assert settings["mode"] == "paper" and settings["overlap"] == 0.0
