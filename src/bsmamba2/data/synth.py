@@ -11,9 +11,12 @@ What is in a song:
   one-pole spectral tilt, plus pulse-synchronous aspiration noise; pitch follows a melody on the song's scale that
   favours chord tones, with portamento (one-pole glide), scoops, vibrato at 5-7 Hz that sets in after each note's
   onset, fast jitter and slow drift; vowel formants F1-F5 (Peterson & Barney / Hillenbrand-like tables scaled per
-  voice type, F1 raised to follow a high F0) move between vowels per syllable and are applied per STFT frame;
+  voice type; sopranos tune F1 to a high F0) move between vowels per syllable and are applied per STFT frame,
+  with an optional singer's formant near 3 kHz and a presence shelf;
   consonants are filtered noise bursts (s, sh, f, h, t, k, p) that cut voicing; breaths precede some phrases;
   phrase envelopes shape attack, dynamics and release. Voice types: bass, baritone, tenor, alto, mezzo, soprano.
+  In about 30% of songs a second singer of the same type adds a diatonic third above or below on some phrases
+  (sometimes on "ooh"/"aah"), panned to one side, 4-10 dB down - MUSDB18's vocal stems include backing vocals.
 - Vocal activity: "sparse" (0.5-2 s phrases with 2-7 s gaps), "dense" (2.5-8 s phrases, short gaps), "mixed"
   (the three densities, persisting for a while, mixed within a song).
 - Drums: synthesized kick, snare, closed/open hi-hat, crash, ride and toms, placed from style templates (rock,
@@ -21,9 +24,10 @@ What is in a song:
 - Bass on the chord roots (with fifths, octaves and approach notes) in several rhythms and timbres.
 - Other: pads, plucked arpeggios, electric-piano/organ keys and a lead with vibrato and portamento that is *not* a
   voice (fixed timbre, no formants, sometimes answering the singer in the gaps); all band-limited wavetables.
-- Panning (constant power), a per-song convolution reverb (stereo noise tail with frequency-dependent decay and
-  early reflections) with per-stem send levels, stem balance and a vocal-to-accompaniment ratio of -5..+3 dB
-  over the sung phrases; the mixture's peak lands in 0.4-0.9.
+- Panning (constant power); convolution reverb with synthesized stereo impulse responses (noise tails whose highs
+  decay faster, early reflections): a hall (RT60 0.5-2.2 s) for vocals and other, a short room for drums, bass dry;
+  stem balance within a few dB; a vocal-to-accompaniment ratio of -5..+3 dB over the sung phrases; the mixture's
+  peak lands in 0.4-0.9 and no stem clips.
 
 The sung phrases in `vocal_regions` are the labels; breaths (about -30 dB) and reverb tails lie outside them.
 Only numpy and scipy.signal are used; there are no per-sample Python loops (loops run over notes and events).
@@ -459,33 +463,30 @@ def _sing_segment(rng: np.random.Generator, t0: float, m: int, sr: int, bp: dict
     return _stft_filter(voiced, gains, active, n_fft, hop), amp
 
 
-def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int, n: int) -> tuple[
-        np.ndarray, list[tuple[float, float]], dict]:
-    """Mono dry vocal (n,) float64, its sung phrases, and a description of the singer."""
-    voice = str(rng.choice(list(VOICE_TYPES)))
-    low, high, fscale = VOICE_TYPES[voice]
-    fscale *= rng.uniform(0.96, 1.04)
-    spans = _plan_phrases(rng, plan, activity)
-    phrases = _plan_melody(rng, plan, spans, low, high)
-    info = {"voice": voice}
-    out = np.zeros(n)
-    if not phrases:
-        return out, [], info
+def _draw_singer(rng: np.random.Generator, voice: str) -> dict:
+    """A singer's constants: formant scale, glide, vibrato, jitter, source shape, brightness."""
+    _, _, fscale = VOICE_TYPES[voice]
+    return dict(
+        voice=voice,
+        fscale=fscale * rng.uniform(0.96, 1.04),
+        glide_tau=rng.uniform(0.015, 0.05),  # portamento time constant (s)
+        vib_rate=rng.uniform(5.0, 7.0),  # Hz
+        vib_depth=rng.uniform(0.25, 0.7),  # semitones, peak
+        vib_delay=rng.uniform(0.12, 0.3),  # s after a note's onset
+        vib_mod=(rng.uniform(0.1, 0.3), rng.uniform(0, 6.3)),  # slow wobble of the vibrato rate
+        jitter=rng.uniform(0.04, 0.12),  # semitones, std
+        drift=rng.uniform(0.05, 0.15),
+        open_q=rng.uniform(0.45, 0.7),
+        tilt_hz=rng.uniform(1000.0, 4000.0),
+        breathy=_db(rng.uniform(-34, -18)),
+        singers_formant=bool(rng.random() < 0.5),
+        presence=_db(rng.uniform(0.0, 12.0)),
+    )
 
-    # Singer's constants.
-    glide_tau = rng.uniform(0.015, 0.05)  # portamento time constant (s)
-    vib_rate = rng.uniform(5.0, 7.0)
-    vib_depth = rng.uniform(0.25, 0.7)  # semitones, peak
-    vib_delay = rng.uniform(0.12, 0.3)
-    jitter = rng.uniform(0.04, 0.12)  # semitones, std
-    drift = rng.uniform(0.05, 0.15)
-    open_q = rng.uniform(0.45, 0.7)
-    tilt_hz = rng.uniform(1000.0, 4000.0)
-    breathy = _db(rng.uniform(-34, -18))
-    singers_formant = rng.random() < 0.5
-    presence = _db(rng.uniform(0.0, 12.0))
-    info.update(vibrato_hz=round(vib_rate, 2), vibrato_semitones=round(vib_depth, 2))
 
+def _sing(rng: np.random.Generator, phrases: list[_Phrase], singer: dict, sr: int, n: int,
+          breaths: bool = True) -> np.ndarray:
+    """One singer's dry mono track (n,), RMS 1 over its voiced stretches."""
     # Pitch: note steps (with scoops) -> glide -> vibrato, jitter, drift.
     bp_t, bp_p = [0.0], [phrases[0].syllables[0].midi]
     vib_t, vib_v = [0.0], [0.0]
@@ -494,7 +495,7 @@ def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int
             scoop = rng.uniform(0.3, 1.0) if rng.random() < 0.25 else 0.0
             bp_t += [syl.start, syl.start + 0.06, syl.end - 1e-4]
             bp_p += [syl.midi - scoop, syl.midi, syl.midi]
-            d = syl.start + vib_delay
+            d = syl.start + singer["vib_delay"]
             if syl.end - d > 0.1:
                 vib_t += [syl.start, d, min(syl.end, d + 0.25), syl.end - 1e-4]
                 vib_v += [0.0, 0.0, 1.0, 1.0]
@@ -548,10 +549,7 @@ def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int
     order = np.argsort(np.asarray(ft), kind="stable")
     voice_bp = dict(
         pitch=(np.asarray(bp_t), np.asarray(bp_p)), vib=(np.asarray(vib_t), np.asarray(vib_v)),
-        amp=(np.asarray(amp_t), np.asarray(amp_v)), formants=(np.asarray(ft)[order], np.asarray(fv)[order] * fscale))
-    singer = dict(glide_tau=glide_tau, vib_rate=vib_rate, vib_depth=vib_depth, jitter=jitter, drift=drift,
-                  open_q=open_q, tilt_hz=tilt_hz, breathy=breathy, fscale=fscale, singers_formant=singers_formant, presence=presence,
-                  vib_mod=(rng.uniform(0.1, 0.3), rng.uniform(0, 6.3)))
+        amp=(np.asarray(amp_t), np.asarray(amp_v)), formants=(np.asarray(ft)[order], np.asarray(fv)[order] * singer["fscale"]))
     # Only the stretches around phrases are synthesized (sparse songs are mostly silence).
     segments: list[list[float]] = []
     for phrase in phrases:
@@ -576,7 +574,7 @@ def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int
     for onset, dur, name, level in cons_events:
         lo, hi, _, lev, _ = CONSONANTS[name]
         if name not in sos_cache:
-            sos_cache[name] = _bandpass(lo * fscale, hi, sr)
+            sos_cache[name] = _bandpass(lo * singer["fscale"], hi, sr)
         m = int(dur * sr)
         burst = signal.sosfilt(sos_cache[name], rng.standard_normal(m))
         burst /= burst.std() + 1e-12
@@ -586,7 +584,7 @@ def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int
     # Breaths before some phrases, when the gap allows.
     sos_b = _bandpass(400.0, 4000.0, sr)
     prev_end = -10.0
-    for phrase in phrases:
+    for phrase in phrases if breaths else []:
         dur = rng.uniform(0.2, 0.45)
         if phrase.start - prev_end > dur + 0.2 and phrase.start - dur > 0 and rng.random() < 0.6:
             m = int(dur * sr)
@@ -595,8 +593,48 @@ def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int
             shape = _env(m, sr, [(0, 0), (0.5 * dur, 1), (0.9 * dur, 0.6), (dur, 0)])
             _add(voice, int((phrase.start - dur - 0.03) * sr), breath * shape * _db(rng.uniform(-36, -28)))
         prev_end = phrase.end
+    return voice
+
+
+def _harmony(plan: _Plan, phrases: list[_Phrase], rng: np.random.Generator, low: int, high: int) -> list[_Phrase]:
+    """A backing part: a diatonic third above or below the lead on some phrases, sometimes on "ooh"/"aah"."""
+    shift = int(rng.choice([2, -2]))
+    notes = plan.scale_midi(low - 12, high + 12)
+    oo = rng.random() < 0.5
+    vowel = str(rng.choice(["u", "a", "o"]))
+    chosen = [ph for ph in phrases if rng.random() < 0.6] or [phrases[int(rng.integers(len(phrases)))]]
+    out = []
+    for ph in chosen:
+        syls = []
+        for syl in ph.syllables:
+            i = int(np.argmin(np.abs(notes - syl.midi)))
+            midi = float(notes[int(np.clip(i + shift, 0, len(notes) - 1))])
+            syls.append(_Syllable(syl.start, syl.end, midi, vowel if oo else syl.vowel,
+                                  None if oo else syl.vowel2, None if oo else syl.consonant))
+        out.append(_Phrase(ph.start, ph.end, syls))
+    return out
+
+
+def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int, n: int) -> tuple[
+        np.ndarray, list[tuple[float, float]], dict]:
+    """Dry stereo vocals (2, n): a lead singer, sometimes with a backing harmony; the sung phrases; a description."""
+    voice = str(rng.choice(list(VOICE_TYPES)))
+    low, high, _ = VOICE_TYPES[voice]
+    spans = _plan_phrases(rng, plan, activity)
+    phrases = _plan_melody(rng, plan, spans, low, high)
+    singer = _draw_singer(rng, voice)
+    info = {"voice": voice, "vibrato_hz": round(singer["vib_rate"], 2),
+            "vibrato_semitones": round(singer["vib_depth"], 2), "harmony": False}
+    if not phrases:
+        return np.zeros((2, n)), [], info
+    out = _pan(_sing(rng, phrases, singer, sr, n), rng.uniform(-0.15, 0.15))
+    if rng.random() < 0.3:
+        backing = _harmony(plan, phrases, rng, low, high)
+        mono = _sing(rng, backing, _draw_singer(rng, voice), sr, n, breaths=False)
+        out += _pan(mono * _db(rng.uniform(-10, -4)), float(rng.choice([-1, 1])) * rng.uniform(0.3, 0.7))
+        info["harmony"] = True
     regions = [(round(ph.start, 4), round(ph.end, 4)) for ph in phrases]
-    return voice, regions, info
+    return out, regions, info
 
 
 # --------------------------------------------------------------------------------------------------------- drums
@@ -666,7 +704,8 @@ def _render_drums(rng: np.random.Generator, plan: _Plan, sr: int, n: int, playin
             "open_hat": rng.uniform(0.2, 0.5), "crash": rng.uniform(-0.6, -0.2), "ride": rng.uniform(0.3, 0.6),
             "tom_hi": rng.uniform(0.1, 0.4), "tom_lo": rng.uniform(-0.5, -0.2)}
     pans["open_hat"] = pans["hat"]
-    tracks = {name: np.zeros(n) for name in kit}
+    stereo = {name: _pan(x, pans[name]) for name, x in kit.items()}  # (2, m) one-shots, panned once
+    out = np.zeros((2, n))
     step = plan.beat / 4
     n_bars = math.ceil(plan.seconds / plan.bar)
     for b in range(n_bars):
@@ -698,10 +737,7 @@ def _render_drums(rng: np.random.Generator, plan: _Plan, sr: int, n: int, playin
             if s == 0 and b % 4 == 0:
                 hits.append(("crash", rng.uniform(0.7, 1.0)))
             for name, vel in hits:
-                _add(tracks[name], int(max(0.0, t0) * sr), vel * kit[name])
-    out = np.zeros((2, n))
-    for name, x in tracks.items():
-        out += _pan(x, pans[name])
+                _add(out, int(max(0.0, t0) * sr), vel * stereo[name])
     return out
 
 
@@ -1032,8 +1068,7 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
     other, instruments = _render_other(_rng(seed, 5), plan, sr, n, n_sec, regions)
 
     rng = _rng(seed, 6)
-    pan_v = rng.uniform(-0.15, 0.15)
-    stems = {"vocals": _pan(vocal, pan_v), "drums": drums, "bass": bass, "other": other}
+    stems = {"vocals": vocal, "drums": drums, "bass": bass, "other": other}
     # Balance: each accompaniment stem to a reference level over where it plays, then a random offset.
     offsets = {"drums": rng.uniform(-3, 3), "bass": rng.uniform(-5, 1), "other": rng.uniform(-4, 2)}
     for name, off in offsets.items():
@@ -1076,4 +1111,5 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
         "vocal_to_accompaniment_db": round(vocal_ratio, 2),
         **vinfo,
     }
+    log.debug("song %s: %s", info["seed"], info)
     return Song(sr, out, mix, regions, info)
