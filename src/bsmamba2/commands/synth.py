@@ -1,8 +1,8 @@
 """`bsmamba2 synth`: write procedurally generated songs in the MUSDB18-HQ layout.
 
 ROOT/{train,valid,test}/<track>/{mixture,vocals,drums,bass,other}.wav (stereo, 44.1 kHz) plus
-ROOT/{train,valid,test}/<track>/vocal_regions.json (the sung phrases, in seconds, and what was drawn), and ROOT/synth.json
-(the arguments). Track i of a split is `generate_song((seed, split, i))`, so a folder can be regenerated or extended
+ROOT/{train,valid,test}/<track>/vocal_regions.json (the sung phrases, in seconds, and what was drawn), and
+ROOT/synth.json (the arguments). Track i of a split is `generate_song((seed, split, i))`, so a folder can be regenerated or extended
 bit for bit. With PCM_16 files the stems are quantized first and the mixture is their integer sum, so the stems on
 disk add up to the mixture exactly.
 """

@@ -313,8 +313,8 @@ def _plan_phrases(rng: np.random.Generator, plan: _Plan, activity: str) -> list[
     grid = plan.beat / 4
     regimes = {"sparse": ["sparse"], "dense": ["dense"], "mixed": ["sparse", "medium", "dense"]}[activity]
     regime = str(rng.choice(regimes))
-    lead_lo, lead_hi = ACTIVITY_REGIMES[regime][1]
-    t = float(rng.uniform(0.1, max(0.2, min(lead_hi, 0.25 * plan.seconds))))
+    longest_gap = ACTIVITY_REGIMES[regime][1][1]
+    t = float(rng.uniform(0.1, max(0.2, min(longest_gap, 0.25 * plan.seconds))))  # the intro before the first phrase
     spans: list[tuple[float, float]] = []
     while True:
         (p_lo, p_hi), (g_lo, g_hi) = ACTIVITY_REGIMES[regime]
@@ -549,7 +549,8 @@ def _sing(rng: np.random.Generator, phrases: list[_Phrase], singer: dict, sr: in
     order = np.argsort(np.asarray(ft), kind="stable")
     voice_bp = dict(
         pitch=(np.asarray(bp_t), np.asarray(bp_p)), vib=(np.asarray(vib_t), np.asarray(vib_v)),
-        amp=(np.asarray(amp_t), np.asarray(amp_v)), formants=(np.asarray(ft)[order], np.asarray(fv)[order] * singer["fscale"]))
+        amp=(np.asarray(amp_t), np.asarray(amp_v)),
+        formants=(np.asarray(ft)[order], np.asarray(fv)[order] * singer["fscale"]))
     # Only the stretches around phrases are synthesized (sparse songs are mostly silence).
     segments: list[list[float]] = []
     for phrase in phrases:
@@ -839,7 +840,6 @@ def _render_other(rng: np.random.Generator, plan: _Plan, sr: int, n: int, sectio
         playing = [rng.random() < 0.8 for _ in range(sections)]
         playing[0] = playing[0] or not any(playing)
         pan = rng.uniform(-0.7, 0.7)
-        track = np.zeros((2, n))
         if inst == "lead":
             track = _render_lead(rng, plan, sr, n, vocal_spans, pan)
         else:
@@ -853,11 +853,9 @@ def _render_other(rng: np.random.Generator, plan: _Plan, sr: int, n: int, sectio
                 "keys": dict(slope=1.6, cutoff=rng.uniform(2000, 5000), dull_cutoff=800, bright_tau=0.15,
                              extra={7: 0.15, 14: 0.08}, attack=0.003, decay=rng.uniform(0.6, 1.5), sustain=0.2,
                              release=0.15),
-                "organ": dict(slope=0.0, cutoff=5000, extra={2: 0.5, 4: 0.3, 8: 0.2}, attack=0.01, decay=0.05,
-                              sustain=1.0, release=0.05),
+                "organ": dict(slope=3.0, cutoff=5000, extra={2: 0.5, 4: 0.3, 8: 0.2}, attack=0.01, decay=0.05,
+                              sustain=1.0, release=0.05),  # drawbars: 8', 4', 2' and 1' over the fundamental
             }[inst]
-            if inst == "organ":
-                timbre["slope"] = 3.0
             low = {"pad": 52, "pluck": 57, "keys": 53, "organ": 50}[inst]
             arp = inst == "pluck"
             rhythm = float(rng.choice([0.5, 1.0, 2.0])) if inst in ("keys", "organ") else 0.5
