@@ -1,0 +1,216 @@
+"""Separation benchmarks: real-time factor, and peak memory (RSS) while streaming a long file.
+
+    # real-time factor of the paper-size model with the default settings (8-s segments, 50% overlap, batch 4)
+    python benchmarks/bench_separate.py rtf --model paper --seconds 16
+    python benchmarks/bench_separate.py rtf --model paper --seconds 64 --device cuda --precision bf16   # on a GPU
+
+    # peak RSS of `Separator.separate_file` on a generated N-minute stereo file, in a fresh process
+    python benchmarks/bench_separate.py memory --minutes 10 --model tiny
+    python benchmarks/bench_separate.py memory --minutes 60 --model tiny --mode paper
+
+Models: "paper" = BSMamba2Config() (48.1 M parameters, random weights: speed does not depend on them), "tiny" =
+BSMamba2Config.tiny(), "official-tiny" = the shared official-format test checkpoint, or a checkpoint path. Each run
+prints one human line and one JSON line (prefixed `RESULT `) for RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("BSMAMBA2_SHARED", ROOT.parent / "shared"))
+
+
+def make_model(name: str):
+    import torch
+
+    from bsmamba2.config import BSMamba2Config
+    from bsmamba2.model import build_model
+
+    torch.manual_seed(0)
+    if name == "paper":
+        return build_model(BSMamba2Config()).eval()
+    if name == "tiny":
+        return build_model(BSMamba2Config.tiny()).eval()
+    from bsmamba2.checkpoint import load_model
+
+    path = SHARED / "fixtures" / "official" / "official_tiny_a.ckpt" if name == "official-tiny" else Path(name)
+    return load_model(path)
+
+
+def music_like(seconds: float, sr: int = 44100, seed: int = 0):
+    """Stereo test signal with some structure: tones, a beat and noise. (2, time) float32."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    tone = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.sin(2 * np.pi * 660 * t + 1.0)
+    beat = 0.3 * np.exp(-((t * 2) % 1.0) * 20) * rng.standard_normal(n)
+    left = tone + beat + 0.02 * rng.standard_normal(n)
+    right = 0.8 * tone + beat + 0.02 * rng.standard_normal(n)
+    return np.stack([left, right]).astype(np.float32)
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+# -- real-time factor ------------------------------------------------------------------------------------------------
+def bench_rtf(args) -> dict:
+    import torch
+
+    from bsmamba2.separate import Separator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = make_model(args.model)
+    sep = Separator(model, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
+                    batch_size=args.batch_size, mode=args.mode)  # fmt: skip
+    wave = torch.from_numpy(music_like(args.seconds))
+    # Warm-up on one batch-sized input (allocations, kernel selection, Triton compilation on GPU).
+    warm = wave[:, : max(1, min(wave.shape[-1], sep.segment_samples or wave.shape[-1]))]
+    sep.separate(warm, 44100)
+    times = []
+    for _ in range(args.repeat):
+        if sep.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        out = sep.separate(wave, 44100)
+        if sep.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    assert out["vocals"].shape == wave.shape
+    best = min(times)
+    n_params = sum(p.numel() for p in model.parameters())
+    result = {
+        "bench": "rtf", "model": args.model, "params": n_params, "device": device_name(sep.device),
+        "precision": str(sep.dtype).replace("torch.", ""), "mode": args.mode, "segment_s": args.segment,
+        "overlap": sep.overlap, "batch_size": args.batch_size, "audio_s": args.seconds,
+        "seconds_taken": round(best, 3), "rtf": round(best / args.seconds, 4),
+        "audio_s_per_s": round(args.seconds / best, 3), "repeats": [round(t, 3) for t in times],
+    }  # fmt: skip
+    if sep.device.type == "cuda":
+        result["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    print(f"{args.model} ({n_params / 1e6:.1f} M params) on {result['device']}, {result['precision']}, "
+          f"{args.mode} segment {args.segment} s overlap {sep.overlap} batch {args.batch_size}: "
+          f"{args.seconds} s of audio in {best:.2f} s -> real-time factor {best / args.seconds:.3f} "
+          f"({args.seconds / best:.2f} audio-s/s)")  # fmt: skip
+    return result
+
+
+# -- streaming memory ------------------------------------------------------------------------------------------------
+def write_long_file(path: Path, minutes: float, sr: int = 44100) -> None:
+    """Write an N-minute stereo PCM16 file block by block (the generator itself never holds the whole file)."""
+    import soundfile as sf
+
+    block = music_like(60.0, sr)  # one minute, repeated with a varying gain
+    with sf.SoundFile(str(path), "w", samplerate=sr, channels=2, subtype="PCM_16") as f:
+        whole, rest = divmod(minutes, 1.0)
+        for i in range(int(whole)):
+            f.write((block * (0.6 + 0.4 * math.sin(i))).T)
+        if rest:
+            f.write(block[:, : int(rest * 60 * sr)].T)
+
+
+_CHILD = r"""
+import json, resource, sys, time
+import torch
+sys.path.insert(0, {bench_dir!r})
+from bench_separate import make_model
+from bsmamba2.separate import Separator
+torch.set_num_threads({threads})
+model = make_model({model!r})
+sep = Separator(model, device="cpu", segment={segment}, overlap={overlap}, batch_size={batch}, mode={mode!r})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+done = [0.0]
+start = time.perf_counter()
+res = sep.separate_file_result({src!r}, {out!r}, progress=lambda s: done.__setitem__(0, done[0] + s))
+elapsed = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(base_kib=base, peak_kib=peak, elapsed=elapsed, duration=res.duration,
+                      outputs={{k: str(v) for k, v in res.outputs.items()}})))
+"""
+
+
+def bench_memory(args) -> dict:
+    import soundfile as sf
+
+    with tempfile.TemporaryDirectory(prefix="bsmamba2-mem-", dir=args.tmp) as tmp:
+        src = Path(tmp) / f"long_{args.minutes:g}min.wav"
+        t0 = time.perf_counter()
+        write_long_file(src, args.minutes)
+        print(f"wrote {src} ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
+        code = _CHILD.format(
+            bench_dir=str(Path(__file__).parent), threads=args.threads or 2, model=args.model, segment=args.segment,
+            overlap=args.overlap, batch=args.batch_size, mode=args.mode, src=str(src), out=str(Path(tmp) / "out"),
+        )  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"child failed with exit code {proc.returncode}")
+        child = json.loads(proc.stdout.strip().splitlines()[-1])
+        frames_in = sf.info(str(src)).frames
+        lengths = {k: sf.info(v).frames for k, v in child["outputs"].items()}
+        assert all(n == frames_in for n in lengths.values()), (frames_in, lengths)
+    peak_gib = child["peak_kib"] / 2**20
+    result = {
+        "bench": "memory", "model": args.model, "minutes": args.minutes, "mode": args.mode, "segment_s": args.segment,
+        "overlap": args.overlap if args.mode != "paper" else 0.0, "batch_size": args.batch_size,
+        "peak_rss_gib": round(peak_gib, 3), "rss_after_model_load_gib": round(child["base_kib"] / 2**20, 3),
+        "seconds_taken": round(child["elapsed"], 1), "rtf": round(child["elapsed"] / child["duration"], 4),
+        "file_mib": round(frames_in * 4 / 2**20), "device": f"CPU, {args.threads or 2} threads",
+    }  # fmt: skip
+    print(f"{args.minutes:g}-minute stereo file ({result['file_mib']} MiB PCM16), model {args.model}, {args.mode}: "
+          f"peak RSS {peak_gib:.2f} GiB (after model load {result['rss_after_model_load_gib']:.2f} GiB), "
+          f"{child['elapsed']:.0f} s, real-time factor {result['rtf']:.3f}; outputs complete")  # fmt: skip
+    if args.limit_gib and peak_gib > args.limit_gib:
+        print(f"FAIL: peak RSS {peak_gib:.2f} GiB is above the {args.limit_gib} GiB limit")
+        result["fail"] = True
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name in ("rtf", "memory"):
+        s = sub.add_parser(name)
+        s.add_argument("--model", default="paper" if name == "rtf" else "tiny")
+        s.add_argument("--segment", type=float, default=8.0)
+        s.add_argument("--overlap", type=float, default=0.5)
+        s.add_argument("--batch-size", type=int, default=4)
+        s.add_argument("--mode", default="overlap-add", choices=("overlap-add", "paper"))
+        s.add_argument("--threads", type=int, default=None)
+    r = sub.choices["rtf"]
+    r.add_argument("--seconds", type=float, default=16.0, help="input length (16 s = 4 segments at the defaults)")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--precision", default=None)
+    r.add_argument("--repeat", type=int, default=1)
+    m = sub.choices["memory"]
+    m.add_argument("--minutes", type=float, default=10.0)
+    m.add_argument("--tmp", default=None, help="folder for the generated file and outputs (needs ~3x the file size)")
+    m.add_argument("--limit-gib", type=float, default=2.0, help="report FAIL above this peak RSS")
+    args = p.parse_args()
+    result = bench_rtf(args) if args.bench == "rtf" else bench_memory(args)
+    print("RESULT " + json.dumps(result))
+    if result.get("fail"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
