@@ -157,10 +157,12 @@ def scan_sweep() -> list[dict]:
         B = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         C = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        blocks = (64,) if l <= 64 else (32, 64, 128)
+        blocks = (64,) if l <= 64 else (32, 64)
         for blk in blocks:
             for warps in (4, 8):
-                os.environ["BSMAMBA2_SSD_BLOCK"], os.environ["BSMAMBA2_SSD_WARPS"] = str(blk), str(warps)
+                os.environ["BSMAMBA2_SSD_BLOCK"] = str(blk)
+                for kern in ("FWD", "BWD", "FWD_SHORT", "BWD_SHORT"):
+                    os.environ[f"BSMAMBA2_SSD_WARPS_{kern}"] = str(warps)
                 try:
                     f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
                     bw = statistics.median(_time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
@@ -169,8 +171,8 @@ def scan_sweep() -> list[dict]:
                     continue
                 rows.append({"axis": axis, "block": blk, "warps": warps, "fwd_ms": f * 1e3, "bwd_ms": bw * 1e3})
                 print(f"scan {axis} block {blk} warps {warps}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms", flush=True)
-    os.environ.pop("BSMAMBA2_SSD_BLOCK")
-    os.environ.pop("BSMAMBA2_SSD_WARPS")
+    for key in [k for k in os.environ if k.startswith("BSMAMBA2_SSD_")]:
+        os.environ.pop(key)
     return rows
 
 

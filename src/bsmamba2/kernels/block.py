@@ -13,8 +13,8 @@ Here, with the same parameters and the same function:
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner) and W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, one small d × d product on x.
-The element-wise glue (rms scale, conv1d + SiLU, softplus, gated RMSNorm) runs through `torch.compile`
-(BSMAMBA2_COMPILE=0 runs it eagerly); the matrix products are cuBLAS; the scan is the Triton kernel.
+conv1d + SiLU and the scan are Triton kernels (`conv.py`, `ssd.py`); the matrix products are cuBLAS; the remaining
+element-wise glue (rms scale, softplus, gated RMSNorm) runs through `torch.compile` (BSMAMBA2_COMPILE=0: eagerly).
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
 """
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bsmamba2.kernels.conv import conv_silu_bidirectional
 from bsmamba2.kernels.ssd import ssd_scan_bidirectional
 
 
@@ -37,25 +38,10 @@ def _rms_scale(x: Tensor, eps: float) -> Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _conv_dt(xbc_raw: Tensor, dt_raw: Tensor, conv_w: Tensor, conv_b: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Depthwise conv1d + SiLU for both directions, and dt = softplus(dt_raw + dt_bias).
-
-    xbc_raw (s, l, 2, c) (a view of the in-projection), conv_w (2, c, k), conv_b (2, c), dt_raw (s, l, 2, h),
-    dt_bias (2, h) → xbc (2, s, l, c) in xbc_raw's dtype, dt (2, s, l, h) float32.
-    Direction 0 is causal (taps t−k+1..t); direction 1 anti-causal (taps t..t+k−1, weights reversed), which is the
-    causal conv of the flipped sequence, flipped back.
-    """
-    k = conv_w.shape[-1]
-    l = xbc_raw.shape[1]
-    xr = xbc_raw.permute(2, 0, 1, 3).float()  # (2, s, l, c)
-    w = conv_w.float()
-    xf = F.pad(xr[0], (0, 0, k - 1, 0))  # (s, l + k − 1, c), zeros before the start
-    xb = F.pad(xr[1], (0, 0, 0, k - 1))  # zeros after the end
-    out_f = conv_b[0].float() + sum(xf[:, i:i + l] * w[0, :, i] for i in range(k))
-    out_b = conv_b[1].float() + sum(xb[:, k - 1 - i:k - 1 - i + l] * w[1, :, i] for i in range(k))
-    xbc = F.silu(torch.stack([out_f, out_b])).to(xbc_raw.dtype)
-    dt = F.softplus(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None, :])
-    return xbc, dt
+def _softplus_dt(dt_raw: Tensor, dt_bias: Tensor) -> Tensor:
+    """dt = softplus(dt_raw + dt_bias) in float32. dt_raw (s, l, 2, h) (a view of the in-projection), dt_bias (2, h)
+    → (2, s, l, h)."""
+    return F.softplus(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None, :])
 
 
 def _gated_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
@@ -70,20 +56,23 @@ def _gated_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: in
     return g.permute(1, 2, 0, 3).reshape(s, l, two * e).to(y.dtype)
 
 
+_GLUE = {"rms": _rms_scale, "dt": _softplus_dt, "gated_norm": _gated_norm}
+
+
 def compile_enabled() -> bool:
     return os.environ.get("BSMAMBA2_COMPILE", "1") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
-    fn = {"rms": _rms_scale, "conv_dt": _conv_dt, "gated_norm": _gated_norm}[name]
+    fn = _GLUE[name]
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
 def _glue(name: str, device: torch.device):
     if device.type == "cuda" and compile_enabled():
         return _compiled(name)
-    return {"rms": _rms_scale, "conv_dt": _conv_dt, "gated_norm": _gated_norm}[name]
+    return _GLUE[name]
 
 
 def supports(block) -> bool:
@@ -119,7 +108,8 @@ def bimamba2_block_forward(block, x: Tensor) -> Tensor:
     xn = _glue("rms", x.device)(x, f.norm.eps)
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
     z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
-    xbc, dt = _glue("conv_dt", x.device)(xbc_raw, dt_raw, conv_w, conv_b, dt_bias)  # (2, s, l, c), (2, s, l, h)
+    xbc = conv_silu_bidirectional(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
+    dt = _glue("dt", x.device)(dt_raw, dt_bias)  # (2, s, l, h) float32
     xs, B, C = xbc.reshape(2 * s, l, c).split([e, g * n, g * n], dim=-1)
     y = ssd_scan_bidirectional(xs.unflatten(-1, (h, p)), dt.reshape(2 * s, l, h), A,
                                B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D)  # (2s, l, h, p)

@@ -116,7 +116,7 @@ def _ssd_bwd_kernel(
     sc_s, sc_l, sc_g, sc_n,
     sdy_s, sdy_l, sdy_h, sdy_p,
     sdx_s, sdx_l, sdx_h, sdx_p,
-    sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC accumulators share one layout
+    sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC per-head buffers (s, l, h, n) share one layout
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
     DO_DC: tl.constexpr, DO_DV: tl.constexpr,
@@ -138,8 +138,8 @@ def _ssd_bwd_kernel(
     c_base = C_ptr + s64 * sc_s + g * sc_g
     dy_base = dy_ptr + s64 * sdy_s + h * sdy_h
     dx_base = dx_ptr + s64 * sdx_s + h * sdx_h
-    db_base = dB_ptr + s64 * sdb_s + g * sdb_g
-    dc_base = dC_ptr + s64 * sdb_s + g * sdb_g
+    db_base = dB_ptr + s64 * sdb_s + h * sdb_g  # per-head buffers, summed over the group's heads afterwards
+    dc_base = dC_ptr + s64 * sdb_s + h * sdb_g
     r_base = ddt_ptr + s64 * sdt_s + h * sdt_h  # r1 and ddt use dt's layout
     r1_base = r1_ptr + s64 * sdt_s + h * sdt_h
 
@@ -190,7 +190,7 @@ def _ssd_bwd_kernel(
                 state = state * tl.exp(a_tot) + tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm,
                                                        input_precision=PREC)
             r1 = tl.sum(Cm.to(tl.float32) * dC, axis=1)
-            tl.atomic_add(dc_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC, mask=mqn)
+            tl.store(dc_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC.to(dC_ptr.dtype.element_ty), mask=mqn)
             if not DO_DV:
                 tl.store(r1_base + t * sdt_l, r1, mask=mq)
         if DO_DV:
@@ -219,11 +219,142 @@ def _ssd_bwd_kernel(
             dD_part += tl.sum(tl.sum(dyf * xf, axis=1), axis=0)
             tl.store(dx_base + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=mqp)
             tl.store(r_base + t * sdt_l, ddt, mask=mq)
-            tl.atomic_add(db_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB, mask=mqn)
+            tl.store(db_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB.to(dB_ptr.dtype.element_ty), mask=mqn)
     if DO_DV:
         tl.atomic_add(dA_ptr + d * nheads + h, dA_part)
         if HAS_D:
             tl.atomic_add(dD_ptr + d * nheads + h, dD_part)
+
+
+@triton.jit
+def _ssd_fwd_short_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, P, N,
+    sx_s, sx_l, sx_h, sx_p,
+    sdt_s, sdt_l, sdt_h,
+    sb_s, sb_l, sb_g, sb_n,
+    sc_s, sc_l, sc_g, sc_n,
+    sy_s, sy_l, sy_h, sy_p,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+):
+    """One chunk (L ≤ BLOCK_Q): one program per (sequence, group), looping over the group's heads, so C Bᵀ is
+    computed once and shared by the heads (only the decay mask differs)."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    d = s // seqs_per_dir
+    if DIR_MODE == 0:
+        reverse = s < 0
+    elif DIR_MODE == 1:
+        reverse = s >= 0
+    else:
+        reverse = d == 1
+    s64 = s.to(tl.int64)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mq = offs_q < L
+    mp = offs_p < P
+    mn = offs_n < N
+    t = tl.where(reverse, L - 1 - offs_q, offs_q)
+    mqp = mq[:, None] & mp[None, :]
+    mqn = mq[:, None] & mn[None, :]
+    Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn,
+                 other=0.0).to(DOT)
+    Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn,
+                 other=0.0).to(DOT)
+    G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j, shared by the group's heads
+    causal = offs_q[:, None] >= offs_q[None, :]
+    for hh in range(0, heads_per_group):
+        h = g * heads_per_group + hh
+        x = tl.load(x_ptr + s64 * sx_s + h * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
+        dt = tl.load(dt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
+        acum = tl.cumsum(dt * A, axis=0)
+        decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
+        v = x.to(tl.float32) * dt[:, None]
+        y = tl.dot((G * decay).to(DOT), v.to(DOT), input_precision=PREC)
+        if HAS_D:
+            y += tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+        tl.store(y_ptr + s64 * sy_s + h * sy_h + t[:, None] * sy_l + offs_p[None, :] * sy_p,
+                 y.to(y_ptr.dtype.element_ty), mask=mqp)
+
+
+@triton.jit
+def _ssd_bwd_short_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr,
+    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, P, N,
+    sx_s, sx_l, sx_h, sx_p,
+    sdt_s, sdt_l, sdt_h,
+    sb_s, sb_l, sb_g, sb_n,
+    sc_s, sc_l, sc_g, sc_n,
+    sdy_s, sdy_l, sdy_h, sdy_p,
+    sdx_s, sdx_l, sdx_h, sdx_p,
+    sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC (s, l, g, n) float32, written once per program
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+):
+    """Gradients for one chunk (L ≤ BLOCK_Q): one program per (sequence, group); dB and dC are summed over the
+    group's heads in registers (no atomics)."""
+    s = tl.program_id(0)
+    g = tl.program_id(1)
+    d = s // seqs_per_dir
+    if DIR_MODE == 0:
+        reverse = s < 0
+    elif DIR_MODE == 1:
+        reverse = s >= 0
+    else:
+        reverse = d == 1
+    s64 = s.to(tl.int64)
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mq = offs_q < L
+    mp = offs_p < P
+    mn = offs_n < N
+    t = tl.where(reverse, L - 1 - offs_q, offs_q)
+    mqp = mq[:, None] & mp[None, :]
+    mqn = mq[:, None] & mn[None, :]
+    Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn,
+                 other=0.0).to(DOT)
+    Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn,
+                 other=0.0).to(DOT)
+    G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    dB_acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    dC_acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for hh in range(0, heads_per_group):
+        h = g * heads_per_group + hh
+        x = tl.load(x_ptr + s64 * sx_s + h * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
+        dy = tl.load(dy_ptr + s64 * sdy_s + h * sdy_h + t[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mqp,
+                     other=0.0).to(DOT)
+        dt = tl.load(dt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+        A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
+        acum = tl.cumsum(dt * A, axis=0)
+        decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
+        xf = x.to(tl.float32)
+        v = xf * dt[:, None]
+        Gd = tl.dot(dy, tl.trans(v.to(DOT)), input_precision=PREC) * decay  # dy_i·v_j
+        dC = tl.dot(Gd.to(DOT), Bm, input_precision=PREC)
+        dB = tl.dot(tl.trans(Gd.to(DOT)), Cm, input_precision=PREC)
+        dv = tl.dot(tl.trans((G * decay).to(DOT)), dy, input_precision=PREC)
+        dcum = tl.sum(Cm.to(tl.float32) * dC, axis=1) - tl.sum(Bm.to(tl.float32) * dB, axis=1)
+        da = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # Σ_{k ≥ τ} dcum_k
+        dyf = dy.to(tl.float32)
+        if HAS_D:
+            dx = dv * dt[:, None] + tl.load(D_ptr + d * nheads + h).to(tl.float32) * dyf
+            tl.atomic_add(dD_ptr + d * nheads + h, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
+        else:
+            dx = dv * dt[:, None]
+        tl.store(dx_ptr + s64 * sdx_s + h * sdx_h + t[:, None] * sdx_l + offs_p[None, :] * sdx_p,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mqp)
+        tl.store(ddt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, tl.sum(dv * xf, axis=1) + da * A, mask=mq)
+        tl.atomic_add(dA_ptr + d * nheads + h, tl.sum(da * dt, axis=0))
+        dB_acc += dB
+        dC_acc += dC
+    tl.store(dB_ptr + s64 * sdb_s + g * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB_acc, mask=mqn)
+    tl.store(dC_ptr + s64 * sdb_s + g * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC_acc, mask=mqn)
 
 
 def _block(n: int) -> int:
@@ -237,8 +368,9 @@ def block_q_for(length: int) -> int:
     return int(os.environ.get("BSMAMBA2_SSD_BLOCK", "64"))
 
 
-def _num_warps() -> int:
-    return int(os.environ.get("BSMAMBA2_SSD_WARPS", "4"))
+def _num_warps(kernel: str, default: int) -> int:
+    """Warps per program: BSMAMBA2_SSD_WARPS_<kernel> (FWD, BWD, FWD_SHORT, BWD_SHORT), else the tuned default."""
+    return int(os.environ.get(f"BSMAMBA2_SSD_WARPS_{kernel}", default))
 
 
 def _prec(x: Tensor) -> str:
@@ -277,13 +409,14 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
         return y
     bq = block_q_for(l)
     A, Dc = A.float().contiguous(), (D.float().contiguous() if D is not None else A)
-    _ssd_fwd_kernel[(s, h)](
-        x, dt, A, B, C, Dc, y,
-        l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride(),
-        BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
-        PREC=_prec(x), DOT=_dot_dtype(x), num_warps=_num_warps(),
-    )
+    args = (x, dt, A, B, C, Dc, y, l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride())
+    meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
+                PREC=_prec(x), DOT=_dot_dtype(x))
+    if l <= bq:
+        _ssd_fwd_short_kernel[(s, g)](*args, **meta, num_warps=_num_warps("FWD_SHORT", 4))
+    else:
+        _ssd_fwd_kernel[(s, h)](*args, **meta, num_warps=_num_warps("FWD", 4))
     return y
 
 
@@ -297,29 +430,36 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     g, n = B.shape[2:]
     dev = x.device
     dx = torch.empty(s, l, h, p, device=dev, dtype=x.dtype)
-    ddt = torch.empty(s, l, h, device=dev, dtype=torch.float32)
-    dB = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
-    dC = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
+    ddt = torch.zeros(s, l, h, device=dev, dtype=torch.float32)
     dA = torch.zeros_like(A, dtype=torch.float32)
     dD = torch.zeros_like(A, dtype=torch.float32)
-    if s == 0 or l == 0:
-        return dx.zero_(), ddt.zero_(), dA, dB, dC, (dD if D is not None else None)
     if dt.stride() != ddt.stride():
         dt = dt.contiguous()  # ddt and the r1 buffer are indexed with dt's strides
     bq = block_q_for(l)
-    one_chunk = l <= bq
     A_, D_ = A.float().contiguous(), (D.float().contiguous() if D is not None else A.float().contiguous())
-    r1 = ddt if one_chunk else torch.empty_like(ddt)
-    common = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
-                  PREC=_prec(x), DOT=_dot_dtype(x), num_warps=_num_warps())
-    args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dB, dC, dD, r1,
-            l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
-            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dB.stride())
-    if one_chunk:
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=True, **common)
+    meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
+                PREC=_prec(x), DOT=_dot_dtype(x))
+    head = (l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride())
+    if s == 0 or l == 0:
+        dB = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
+        return dx.zero_(), ddt, dA, dB, dB.clone(), (dD if D is not None else None)
+    if l <= bq:
+        dB = torch.empty(s, l, g, n, device=dev, dtype=torch.float32)
+        dC = torch.empty_like(dB)
+        _ssd_bwd_short_kernel[(s, g)](x, dt, A_, B, C, D_, dy, dx, ddt, dA, dB, dC, dD, *head, *dB.stride(),
+                                      **meta, num_warps=_num_warps("BWD_SHORT", 8))
     else:
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=False, **common)
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, DO_DV=True, **common)
+        # per-head buffers (no atomics), summed over each group's heads below
+        buf_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
+        dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
+        dCh = torch.empty_like(dBh)
+        r1 = torch.empty_like(ddt)
+        args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dBh, dCh, dD, r1, *head, *dBh.stride())
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=False, **meta, num_warps=_num_warps("BWD", 4))
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, DO_DV=True, **meta, num_warps=_num_warps("BWD", 4))
+        dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
+        dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
     return dx, ddt, dA, dB, dC, (dD if D is not None else None)
 
 
