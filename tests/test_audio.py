@@ -149,3 +149,13 @@ def test_downmix_to_stereo():
     quad = torch.rand(4, 10)
     assert torch.allclose(downmix_to_stereo(quad)[1], (quad[1] + quad[3]) / 2)
     assert downmix_to_stereo(quad[:2]) is not None and torch.equal(downmix_to_stereo(quad[:2]), quad[:2])
+
+
+@pytest.mark.parametrize("fmt, subtype, ext", [("MP3", "MPEG_LAYER_III", "mp3"), ("OGG", "VORBIS", "ogg")])
+def test_reads_compressed_formats(tmp_path, fmt, subtype, ext):
+    x = _sine(440.0, 0.5, 44100).numpy().T
+    path = tmp_path / f"song.{ext}"
+    sf.write(path, x, 44100, format=fmt, subtype=subtype)
+    wave, sr = read_audio(path)
+    assert sr == 44100 and wave.shape[0] == 2 and abs(wave.shape[1] - x.shape[0]) <= 2048
+    assert wave.abs().max() > 0.3
