@@ -9,7 +9,7 @@
     python benchmarks/bench_separate.py memory --minutes 60 --model tiny --mode paper
 
 Models: "paper" = BSMamba2Config() (48.1 M parameters, random weights: speed does not depend on them), "tiny" =
-BSMamba2Config.tiny(), "official-tiny" = the shared official-format test checkpoint, or a checkpoint path. Each run
+BSMamba2Config.tiny(), "passthrough" = no model (the streaming pipeline alone), "official-tiny" = the shared official-format test checkpoint, or a checkpoint path. Each run
 prints one human line and one JSON line (prefixed `RESULT `) for RESULTS.md.
 """
 
@@ -38,6 +38,15 @@ def make_model(name: str):
     from bsmamba2.model import build_model
 
     torch.manual_seed(0)
+    if name == "passthrough":  # no model work: measures the streaming pipeline alone (read, chunk, blend, write)
+
+        class Passthrough(torch.nn.Module):
+            stems, audio_channels, sample_rate = ("vocals",), 2, 44100
+
+            def forward_waveform(self, x):  # (b, c, t) -> (b, 1, c, t)
+                return 0.5 * x[:, None]
+
+        return Passthrough()
     if name == "paper":
         return build_model(BSMamba2Config()).eval()
     if name == "tiny":
@@ -97,6 +106,12 @@ def bench_rtf(args) -> dict:
         times.append(time.perf_counter() - start)
     assert out["vocals"].shape == wave.shape
     best = min(times)
+    # Segments run for this input; a long song needs segment/hop segments per segment of audio, so its real-time
+    # factor is (time per segment) / hop.
+    seg, hop, total = sep.segment_samples, sep.hop_samples, wave.shape[-1]
+    n_segments = 1 if not seg or total <= seg else 1 + math.ceil((total - seg) / hop)
+    per_segment = best / n_segments
+    long_rtf = per_segment / (hop / 44100) if seg else best / args.seconds
     n_params = sum(p.numel() for p in model.parameters())
     result = {
         "bench": "rtf", "model": args.model, "params": n_params, "device": device_name(sep.device),
@@ -104,13 +119,15 @@ def bench_rtf(args) -> dict:
         "overlap": sep.overlap, "batch_size": args.batch_size, "audio_s": args.seconds,
         "seconds_taken": round(best, 3), "rtf": round(best / args.seconds, 4),
         "audio_s_per_s": round(args.seconds / best, 3), "repeats": [round(t, 3) for t in times],
+        "segments": n_segments, "seconds_per_segment": round(per_segment, 3), "rtf_long_song": round(long_rtf, 4),
     }  # fmt: skip
     if sep.device.type == "cuda":
         result["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(f"{args.model} ({n_params / 1e6:.1f} M params) on {result['device']}, {result['precision']}, "
           f"{args.mode} segment {args.segment} s overlap {sep.overlap} batch {args.batch_size}: "
           f"{args.seconds} s of audio in {best:.2f} s -> real-time factor {best / args.seconds:.3f} "
-          f"({args.seconds / best:.2f} audio-s/s)")  # fmt: skip
+          f"({args.seconds / best:.2f} audio-s/s); {n_segments} segments, {per_segment:.2f} s each -> "
+          f"real-time factor on a long song {long_rtf:.3f}")  # fmt: skip
     return result
 
 
@@ -139,11 +156,17 @@ model = make_model({model!r})
 sep = Separator(model, device="cpu", segment={segment}, overlap={overlap}, batch_size={batch}, mode={mode!r})
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 done = [0.0]
+samples = []  # (audio minutes done, peak RSS so far in MiB)
+def progress(sec):
+    done[0] += sec
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not samples or done[0] / 60 - samples[-1][0] >= {minutes} / 10:
+        samples.append((round(done[0] / 60, 2), round(peak)))
 start = time.perf_counter()
-res = sep.separate_file_result({src!r}, {out!r}, progress=lambda s: done.__setitem__(0, done[0] + s))
+res = sep.separate_file_result({src!r}, {out!r}, progress=progress)
 elapsed = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps(dict(base_kib=base, peak_kib=peak, elapsed=elapsed, duration=res.duration,
+print(json.dumps(dict(base_kib=base, peak_kib=peak, elapsed=elapsed, duration=res.duration, samples=samples,
                       outputs={{k: str(v) for k, v in res.outputs.items()}})))
 """
 
@@ -159,6 +182,7 @@ def bench_memory(args) -> dict:
         code = _CHILD.format(
             bench_dir=str(Path(__file__).parent), threads=args.threads or 2, model=args.model, segment=args.segment,
             overlap=args.overlap, batch=args.batch_size, mode=args.mode, src=str(src), out=str(Path(tmp) / "out"),
+            minutes=args.minutes,
         )  # fmt: skip
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if proc.returncode:
@@ -175,10 +199,12 @@ def bench_memory(args) -> dict:
         "peak_rss_gib": round(peak_gib, 3), "rss_after_model_load_gib": round(child["base_kib"] / 2**20, 3),
         "seconds_taken": round(child["elapsed"], 1), "rtf": round(child["elapsed"] / child["duration"], 4),
         "file_mib": round(frames_in * 4 / 2**20), "device": f"CPU, {args.threads or 2} threads",
+        "peak_rss_mib_along_file": child["samples"],
     }  # fmt: skip
     print(f"{args.minutes:g}-minute stereo file ({result['file_mib']} MiB PCM16), model {args.model}, {args.mode}: "
           f"peak RSS {peak_gib:.2f} GiB (after model load {result['rss_after_model_load_gib']:.2f} GiB), "
           f"{child['elapsed']:.0f} s, real-time factor {result['rtf']:.3f}; outputs complete")  # fmt: skip
+    print("peak RSS so far (audio minutes done, MiB): " + ", ".join(f"{m:g} min {r}" for m, r in child["samples"]))
     if args.limit_gib and peak_gib > args.limit_gib:
         print(f"FAIL: peak RSS {peak_gib:.2f} GiB is above the {args.limit_gib} GiB limit")
         result["fail"] = True
