@@ -11,8 +11,8 @@ from scipy import signal
 
 from bsmamba2.cli import main
 from bsmamba2.data.musdb import load_musdb
-from bsmamba2.data.synth import (ACTIVITIES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS, Song, _sing_segment,
-                                 generate_song)
+from bsmamba2.data.synth import (ACTIVITIES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS, Song, SynthDataset,
+                                 _sing_segment, generate_song)
 
 SR = 44100
 
@@ -268,3 +268,23 @@ def test_cli_writes_a_valid_musdb_layout(tmp_path):
     assert sf.info(str(root / "train" / train[0] / "vocals.wav")).frames == 4 * SR
     assert not list(root.rglob("*.tmp"))
     assert main(["synth", "--out", str(root), "--tracks", "0"]) == 1
+
+
+def test_synth_dataset_streams_deterministic_excerpts():
+    import torch
+
+    seg = 2 * SR
+    ds = SynthDataset(seg, targets=("vocals", "drums"), seed=3, song_seconds=4.0)
+    mix, tgt = ds[5]  # song 2, second excerpt
+    assert mix.shape == (2, seg) and tgt.shape == (2, 2, seg) and mix.dtype == torch.float32
+    song = generate_song((3, 3, 2), 4.0, ds.activities[int(np.random.default_rng([3, 2, 7]).integers(3))])
+    np.testing.assert_array_equal(mix.numpy(), song.mixture[:, seg:2 * seg])
+    np.testing.assert_array_equal(tgt[0].numpy(), song.stems["vocals"][:, seg:2 * seg])
+    again = SynthDataset(seg, targets=("vocals", "drums"), seed=3, song_seconds=4.0)[5]
+    assert torch.equal(again[0], mix) and torch.equal(again[1], tgt)
+    mono = SynthDataset(SR, channels=1, vocal_activity="sparse")
+    loader = torch.utils.data.DataLoader(mono, batch_size=2, sampler=range(2))
+    m, t = next(iter(loader))
+    assert m.shape == (2, 1, SR) and t.shape == (2, 1, 1, SR)
+    with pytest.raises(ValueError, match="targets"):
+        SynthDataset(seg, targets=("piano",))

@@ -29,6 +29,9 @@ What is in a song:
   stem balance within a few dB; a vocal-to-accompaniment ratio of -5..+3 dB over the sung phrases; the mixture's
   peak lands in 0.4-0.9 and no stem clips.
 
+`SynthDataset` streams excerpts of fresh songs in the item format of the training datasets (no files needed);
+`bsmamba2 synth` writes songs in the MUSDB18-HQ layout.
+
 The sung phrases in `vocal_regions` are the labels; breaths (about -30 dB) and reverb tails lie outside them.
 Only numpy and scipy.signal are used; there are no per-sample Python loops (loops run over notes and events).
 """
@@ -1111,3 +1114,69 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
     }
     log.debug("song %s: %s", info["seed"], info)
     return Song(sr, out, mix, regions, info)
+
+
+class SynthDataset:
+    """Endless stream of synthesized training excerpts; `dataset[i]` is deterministic in (seed, i).
+
+    The same item format as `bsmamba2.data.mixing.RandomMixDataset`, so training can run with no files at all.
+    Item i is excerpt `i % per_song` of song `i // per_song`, where a song is `song_seconds` long (default: one
+    segment) and holds `per_song` back-to-back segments; the last song is cached, so the consecutive indices of a
+    batch share one song. Songs alternate between the activity patterns listed in `vocal_activity`.
+
+    Args:
+        segment: excerpt length in samples.
+        targets: stems the model predicts, e.g. ("vocals",).
+        channels: 1 (the mean of the stereo stems) or 2.
+        seed: base seed of the stream.
+        vocal_activity: one pattern or a sequence of them, drawn at random per song.
+        song_seconds: length of each synthesized song (>= segment / sample_rate).
+        sample_rate: Hz.
+    Item:
+        mixture (channels, segment) float32 tensor, targets (len(targets), channels, segment) float32 tensor.
+    """
+
+    def __init__(self, segment: int, targets: Sequence[str] = ("vocals",), channels: int = 2, seed: int = 0,
+                 vocal_activity: str | Sequence[str] = ("sparse", "mixed", "dense"), song_seconds: float | None = None,
+                 sample_rate: int = SAMPLE_RATE):
+        activities = (vocal_activity,) if isinstance(vocal_activity, str) else tuple(vocal_activity)
+        bad = [a for a in activities if a not in ACTIVITIES]
+        if bad or not activities:
+            raise ValueError(f"vocal_activity must be among {', '.join(ACTIVITIES)}, got {list(activities)}")
+        unknown = [t for t in targets if t not in STEMS]
+        if unknown or not targets:
+            raise ValueError(f"targets must be among {', '.join(STEMS)}, got {list(targets)}")
+        if channels not in (1, 2):
+            raise ValueError(f"channels must be 1 or 2, got {channels}")
+        self.segment = int(segment)
+        seconds = self.segment / sample_rate if song_seconds is None else float(song_seconds)
+        if seconds < max(1.0, self.segment / sample_rate):
+            raise ValueError(f"song_seconds must be at least max(1, segment / sample_rate), got {seconds}")
+        self.song_seconds = seconds
+        self.per_song = int(round(seconds * sample_rate)) // self.segment
+        self.targets, self.channels, self.seed = tuple(targets), channels, int(seed)
+        self.activities, self.sample_rate = activities, int(sample_rate)
+        self._cache: tuple[int, Song] | None = None
+
+    def __len__(self) -> int:
+        return 2**62  # an index space, not a size: the stream is endless
+
+    def song(self, number: int) -> Song:
+        if self._cache is None or self._cache[0] != number:
+            pick = np.random.default_rng([self.seed, number, 7]).integers(len(self.activities))
+            song = generate_song((self.seed, 3, number), self.song_seconds, self.activities[int(pick)],
+                                 self.sample_rate)
+            self._cache = (number, song)
+        return self._cache[1]
+
+    def __getitem__(self, index: int):
+        import torch
+
+        song = self.song(int(index) // self.per_song)
+        start = (int(index) % self.per_song) * self.segment
+        cut = slice(start, start + self.segment)
+        sources = np.stack([song.stems[t][:, cut] for t in self.targets])  # (targets, 2, segment)
+        mixture = song.mixture[:, cut]  # (2, segment)
+        if self.channels == 1:
+            sources, mixture = sources.mean(axis=1, keepdims=True), mixture.mean(axis=0, keepdims=True)
+        return torch.from_numpy(np.ascontiguousarray(mixture)), torch.from_numpy(np.ascontiguousarray(sources))
