@@ -216,6 +216,59 @@ def accumulation_steps(effective_batch: int, batch_size: int, world: int) -> int
     return effective_batch // per_step
 
 
+def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, mono: bool):
+    mix, tgt = batch  # (b, c, time), (b, stems, c, time)
+    mix, tgt = mix.to(device, non_blocking=True), tgt.to(device, non_blocking=True)
+    if mono:
+        mix, tgt = mix.mean(1, keepdim=True), tgt.mean(2, keepdim=True)
+    return mix, tgt
+
+
+def train_step(
+    net: nn.Module,
+    model: nn.Module,
+    micro_batches,
+    accum: int,
+    loss_fn: SeparationLoss,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    ema: EMA | None,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    grad_clip: float,
+    distributed: bool = False,
+) -> dict[str, float]:
+    """One optimiser step: forward/backward over `accum` micro-batches, clip, AdamW, EMA update.
+
+    Args:
+        net: what runs the forward pass: `WaveformModel(model)`, possibly wrapped in DDP / torch.compile.
+        model: the bare model (its parameters are clipped and averaged into the EMA).
+        micro_batches: `accum` pairs (mixture (b, c, time), targets (b, stems, c, time)) on the model's device.
+        distributed: `net` is DDP; gradients are then all-reduced on the last micro-batch only.
+    Returns:
+        mean loss and its parts over the micro-batches, and the gradient norm before clipping.
+    """
+    sums = {"loss": 0.0, "time": 0.0, "stft": 0.0}
+    for micro, (mix, tgt) in enumerate(micro_batches):
+        sync = net.no_sync() if distributed and micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast():
+                pred = net(mix)  # (b, stems, c, time)
+            loss, parts = loss_fn(pred, tgt)
+            scaler.scale(loss / accum).backward()
+        sums["loss"] += float(loss.detach()) / accum
+        sums["time"] += float(parts["time"]) / accum
+        sums["stft"] += float(parts["stft"]) / accum
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if math.isfinite(grad_norm) or scaler.is_enabled():
+        scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+    return {**sums, "grad_norm": grad_norm}
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -326,7 +379,7 @@ def train(
     steps_per_epoch = max(1, tc.epoch_samples // tc.effective_batch)
     total_steps = tc.max_steps if tc.max_steps is not None else tc.epochs * steps_per_epoch
 
-    step, best_usdr, history = 0, -math.inf, []
+    step, best_usdr, history, clock = 0, -math.inf, [], 0.0  # clock: training seconds before this process
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
         ckpt = load_checkpoint(last_path, map_location=ddp.device)
@@ -338,6 +391,7 @@ def train(
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         step, best_usdr, history = int(ckpt["step"]), float(ckpt["best_usdr"]), list(ckpt["history"])
+        clock = float(ckpt.get("train_seconds", 0.0))
         rng = ckpt["rng"]
         if len(rng) == ddp.world:
             _set_rng_state(rng[ddp.rank])
@@ -408,40 +462,26 @@ def train(
             "accumulation": accum,
             "best_usdr": best_usdr,
             "history": history,
+            "train_seconds": clock + time.perf_counter() - started,
             "rng": rng,
             "world_size": ddp.world,
         }
         _atomic_torch_save(state, path)
 
     window = {"loss": 0.0, "time": 0.0, "stft": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+    started = time.perf_counter()
+    epoch_loss = [0.0, 0]
     while step < total_steps:
-        # ---- one optimiser step: `accum` micro-batches, gradients synchronised on the last one only
+        # ---- one optimiser step over `accum` micro-batches
         model.train()
-        step_loss = step_time = step_stft = 0.0
-        for micro in range(accum):
-            mix, tgt = next(batches)  # (b, c, time), (b, stems, c, time)
-            mix, tgt = mix.to(ddp.device, non_blocking=True), tgt.to(ddp.device, non_blocking=True)
-            if mono:
-                mix, tgt = mix.mean(1, keepdim=True), tgt.mean(2, keepdim=True)
-            sync = contextlib.nullcontext() if (micro == accum - 1 or not ddp.enabled) else net.no_sync()
-            with sync:
-                with autocast():
-                    pred = net(mix)
-                loss, parts = loss_fn(pred, tgt)
-                scaler.scale(loss / accum).backward()
-            step_loss += float(loss.detach()) / accum
-            step_time += float(parts["time"]) / accum
-            step_stft += float(parts["stft"]) / accum
-        scaler.unscale_(optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        if math.isfinite(grad_norm) or scaler.is_enabled():
-            scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
-        else:
-            log.warning("step %d: non-finite gradient norm, update skipped", step + 1)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model)
+        micro_batches = (_to_device(next(batches), ddp.device, mono) for _ in range(accum))
+        stats = train_step(net, model, micro_batches, accum, loss_fn, optimizer, scaler, ema, autocast, tc.grad_clip,
+                           ddp.enabled)
         step += 1
+        step_loss, step_time, step_stft, grad_norm = stats["loss"], stats["time"], stats["stft"], stats["grad_norm"]
+        epoch_loss = [epoch_loss[0] + step_loss, epoch_loss[1] + 1]
+        if not math.isfinite(grad_norm) and not scaler.is_enabled():
+            log.warning("step %d: non-finite gradient norm, update skipped", step)
 
         # ---- logging
         window["loss"] += step_loss
@@ -471,7 +511,9 @@ def train(
             scores = validate(ema.model, valid_set, ddp, tc.valid_batch_size, loss_fn, autocast)
             is_best = scores["usdr"] > best_usdr
             best_usdr = max(best_usdr, scores["usdr"])
-            history.append({"step": step, "epoch": epoch, "val_usdr": scores["usdr"], "val_loss": scores["loss"]})
+            train_loss = ddp.mean([epoch_loss[0] / max(epoch_loss[1], 1)])[0]
+            history.append({"step": step, "epoch": epoch, "val_usdr": scores["usdr"], "val_loss": scores["loss"],
+                            "train_loss": train_loss, "minutes": (clock + time.perf_counter() - started) / 60.0})
             if ddp.main:
                 log.info("epoch %d step %d: val uSDR %.3f dB (best %.3f), val loss %.4f",
                          epoch, step, scores["usdr"], best_usdr, scores["loss"])
@@ -483,10 +525,26 @@ def train(
             save(last_path)
             if is_best:
                 save(best_path)
+            saved = True
         elif epoch_end or step == total_steps or (tc.save_every_steps and step % tc.save_every_steps == 0):
             save(last_path)
+            saved = True
+        else:
+            saved = False
+        if epoch_end:
+            epoch_loss = [0.0, 0]
         if on_step_end is not None:
             on_step_end(step)
+        if tc.time_limit_minutes is not None:
+            # rank 0's clock decides for everyone, so all processes stop after the same step
+            over = float(time.perf_counter() - started > 60.0 * tc.time_limit_minutes)
+            if ddp.mean([over if ddp.main else 0.0])[0] > 0:
+                if not saved:
+                    save(last_path)
+                if ddp.main:
+                    log.info("time limit of %g min reached at step %d; continue with --resume",
+                             tc.time_limit_minutes, step)
+                break
 
     bar.close()
     if writer is not None:

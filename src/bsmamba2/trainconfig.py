@@ -94,6 +94,7 @@ class TrainConfig:
     epochs: int = 2000
     epoch_samples: int = 6000  # training mixtures per epoch (all processes together)
     max_steps: int | None = None  # stop after this many optimiser steps (None: epochs * steps_per_epoch)
+    time_limit_minutes: float | None = None  # stop (saving last.pt) after this much wall time; resume continues
     valid_batch_size: int = 5
     valid_every_epochs: int = 1
     save_every_steps: int = 100  # also write last.pt every this many optimiser steps (0: only at epoch ends)
