@@ -96,6 +96,17 @@ def test_own_format_round_trips_bit_exactly(tmp_path):
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_half_precision_storage_halves_the_file_and_loads(tmp_path):
+    model = build_model(BSMamba2Config.tiny())
+    full = save_model(model, tmp_path / "full.safetensors")
+    half = save_model(model, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_model(half)
+    for a, b in zip(model.parameters(), loaded.parameters()):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a.half().float())
+
+
 def test_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "missing.ckpt")

@@ -148,3 +148,13 @@ def test_input_validation_messages():
         model.forward_waveform(torch.randn(2, 100))
     with pytest.raises(ValueError, match="band widths"):
         BSMamba2(BSMamba2Config.tiny(band_widths=(2, 3)))
+
+
+@pytest.mark.parametrize("length", [1, 3, 50])
+def test_causal_depthwise_conv_equals_conv1d(length):
+    from bsmamba2.mamba2 import causal_depthwise_conv
+
+    conv = torch.nn.Conv1d(12, 12, 4, groups=12, padding=3).double()
+    x = torch.randn(2, length, 12, dtype=torch.float64)
+    ref = conv(x.transpose(1, 2))[..., :length].transpose(1, 2)
+    torch.testing.assert_close(causal_depthwise_conv(x, conv.weight, conv.bias), ref)

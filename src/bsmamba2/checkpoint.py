@@ -235,8 +235,12 @@ def official_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------- our format
 
-def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write weights as safetensors with the config (and any `metadata`) as JSON in the header. Atomic."""
+def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write weights as safetensors with the config (and any `metadata`) as JSON in the header. Atomic.
+
+    `dtype` (e.g. torch.float16) stores floating-point weights at that precision to halve the file; loading casts
+    them back to the model's float32 parameters."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     path = Path(path)
@@ -246,6 +250,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, metadata: dict[str, An
     if metadata:
         header["metadata"] = json.dumps(metadata)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -61,6 +61,23 @@ def resolve_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_available() else "torch"
 
 
+TORCH_CHUNK = 64  # chunk length of the plain-PyTorch scan
+
+
+def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Causal depthwise conv1d along the sequence, in (b, l, c) layout: out_t = Σ_k w_k · x_{t-K+1+k} + bias.
+
+    Same result as `nn.Conv1d(c, c, K, groups=c, padding=K-1)` on (b, c, l) cut to the first l outputs, without the
+    two transposes. `weight`: (c, 1, K).
+    """
+    l, k = x.shape[1], weight.shape[-1]
+    xp = F.pad(x, (0, 0, k - 1, 0))  # (b, l + K - 1, c): K-1 zeros in front
+    out = xp[:, :l] * weight[:, 0, 0]
+    for i in range(1, k):
+        out = torch.addcmul(out, xp[:, i:i + l], weight[:, 0, i])
+    return out if bias is None else out + bias
+
+
 class RMSNorm(nn.Module):
     """mamba_ssm's RMSNorm: x · rsqrt(mean(x²) + eps) · weight, computed in float32."""
 
@@ -131,8 +148,7 @@ class Mamba2(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        # causal depthwise conv: pad d_conv-1 on both sides, keep the first l outputs
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :l].transpose(1, 2))
+        xBC = F.silu(causal_depthwise_conv(xBC, self.conv1d.weight, self.conv1d.bias))
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         cd = compute_dtype(u)
         dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # (b, l, h), at least float32
@@ -148,7 +164,9 @@ class Mamba2(nn.Module):
             from bsmamba2.kernels import ssd_scan  # noqa: PLC0415
 
             return ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
-        return ssd.ssd_chunked(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
+        # The chunk length changes only speed, never the result: ~headdim balances the chunk-local quadratic
+        # work (∝ chunk) against the state work (∝ headdim·d_state / chunk) on CPUs.
+        return ssd.ssd_chunked(x, dt, A, B, C, self.D, chunk_size=min(self.chunk_size, TORCH_CHUNK))
 
 
 class PreNormMamba2(nn.Module):
