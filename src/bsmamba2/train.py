@@ -247,7 +247,7 @@ def train_step(
     Returns:
         mean loss and its parts over the micro-batches, and the gradient norm before clipping.
     """
-    sums = {"loss": 0.0, "time": 0.0, "stft": 0.0}
+    sums = torch.zeros(3)  # loss, time part, STFT part; kept on the device so the GPU is not synchronised per batch
     for micro, (mix, tgt) in enumerate(micro_batches):
         sync = net.no_sync() if distributed and micro < accum - 1 else contextlib.nullcontext()
         with sync:
@@ -255,9 +255,8 @@ def train_step(
                 pred = net(mix)  # (b, stems, c, time)
             loss, parts = loss_fn(pred, tgt)
             scaler.scale(loss / accum).backward()
-        sums["loss"] += float(loss.detach()) / accum
-        sums["time"] += float(parts["time"]) / accum
-        sums["stft"] += float(parts["stft"]) / accum
+        sums = sums.to(loss.device) + torch.stack([loss.detach(), parts["time"], parts["stft"]]) / accum
+    sums = sums.tolist()
     scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     if math.isfinite(grad_norm) or scaler.is_enabled():
@@ -266,7 +265,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update(model)
-    return {**sums, "grad_norm": grad_norm}
+    return {"loss": sums[0], "time": sums[1], "stft": sums[2], "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -350,6 +349,9 @@ def train(
         raise ValueError("no training data: pass --data ROOT (MUSDB18-HQ layout) or set data.root in the config")
     if tc.precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision={tc.precision!r}; expected bf16, fp16 or fp32")
+    if dc.sample_rate != config.model.stft.sample_rate:
+        raise ValueError(f"data.sample_rate={dc.sample_rate} but the model works at {config.model.stft.sample_rate} Hz; "
+                         "resample the dataset or change one of them")
     out = Path(out_dir)
     ddp = setup_distributed(tc.device)
     cuda = ddp.device.type == "cuda"
@@ -382,7 +384,7 @@ def train(
     step, best_usdr, history, clock = 0, -math.inf, [], 0.0  # clock: training seconds before this process
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
-        ckpt = load_checkpoint(last_path, map_location=ddp.device)
+        ckpt = load_checkpoint(last_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
         saved_model = ckpt["config"]["model"]
         if saved_model != run_config_to_dict(config)["model"]:
             raise ValueError(f"{last_path} was trained with a different model config; resume with its config.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 HELP = "turn a training checkpoint into an inference model file (.safetensors + config)"
@@ -37,7 +38,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     model.eval()
     output = Path(output) if output else path.with_suffix(".safetensors")
     last_usdr = ckpt["history"][-1]["val_usdr"] if ckpt["history"] else None
-    metadata = {"weights": weights, "step": ckpt["step"], "epoch": ckpt["epoch"], "best_val_usdr": ckpt["best_usdr"],
+    best_usdr = ckpt["best_usdr"] if math.isfinite(ckpt["best_usdr"]) else None  # -inf: never validated
+    metadata = {"weights": weights, "step": ckpt["step"], "epoch": ckpt["epoch"], "best_val_usdr": best_usdr,
                 "val_usdr": last_usdr, "source": path.name}
     save_model(model, output, metadata=metadata)
     return output

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         result = train(config, out, resume=args.resume)
     finally:
         cleanup_distributed()
-    log.info("done: step %d, epoch %d, best validation uSDR %.3f dB; export with `bsmamba2 export %s`",
-             result.step, result.epoch, result.best_usdr, out / "best.pt")
+    best = f"{result.best_usdr:.3f} dB" if result.history else "n/a (no validation tracks)"
+    ckpt = out / ("best.pt" if result.history else "last.pt")
+    log.info("stopped at step %d (epoch %d), best validation uSDR %s; export with `bsmamba2 export %s`",
+             result.step, result.epoch, best, ckpt)
     return 0
