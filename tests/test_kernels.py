@@ -141,29 +141,38 @@ def test_available_reports_interpreter_or_cuda():
 # ----------------------------------------------------------------------------------------------------------- GPU
 
 
+def _block_grads(blk, x, gy, backend, bf16):
+    mamba2.set_backend(backend)
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            y = blk(x)
+        grads = torch.autograd.grad((y.float() * gy).sum(), [x] + list(blk.parameters()))
+    finally:
+        mamba2.set_backend("auto")
+    return [y] + list(grads)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fast_block_paper_size(dtype):
-    """A paper-size block (dim 256, 16 heads of 64, d_state 128) on both axes' lengths, fast vs plain float32."""
+    """A paper-size block (dim 256, 16 heads of 64, d_state 128) at both axes' lengths: output and every gradient of
+    the fast path against the plain path in float32. float32: ≤1e-3. bf16 autocast: ≤2e-2, or (for a gradient that
+    bf16 itself moves further, such as the sums behind dA_log) no worse than 1.5× the plain path under bf16."""
     blk = _block(256, Mamba2Config(), seed=2)
-    tol = 1e-3 if dtype == torch.float32 else 2e-2
+    names = ["y", "x"] + [nm for nm, _ in blk.named_parameters()]
     for s, l in ((40, 62), (4, 801)):
         x = torch.randn(s, l, 256, device=DEV, requires_grad=True)
-        params = [x] + list(blk.parameters())
         gy = torch.randn(s, l, 256, device=DEV)
-        mamba2.set_backend("triton")
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            y = blk(x)
-        fast = torch.autograd.grad((y.float() * gy).sum(), params)
-        mamba2.set_backend("torch")
-        try:
-            yr = blk(x)
-        finally:
-            mamba2.set_backend("auto")
-        plain = torch.autograd.grad((yr * gy).sum(), params)
-        names = ["x"] + [nm for nm, _ in blk.named_parameters()]
-        errors = {"y": rel(y, yr)} | {nm: rel(a, b) for nm, a, b in zip(names, fast, plain)}
-        assert max(errors.values()) <= tol, (s, l, errors)
+        ref = _block_grads(blk, x, gy, "torch", bf16=False)
+        fast = _block_grads(blk, x, gy, "triton", bf16=dtype == torch.bfloat16)
+        errors = {nm: rel(a, b) for nm, a, b in zip(names, fast, ref)}
+        if dtype == torch.float32:
+            assert max(errors.values()) <= 1e-3, (s, l, errors)
+        else:
+            plain16 = _block_grads(blk, x, gy, "torch", bf16=True)
+            base = {nm: rel(a, b) for nm, a, b in zip(names, plain16, ref)}
+            bad = {nm: (errors[nm], base[nm]) for nm in names if errors[nm] > max(2e-2, 1.5 * base[nm])}
+            assert not bad, (s, l, bad)
 
 
 @pytest.mark.gpu

@@ -13,8 +13,9 @@ Here, with the same parameters and the same function:
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner) and W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, one small d × d product on x.
-conv1d + SiLU and the scan are Triton kernels (`conv.py`, `ssd.py`); the matrix products are cuBLAS; the remaining
-element-wise glue (rms scale, softplus, gated RMSNorm) runs through `torch.compile` (BSMAMBA2_COMPILE=0: eagerly).
+conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`conv.py`, `ssd.py`, `norm.py`); the matrix
+products are cuBLAS; the small remaining glue (rms scale, softplus) runs through `torch.compile`
+(BSMAMBA2_COMPILE=0: eagerly).
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
 """
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bsmamba2.kernels.conv import conv_silu_bidirectional
+from bsmamba2.kernels.norm import gated_norm_bidirectional
 from bsmamba2.kernels.ssd import ssd_scan_bidirectional
 
 
@@ -44,19 +46,7 @@ def _softplus_dt(dt_raw: Tensor, dt_bias: Tensor) -> Tensor:
     return F.softplus(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None, :])
 
 
-def _gated_norm(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
-    """Gated RMSNorm (gate before norm) of both directions, concatenated along channels.
-
-    y (2, s, l, e), z (s, l, 2, e) (a view of the in-projection), weight (2, e) → (s, l, 2·e) in y's dtype.
-    """
-    two, s, l, e = y.shape
-    g = y.float() * F.silu(z.permute(2, 0, 1, 3).float())  # (2, s, l, e)
-    g = g.unflatten(-1, (-1, group_size))
-    g = (g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()[:, None, None, :]
-    return g.permute(1, 2, 0, 3).reshape(s, l, two * e).to(y.dtype)
-
-
-_GLUE = {"rms": _rms_scale, "dt": _softplus_dt, "gated_norm": _gated_norm}
+_GLUE = {"rms": _rms_scale, "dt": _softplus_dt}
 
 
 def compile_enabled() -> bool:
@@ -113,5 +103,5 @@ def bimamba2_block_forward(block, x: Tensor) -> Tensor:
     xs, B, C = xbc.reshape(2 * s, l, c).split([e, g * n, g * n], dim=-1)
     y = ssd_scan_bidirectional(xs.unflatten(-1, (h, p)), dt.reshape(2 * s, l, h), A,
                                B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D)  # (2s, l, h, p)
-    gn = _glue("gated_norm", x.device)(y.view(2, s, l, e), z, norm_w, mf.norm.eps, mf.norm.group_size)  # (s, l, 2e)
+    gn = gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, mf.norm.eps, mf.norm.group_size)  # (s, l, 2e)
     return F.linear(gn, w_g) + F.linear(x, w_x, block.linear.bias) + x

@@ -373,6 +373,11 @@ def _num_warps(kernel: str, default: int) -> int:
     return int(os.environ.get(f"BSMAMBA2_SSD_WARPS_{kernel}", default))
 
 
+def _num_stages(x: Tensor) -> int:
+    """float32 tiles are twice as large: no software pipelining, or shared memory runs out on the head loop."""
+    return 1 if x.dtype == torch.float32 else 3
+
+
 def _prec(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -412,7 +417,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     args = (x, dt, A, B, C, Dc, y, l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
             *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *y.stride())
     meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
-                PREC=_prec(x), DOT=_dot_dtype(x))
+                PREC=_prec(x), DOT=_dot_dtype(x), num_stages=_num_stages(x))
     if l <= bq:
         _ssd_fwd_short_kernel[(s, g)](*args, **meta, num_warps=_num_warps("FWD_SHORT", 4))
     else:
@@ -438,7 +443,7 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     bq = block_q_for(l)
     A_, D_ = A.float().contiguous(), (D.float().contiguous() if D is not None else A.float().contiguous())
     meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
-                PREC=_prec(x), DOT=_dot_dtype(x))
+                PREC=_prec(x), DOT=_dot_dtype(x), num_stages=_num_stages(x))
     head = (l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
             *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride())
     if s == 0 or l == 0:
@@ -456,8 +461,8 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         dCh = torch.empty_like(dBh)
         r1 = torch.empty_like(ddt)
         args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dBh, dCh, dD, r1, *head, *dBh.stride())
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=False, **meta, num_warps=_num_warps("BWD", 4))
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, DO_DV=True, **meta, num_warps=_num_warps("BWD", 4))
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=False, **meta, num_warps=_num_warps("BWD", 8))
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, DO_DV=True, **meta, num_warps=_num_warps("BWD", 8))
         dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
         dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
     return dx, ddt, dA, dB, dC, (dD if D is not None else None)

@@ -1,0 +1,136 @@
+"""Gated RMSNorm of both directions of a bidirectional Mamba2 block, written side by side: Triton forward/backward.
+
+Plain twin: `bsmamba2.mamba2.RMSNormGated` (gate before the norm), per direction d and group of channels:
+
+    g = y · silu(z),   out[..., d·e + k] = g_k · rsqrt(mean_group(g²) + eps) · w[d, k]
+
+y `(2, s, l, e)` is the scan's output, z `(s, l, 2, e)` a view of the in-projection; the output `(s, l, 2e)` is the
+concatenation the merged out-projection reads. One program normalizes ROWS rows of one (direction, group), so the
+weight gradient is summed in registers and added with one atomic per element and program. float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _gated_norm_fwd_kernel(
+    y_ptr, z_ptr, w_ptr, out_ptr, R, E, GS, eps,
+    sy_d, sy_r, sz_r, sz_d, so_r,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    d = tl.program_id(2)
+    cols = grp * GS + tl.arange(0, BLOCK)
+    mc = tl.arange(0, BLOCK) < GS
+    w = tl.load(w_ptr + d * E + cols, mask=mc, other=0.0).to(tl.float32)
+    for i in range(0, ROWS):
+        r = pid * ROWS + i
+        if r < R:
+            r64 = r.to(tl.int64)
+            y = tl.load(y_ptr + d * sy_d + r64 * sy_r + cols, mask=mc, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + r64 * sz_r + d * sz_d + cols, mask=mc, other=0.0).to(tl.float32)
+            g = y * z * tl.sigmoid(z)
+            rstd = tl.rsqrt(tl.sum(g * g, axis=0) / GS + eps)
+            tl.store(out_ptr + r64 * so_r + d * E + cols, (g * rstd * w).to(out_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _gated_norm_bwd_kernel(
+    y_ptr, z_ptr, w_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, R, E, GS, eps,
+    sy_d, sy_r, sz_r, sz_d, so_r, sdz_r, sdz_d,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grp = tl.program_id(1)
+    d = tl.program_id(2)
+    cols = grp * GS + tl.arange(0, BLOCK)
+    mc = tl.arange(0, BLOCK) < GS
+    w = tl.load(w_ptr + d * E + cols, mask=mc, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(0, ROWS):
+        r = pid * ROWS + i
+        if r < R:
+            r64 = r.to(tl.int64)
+            y = tl.load(y_ptr + d * sy_d + r64 * sy_r + cols, mask=mc, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + r64 * sz_r + d * sz_d + cols, mask=mc, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + r64 * so_r + d * E + cols, mask=mc, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            silu = z * sig
+            g = y * silu
+            rstd = tl.rsqrt(tl.sum(g * g, axis=0) / GS + eps)
+            n = g * rstd
+            dw += dout * n
+            dn = dout * w
+            dg = rstd * (dn - n * (tl.sum(dn * n, axis=0) / GS))
+            tl.store(dy_ptr + d * sy_d + r64 * sy_r + cols, (dg * silu).to(dy_ptr.dtype.element_ty), mask=mc)
+            dz = dg * y * sig * (1 + z * (1 - sig))
+            tl.store(dz_ptr + r64 * sdz_r + d * sdz_d + cols, dz.to(dz_ptr.dtype.element_ty), mask=mc)
+    tl.atomic_add(dw_ptr + d * E + cols, dw, mask=mc)
+
+
+_ROWS = 16
+
+
+def _prepare(y: Tensor, z: Tensor, group_size: int):
+    two, s, l, e = y.shape
+    if two != 2 or z.shape != (s, l, 2, e) or e % group_size:
+        raise ValueError(f"gated norm shapes disagree: y {tuple(y.shape)}, z {tuple(z.shape)}, group {group_size}")
+    y2 = y.reshape(2, s * l, e)
+    z2 = z.reshape(s * l, 2, e)  # a view for the in-projection's layout
+    if y2.stride(-1) != 1 or z2.stride(-1) != 1:
+        y2, z2 = y2.contiguous(), z2.contiguous()
+    rows = s * l
+    grid = (triton.cdiv(rows, _ROWS), e // group_size, 2)
+    return y2, z2, rows, grid
+
+
+def gated_norm_fwd(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """y (2, s, l, e), z (s, l, 2, e), weight (2, e) → (s, l, 2e) in y's dtype."""
+    _, s, l, e = y.shape
+    y2, z2, rows, grid = _prepare(y, z, group_size)
+    out = torch.empty(s, l, 2 * e, device=y.device, dtype=y.dtype)
+    if rows:
+        _gated_norm_fwd_kernel[grid](y2, z2, weight.contiguous(), out, rows, e, group_size, eps,
+                                     y2.stride(0), y2.stride(1), z2.stride(0), z2.stride(1), 2 * e,
+                                     ROWS=_ROWS, BLOCK=triton.next_power_of_2(group_size), num_warps=4)
+    return out
+
+
+def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int):
+    """Gradients (dy (2, s, l, e), dz (s, l, 2, e), dweight (2, e) float32)."""
+    _, s, l, e = y.shape
+    y2, z2, rows, grid = _prepare(y, z, group_size)
+    dout = dout.contiguous()
+    dy = torch.empty(2, s, l, e, device=y.device, dtype=y.dtype)
+    dz = torch.empty(s, l, 2, e, device=y.device, dtype=z.dtype)
+    dw = torch.zeros(2, e, device=y.device, dtype=torch.float32)
+    if rows:
+        _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz, dw, rows, e, group_size, eps,
+                                     y2.stride(0), y2.stride(1), z2.stride(0), z2.stride(1), 2 * e,
+                                     2 * e, e, ROWS=_ROWS, BLOCK=triton.next_power_of_2(group_size), num_warps=4)
+    return dy, dz, dw
+
+
+class GatedNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, z, weight, eps, group_size):
+        ctx.save_for_backward(y, z, weight)
+        ctx.eps, ctx.group_size = eps, group_size
+        return gated_norm_fwd(y, z, weight, eps, group_size)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, weight = ctx.saved_tensors
+        dy, dz, dw = gated_norm_bwd(dout, y, z, weight, ctx.eps, ctx.group_size)
+        return dy, dz, dw.to(weight.dtype), None, None
+
+
+def gated_norm_bidirectional(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
+    """Gated RMSNorm of both directions side by side: y (2, s, l, e), z (s, l, 2, e), weight (2, e) → (s, l, 2e)."""
+    return GatedNorm.apply(y, z, weight, eps, group_size)
