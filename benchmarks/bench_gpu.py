@@ -123,18 +123,25 @@ def accuracy(model, samples: int) -> dict:
     return {"rel_err_bf16_vs_plain_fp32": _rel(out, ref), "rel_err_fp32_vs_plain_fp32": _rel(out32, ref)}
 
 
-def profile(model, batch: int, samples: int, path: str | None) -> str:
+def profile(model, batch: int, samples: int, path: str | None, train: bool = False) -> str:
+    """Top CUDA kernels of one inference batch (or, with `train`, one forward + backward without checkpointing)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    model.eval()
+    model.train(train)
     wave = torch.randn(batch, 2, samples, device="cuda") * 0.1
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        model.forward_waveform(wave)
+
+    def once():
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+            out = model.forward_waveform(wave)
+        if train:
+            out.float().abs().mean().backward()
         _sync()
-        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
-            model.forward_waveform(wave)
-            _sync()
+
+    once()
+    with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+        once()
+    model.zero_grad(set_to_none=True)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
     if path:
         with open(path, "w") as f:
@@ -244,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile and backend == "triton":
                 row["profile"] = profile(model, args.batch, samples,
                                          os.path.join(out_dir, "profile.txt") if out_dir else None)
+                row["profile_train"] = profile(model, args.train_batch, samples,
+                                               os.path.join(out_dir, "profile_train.txt") if out_dir else None,
+                                               train=True)
                 print(row["profile"], flush=True)
         except Exception as e:  # keep going: one failing run must not lose the others' numbers
             row["error"] = f"{type(e).__name__}: {e}"
