@@ -198,6 +198,10 @@ def test_ddp_two_processes_gloo(straight_run, tiny_musdb, tmp_path):
         assert torch.allclose(r0[k], single[k], rtol=1e-3, atol=1e-4), k
     # same effective batch 4: batch 1 × 2 processes × accumulation 2 here, batch 2 × 1 process × 2 straight
     assert ckpt["accumulation"] == 2 and ckpt["effective_batch"] == 4
+    # the 2-process run resumes in one process: accumulation becomes 4, the stream continues at sample 8
+    result = train(_config(tiny_musdb, "train.batch_size=1", "train.max_steps=3"), out, resume=True)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert result.step == 3 and ckpt["accumulation"] == 4 and ckpt["world_size"] == 1 and len(ckpt["rng"]) == 1
 
 
 def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
@@ -220,3 +224,33 @@ def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
     _assert_same_state(model.state_dict(), ckpt["ema"]["model"], "exported EMA")
     assert model.config == run_config_from_dict(ckpt["config"]).model
     assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 1
+
+
+def test_train_step_accumulation_and_checkpointing_match_one_batch():
+    """Two micro-batches of 1 with accumulation = one batch of 2; activation checkpointing changes memory only."""
+    import contextlib
+
+    from bsmamba2.config import BSMamba2Config
+    from bsmamba2.losses import SeparationLoss
+    from bsmamba2.model import build_model
+    from bsmamba2.train import WaveformModel, train_step
+
+    torch.manual_seed(0)
+    mix = 0.1 * torch.randn(2, 2, 8000)
+    tgt = 0.05 * torch.randn(2, 1, 2, 8000)
+    results = []
+    for accum, checkpointing in ((1, False), (2, False), (1, True)):
+        torch.manual_seed(1)
+        model = build_model(BSMamba2Config.tiny(mask_estimator_depth=1)).train()
+        model.activation_checkpointing = checkpointing
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)  # weight change = -0.1 × clipped gradient
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        batches = [(mix, tgt)] if accum == 1 else [(mix[:1], tgt[:1]), (mix[1:], tgt[1:])]
+        stats = train_step(WaveformModel(model), model, batches, accum, SeparationLoss(), opt, scaler, EMA(model),
+                           contextlib.nullcontext, grad_clip=3.0)
+        results.append((stats, model.state_dict()))
+    (s1, w1), (s2, w2), (s3, w3) = results
+    assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5) and s1["grad_norm"] == pytest.approx(s2["grad_norm"], rel=1e-4)
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-7, rtol=1e-5), k
+        assert torch.allclose(w1[k], w3[k], atol=1e-7, rtol=1e-5), k
