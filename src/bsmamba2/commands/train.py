@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 HELP = "train a model on MUSDB18-HQ (one process, or several through torchrun)"
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from bsmamba2.train import cleanup_distributed, train  # noqa: PLC0415  (torch import only when needed)
     from bsmamba2.trainconfig import load_run_config  # noqa: PLC0415
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger("bsmamba2").setLevel(logging.WARNING)  # under torchrun only rank 0 reports progress
     out = Path(args.out)
     name = args.config
     if name is None:
