@@ -56,7 +56,8 @@ def compile_enabled() -> bool:
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str):
     fn = _GLUE[name]
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    # no fullgraph: past dynamo's recompile limit (shapes, grad mode) a frame simply runs eagerly
+    return torch.compile(fn)
 
 
 def _glue(name: str, device: torch.device):

@@ -108,7 +108,7 @@ def _ssd_fwd_kernel(
 @triton.jit
 def _ssd_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, r1_ptr,
+    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, st_ptr,
     L, nheads, seqs_per_dir, heads_per_group, P, N,
     sx_s, sx_l, sx_h, sx_p,
     sdt_s, sdt_l, sdt_h,
@@ -117,10 +117,18 @@ def _ssd_bwd_kernel(
     sdy_s, sdy_l, sdy_h, sdy_p,
     sdx_s, sdx_l, sdx_h, sdx_p,
     sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC per-head buffers (s, l, h, n) share one layout
+    sst_s, sst_h, sst_c, sst_p, sst_n,  # states entering each chunk (s, h, chunks, p, n)
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-    DO_DC: tl.constexpr, DO_DV: tl.constexpr,
+    DO_DC: tl.constexpr,
 ):
+    """Gradients of a multi-chunk sequence in two sweeps. DO_DC: forward sweep carrying S; writes dC and the state
+    entering each chunk. Else: backward sweep carrying dS; writes dx, dB, ddt and adds dA, dD.
+
+    da_k = Σ_{i ≥ k > j} M_ij (the pairs whose decay contains step k) is summed directly, without the
+    C·dC − B·dB cancellation that bf16 products make inaccurate over long sequences: for k in chunk c, the pairs
+    inside the chunk (a masked 2-D prefix sum of M), i in c and j before it (Σ_{i≥k} dy_i·y_inter_i), i after c
+    and j in it (Σ_{j<k} v_j·dv_inter_j), and i after c, j before it (exp(Σa)·⟨dS_c, S_c⟩, the same for all k)."""
     s = tl.program_id(0)
     h = tl.program_id(1)
     d = s // seqs_per_dir
@@ -138,25 +146,27 @@ def _ssd_bwd_kernel(
     c_base = C_ptr + s64 * sc_s + g * sc_g
     dy_base = dy_ptr + s64 * sdy_s + h * sdy_h
     dx_base = dx_ptr + s64 * sdx_s + h * sdx_h
-    db_base = dB_ptr + s64 * sdb_s + h * sdb_g  # per-head buffers, summed over the group's heads afterwards
+    db_base = dB_ptr + s64 * sdb_s + h * sdb_g  # per-head buffers, summed over each group's heads afterwards
     dc_base = dC_ptr + s64 * sdb_s + h * sdb_g
-    r_base = ddt_ptr + s64 * sdt_s + h * sdt_h  # r1 and ddt use dt's layout
-    r1_base = r1_ptr + s64 * sdt_s + h * sdt_h
+    ddt_base = ddt_ptr + s64 * sdt_s + h * sdt_h
+    st_base = st_ptr + s64 * sst_s + h * sst_h
 
     offs_q = tl.arange(0, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mp = offs_p < P
     mn = offs_n < N
+    mpn = mp[:, None] & mn[None, :]
+    st_offs = offs_p[:, None] * sst_p + offs_n[None, :] * sst_n
     A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
     if HAS_D:
         Dh = tl.load(D_ptr + d * nheads + h).to(tl.float32)
     else:
         Dh = 0.0
     causal = offs_q[:, None] >= offs_q[None, :]
+    before = (offs_q[:, None] < offs_q[None, :]).to(tl.float32)  # U[j, k] = 1 if j < k
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # S (forward sweep) or dS (backward sweep)
     zero = tl.sum(tl.zeros((BLOCK_Q,), dtype=tl.float32), axis=0)
-    carry = zero  # Σ dcum over later chunks (backward sweep)
     dA_part = zero
     dD_part = zero
     n_chunks = tl.cdiv(L, BLOCK_Q)
@@ -178,49 +188,53 @@ def _ssd_bwd_kernel(
         a = dt * A
         acum = tl.cumsum(a, axis=0)
         a_tot = tl.sum(a, axis=0)
+        w = tl.exp(a_tot - acum)  # decay from each step to the chunk's end
         v = x.to(tl.float32) * dt[:, None]
         decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
-        Gd = tl.dot(dy, tl.trans(v.to(DOT)), input_precision=PREC) * decay  # (Q, Q): dy_i·v_j, masked
+        Gd_raw = tl.dot(dy, tl.trans(v.to(DOT)), input_precision=PREC)  # (Q, Q): dy_i·v_j
+        Gd = Gd_raw * decay
         if DO_DC:
             dC = tl.dot(Gd.to(DOT), Bm, input_precision=PREC)  # (Q, N)
             if c > 0:
                 dC += tl.exp(acum)[:, None] * tl.dot(dy, state.to(DOT), input_precision=PREC)
+                tl.store(st_base + c * sst_c + st_offs, state.to(st_ptr.dtype.element_ty), mask=mpn)
             if c < n_chunks - 1:
-                w = tl.exp(a_tot - acum)
                 state = state * tl.exp(a_tot) + tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm,
                                                        input_precision=PREC)
-            r1 = tl.sum(Cm.to(tl.float32) * dC, axis=1)
             tl.store(dc_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC.to(dC_ptr.dtype.element_ty), mask=mqn)
-            if not DO_DV:
-                tl.store(r1_base + t * sdt_l, r1, mask=mq)
-        if DO_DV:
+        else:
             G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC) * decay  # (Q, Q): C_i·B_j, masked
             dv = tl.dot(tl.trans(G.to(DOT)), dy, input_precision=PREC)  # (Q, P)
             dB = tl.dot(tl.trans(Gd.to(DOT)), Cm, input_precision=PREC)  # (Q, N)
+            # pairs inside the chunk: Σ_{i ≥ k} Σ_{j < k} M_ij, M kept in float32
+            M = G * Gd_raw
+            da = tl.sum(tl.where(causal, tl.dot(M, before, input_precision=PREC), 0.0), axis=0)
             if c < n_chunks - 1:
-                w = tl.exp(a_tot - acum)
-                dv += w[:, None] * tl.dot(Bm, tl.trans(state).to(DOT), input_precision=PREC)
+                dv_inter = w[:, None] * tl.dot(Bm, tl.trans(state).to(DOT), input_precision=PREC)
+                dv += dv_inter
                 dB += w[:, None] * tl.dot(v.to(DOT), state.to(DOT), input_precision=PREC)
+                pj = tl.sum(v * dv_inter, axis=1)
+                da += tl.cumsum(pj, axis=0) - pj  # Σ_{j < k}
             if c > 0:
+                s_in = tl.load(st_base + c * sst_c + st_offs, mask=mpn, other=0.0)
+                y_inter = tl.exp(acum)[:, None] * tl.dot(Cm, tl.trans(s_in.to(DOT)), input_precision=PREC)
+                qi = tl.sum(dy.to(tl.float32) * y_inter, axis=1)
+                da += tl.sum(qi, axis=0) - tl.cumsum(qi, axis=0) + qi  # Σ_{i ≥ k}
+                if c < n_chunks - 1:
+                    da += tl.exp(a_tot) * tl.sum(tl.sum(state * s_in.to(tl.float32), axis=1), axis=0)
                 state = state * tl.exp(a_tot) + tl.dot(tl.trans((dy.to(tl.float32) * tl.exp(acum)[:, None])
                                                                 .to(DOT)), Cm, input_precision=PREC)
-            r2 = tl.sum(Bm.to(tl.float32) * dB, axis=1)
-            if not DO_DC:
-                r1 = tl.load(r1_base + t * sdt_l, mask=mq, other=0.0)
-            dcum = r1 - r2
-            tot = tl.sum(dcum, axis=0)
-            da = tot - tl.cumsum(dcum, axis=0) + dcum + carry  # Σ_{k ≥ τ} dcum_k
-            carry += tot
             xf = x.to(tl.float32)
             dyf = dy.to(tl.float32)
             dx = dv * dt[:, None] + Dh * dyf
+            da = tl.where(mq, da, 0.0)
             ddt = tl.sum(dv * xf, axis=1) + da * A
             dA_part += tl.sum(da * dt, axis=0)
             dD_part += tl.sum(tl.sum(dyf * xf, axis=1), axis=0)
             tl.store(dx_base + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=mqp)
-            tl.store(r_base + t * sdt_l, ddt, mask=mq)
+            tl.store(ddt_base + t * sdt_l, ddt, mask=mq)
             tl.store(db_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB.to(dB_ptr.dtype.element_ty), mask=mqn)
-    if DO_DV:
+    if not DO_DC:
         tl.atomic_add(dA_ptr + d * nheads + h, dA_part)
         if HAS_D:
             tl.atomic_add(dD_ptr + d * nheads + h, dD_part)
@@ -362,10 +376,10 @@ def _block(n: int) -> int:
 
 
 def block_q_for(length: int) -> int:
-    """Chunk length of the fast scan: one chunk for short sequences (the band axis), else BSMAMBA2_SSD_BLOCK (64)."""
-    if length <= 64:
-        return _block(length)
-    return int(os.environ.get("BSMAMBA2_SSD_BLOCK", "64"))
+    """Chunk length of the fast scan: BSMAMBA2_SSD_BLOCK (tuned: 64); a sequence no longer than that is one chunk
+    of its own (power-of-two) size, as the band axis (62) is."""
+    block = int(os.environ.get("BSMAMBA2_SSD_BLOCK", "64"))
+    return _block(length) if length <= block else block
 
 
 def _num_warps(kernel: str, default: int) -> int:
@@ -459,10 +473,11 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         buf_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
         dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
         dCh = torch.empty_like(dBh)
-        r1 = torch.empty_like(ddt)
-        args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dBh, dCh, dD, r1, *head, *dBh.stride())
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, DO_DV=False, **meta, num_warps=_num_warps("BWD", 8))
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, DO_DV=True, **meta, num_warps=_num_warps("BWD", 8))
+        n_chunks = triton.cdiv(l, bq)
+        states = torch.empty(s, h, n_chunks, p, n, device=dev, dtype=buf_dtype)  # state entering each chunk
+        args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dBh, dCh, dD, states, *head, *dBh.stride(), *states.stride())
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, **meta, num_warps=_num_warps("BWD", 8))
+        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, **meta, num_warps=_num_warps("BWD", 8))
         dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
         dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
     return dx, ddt, dA, dB, dC, (dD if D is not None else None)
