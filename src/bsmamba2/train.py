@@ -353,6 +353,7 @@ def train(
         raise ValueError(f"data.sample_rate={dc.sample_rate} but the model works at {config.model.stft.sample_rate} Hz; "
                          "resample the dataset or change one of them")
     out = Path(out_dir)
+    split = load_musdb(dc.root, dc.stems, dc.valid_tracks, dc.sample_rate)  # before writing anything: fail early
     ddp = setup_distributed(tc.device)
     cuda = ddp.device.type == "cuda"
     if ddp.main:
@@ -414,7 +415,6 @@ def train(
         net = DistributedDataParallel(net, device_ids=[ddp.local_rank] if cuda else None)
 
     # ---- data: rank 0 detects source activity (cached), the others then read the cache
-    split = load_musdb(dc.root, dc.stems, dc.valid_tracks, dc.sample_rate)
     if ddp.main:
         build_datasets(split, dc, model.stems, 2, tc.seed, workers=dc.num_workers)
     ddp.barrier()
