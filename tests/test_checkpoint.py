@@ -121,6 +121,13 @@ def test_errors_say_what_is_wrong(tmp_path):
         load_model(broken)
 
 
+def test_training_checkpoint_gets_a_hint_to_export(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"version": 1, "model": {}, "ema": {"model": {}}, "optimizer": {}}, path)
+    with pytest.raises(ValueError, match="bsmamba2 export"):
+        load_model(path)
+
+
 def test_mismatched_weights_are_refused(tmp_path):
     model = build_model(BSMamba2Config.tiny())
     path = save_model(model, tmp_path / "m.safetensors")

@@ -223,6 +223,9 @@ def infer_config(state: dict[str, torch.Tensor]) -> ModelConfig:
 def official_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """`model.*` tensors of a Lightning checkpoint, prefix removed (STFT window buffers etc. dropped)."""
     sd = ckpt.get("state_dict")
+    if "ema" in ckpt and "optimizer" in ckpt:
+        raise ValueError("this is a bsmamba2 training checkpoint (last.pt/best.pt); turn it into a model file with "
+                         "`bsmamba2 export RUN_DIR` and use the .safetensors it writes")
     if not isinstance(sd, dict):
         raise ValueError("checkpoint has no 'state_dict'; is it an official BSMamba2 Lightning checkpoint?")
     # rotary tables are recomputed, not loaded (the official class stores them as parameters)
