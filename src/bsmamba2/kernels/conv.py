@@ -54,49 +54,77 @@ def _conv_bwd_kernel(
     sr_s, sr_l, sr_d, sr_c,
     so_d, so_s, so_l, so_c,
     sdr_s, sdr_l, sdr_d, sdr_c,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SEQS: tl.constexpr,
 ):
+    """One program: a (positions × channels) tile of SEQS sequences of one direction; the weight and bias gradients
+    are summed over them in registers and added with one atomic per element and program."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_sd = tl.program_id(2)
-    d = pid_sd // S
-    s = pid_sd % S
+    n_sblocks = tl.cdiv(S, SEQS)
+    d = pid_sd // n_sblocks
+    s0 = (pid_sd % n_sblocks) * SEQS
     sign = 1 - 2 * d
     offs_u = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # positions of raw whose gradient this program writes
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < CH
-    mu = offs_u < L
-    base = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d
-    dbase = dout_ptr + d * so_d + s.to(tl.int64) * so_s
     bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
-    raw_u = tl.load(base + offs_u[:, None] * sr_l + offs_c[None, :] * sr_c, mask=mu[:, None] & mc[None, :],
-                    other=0.0).to(tl.float32)
-    draw = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(K):
-        # raw[u] enters out[t] through tap i, with t = u − sign·(i − (K−1))
-        t = offs_u - sign * (i - (K - 1))
-        mt = (t >= 0) & (t < L) & mu
-        pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
-        for j in tl.static_range(K):
-            src = t + sign * (j - (K - 1))
-            m = (src >= 0) & (src < L) & mt
-            wj = tl.load(w_ptr + (d * CH + offs_c) * K + j, mask=mc, other=0.0).to(tl.float32)
-            xv = tl.load(base + src[:, None] * sr_l + offs_c[None, :] * sr_c, mask=m[:, None] & mc[None, :], other=0.0)
-            pre += xv.to(tl.float32) * wj[None, :]
-        dout = tl.load(dbase + t[:, None] * so_l + offs_c[None, :] * so_c, mask=mt[:, None] & mc[None, :],
-                       other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        dpre = dout * sig * (1 + pre * (1 - sig))  # d silu(pre) / d pre
-        wi = tl.load(w_ptr + (d * CH + offs_c) * K + i, mask=mc, other=0.0).to(tl.float32)
-        draw += dpre * wi[None, :]
-        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + i, tl.sum(dpre * raw_u, axis=0), mask=mc)
-        if i == K - 1:  # tap K−1 is offset 0 in both directions: t = u, each position once
-            tl.atomic_add(db_ptr + d * CH + offs_c, tl.sum(dpre, axis=0), mask=mc)
-    dptr = draw_ptr + s.to(tl.int64) * sdr_s + d * sdr_d + offs_u[:, None] * sdr_l + offs_c[None, :] * sdr_c
-    tl.store(dptr, draw.to(draw_ptr.dtype.element_ty), mask=mu[:, None] & mc[None, :])
+    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for si in range(0, SEQS):
+        s = s0 + si
+        mu = (offs_u < L) & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + s) < S)
+        base = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d
+        dbase = dout_ptr + d * so_d + s.to(tl.int64) * so_s
+        raw_u = tl.load(base + offs_u[:, None] * sr_l + offs_c[None, :] * sr_c, mask=mu[:, None] & mc[None, :],
+                        other=0.0).to(tl.float32)
+        draw = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for i in tl.static_range(K):
+            # raw[u] enters out[t] through tap i, with t = u − sign·(i − (K−1))
+            t = offs_u - sign * (i - (K - 1))
+            mt = (t >= 0) & (t < L) & mu
+            pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
+            for j in tl.static_range(K):
+                src = t + sign * (j - (K - 1))
+                m = (src >= 0) & (src < L) & mt
+                wj = tl.load(w_ptr + (d * CH + offs_c) * K + j, mask=mc, other=0.0).to(tl.float32)
+                xv = tl.load(base + src[:, None] * sr_l + offs_c[None, :] * sr_c, mask=m[:, None] & mc[None, :],
+                             other=0.0)
+                pre += xv.to(tl.float32) * wj[None, :]
+            dout = tl.load(dbase + t[:, None] * so_l + offs_c[None, :] * so_c, mask=mt[:, None] & mc[None, :],
+                           other=0.0).to(tl.float32)
+            sig = tl.sigmoid(pre)
+            dpre = dout * sig * (1 + pre * (1 - sig))  # d silu(pre) / d pre
+            wi = tl.load(w_ptr + (d * CH + offs_c) * K + i, mask=mc, other=0.0).to(tl.float32)
+            draw += dpre * wi[None, :]
+            dwi = tl.sum(dpre * raw_u, axis=0)
+            if i == 0:
+                dw0 += dwi
+            elif i == 1:
+                dw1 += dwi
+            elif i == 2:
+                dw2 += dwi
+            else:
+                dw3 += dwi
+            if i == K - 1:  # tap K−1 is offset 0 in both directions: t = u, each position once
+                dbias += tl.sum(dpre, axis=0)
+        dptr = draw_ptr + s.to(tl.int64) * sdr_s + d * sdr_d + offs_u[:, None] * sdr_l + offs_c[None, :] * sdr_c
+        tl.store(dptr, draw.to(draw_ptr.dtype.element_ty), mask=mu[:, None] & mc[None, :])
+    tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 0, dw0, mask=mc)
+    if K > 1:
+        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 1, dw1, mask=mc)
+    if K > 2:
+        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 2, dw2, mask=mc)
+    if K > 3:
+        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 3, dw3, mask=mc)
+    tl.atomic_add(db_ptr + d * CH + offs_c, dbias, mask=mc)
 
 
 _BLOCK_T, _BLOCK_C = 32, 128
+_SEQS_PER_PROGRAM = 8  # backward: sequences whose weight gradients one program sums before its atomics
 
 
 def _grid(s: int, l: int, c: int) -> tuple[int, int, int]:
@@ -123,10 +151,15 @@ def conv_silu_bwd(dout: Tensor, raw: Tensor, weight: Tensor, bias: Tensor) -> tu
     draw = torch.empty(s, l, 2, c, device=raw.device, dtype=raw.dtype)
     dw = torch.zeros(weight.shape, device=raw.device, dtype=torch.float32)
     db = torch.zeros(bias.shape, device=raw.device, dtype=torch.float32)
+    k = weight.shape[-1]
+    if not 1 <= k <= 4:
+        raise ValueError(f"the fast conv1d supports d_conv 1..4, got {k}; use the 'torch' backend")
     if s and l:
-        _conv_bwd_kernel[_grid(s, l, c)](raw, weight.contiguous(), bias.contiguous(), dout, draw, dw, db, s, l, c,
-                                         *raw.stride(), *dout.stride(), *draw.stride(), K=weight.shape[-1],
-                                         BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=4)
+        seqs = _SEQS_PER_PROGRAM
+        grid = (triton.cdiv(l, _BLOCK_T), triton.cdiv(c, _BLOCK_C), 2 * triton.cdiv(s, seqs))
+        _conv_bwd_kernel[grid](raw, weight.contiguous(), bias.contiguous(), dout, draw, dw, db, s, l, c,
+                               *raw.stride(), *dout.stride(), *draw.stride(), K=k,
+                               BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, SEQS=seqs, num_warps=4)
     return draw, dw, db
 
 
