@@ -4,7 +4,7 @@ For each (model, backend) it measures, in one process:
     inference  audio-seconds per second at --batch (forward_waveform, STFT and iSTFT included), median of --iters
     training   seconds per step at --train-batch (forward + L1 loss + backward + AdamW), median of --steps,
                and the peak GPU memory of the step
-    error      relative error ‖out − ref‖/‖ref‖ of the bf16-autocast output against the plain path in float32 on the
+    error      relative error ‖out − ref‖/‖ref‖ of the bf16-autocast output against the plain float32 path, on the
                same weights and input (BSMamba2 only; the reference runs at batch 1 to keep its memory small)
 
 Prints a table and writes JSON to --out (default $OUT/bench_gpu.json when $OUT is set).

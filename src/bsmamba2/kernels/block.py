@@ -11,7 +11,7 @@ Here, with the same parameters and the same function:
     2. The backward direction never flips: its causal conv1d becomes anti-causal (taps t..t+3) and its scan reads
        positions L−1−τ (`ssd_scan_bidirectional`), so one conv pass and one scan launch serve both directions.
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
-       W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner) and W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
+       W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner), W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, one small d × d product on x.
 conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`conv.py`, `ssd.py`, `norm.py`); the matrix
 products are cuBLAS; the small remaining glue (rms scale, softplus) runs through `torch.compile`
@@ -71,6 +71,7 @@ def supports(block) -> bool:
     f, b = block.forward_blocks[0], block.backward_blocks[0]
     mf, mb = f.mixer, b.mixer
     return (len(block.forward_blocks) == 1 and len(block.backward_blocks) == 1 and f.norm.eps == b.norm.eps
+            and 1 <= mf.d_conv <= 4
             and mf.norm.eps == mb.norm.eps and mf.norm.group_size == mb.norm.group_size
             and all(getattr(mf, a) == getattr(mb, a) for a in ("d_inner", "conv_dim", "nheads", "headdim",
                                                                 "ngroups", "d_state", "d_conv")))

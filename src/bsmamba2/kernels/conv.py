@@ -3,7 +3,7 @@
 Plain twin: `Mamba2.forward`'s `F.silu(conv1d(xBC)[..., :l])` on the sequence (direction 0) and on the flipped
 sequence, flipped back (direction 1). Without flips, direction 1 is the anti-causal conv with reversed taps:
 
-    out[0, t] = silu(b₀ + Σ_i w₀[i] · raw[t − (k−1) + i, 0])        taps t−k+1 … t   (zeros before the start)
+    out[0, t] = silu(b₀ + Σ_i w₀[i] · raw[t − (k−1) + i, 0])      taps t−k+1 … t   (zeros before the start)
     out[1, t] = silu(b₁ + Σ_i w₁[i] · raw[t + (k−1) − i, 1])        taps t … t+k−1   (zeros after the end)
 
 `raw` is read in place from the in-projection `(s, l, 2, c)` (any strides); the output is `(2, s, l, c)`, the layout

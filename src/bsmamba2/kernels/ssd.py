@@ -5,23 +5,27 @@ a_t = dt_t·A_h, cum_t = Σ_{k≤t} a_k and v_t = dt_t·x_t, the scan computes
 
     y_i = Σ_{j≤i} exp(cum_i − cum_j) (C_i·B_j) v_j + D_h x_i
 
-One program owns one (sequence, head) and walks the sequence in chunks of BLOCK_Q steps, carrying the state
-(headdim × d_state, float32) in registers, so no state ever goes to memory:
+Long sequences (the time axis, 801 frames; `_ssd_fwd_kernel`): one program owns one (sequence, head) and walks the
+sequence in chunks of BLOCK_Q steps, carrying the state (headdim × d_state, float32) in registers, so no state goes
+to memory in the forward pass:
 
     intra-chunk   y  = (C Bᵀ ∘ decay) v                        the masked (attention-like) form, (Q×Q) tile
     inter-chunk   y += exp(acum) · C Sᵀ                        S: the state entering the chunk
     state         S  = exp(Σa) S + (v · exp(Σa − acum))ᵀ B
 
-A sequence no longer than BLOCK_Q (the band axis, 62 bands) is one chunk: the quadratic form only, no state.
+Short sequences (L ≤ BLOCK_Q: the band axis, 62 bands; `_ssd_*_short_kernel`): one chunk, the quadratic form only,
+no state; one program per (sequence, group) loops over the group's heads, so C Bᵀ is computed once for all of them
+and the group's dB, dC are summed in registers.
 
 Gradients (dy given; M_ij = exp(cum_i − cum_j)(C_i·B_j)(dy_i·v_j) for i ≥ j):
-    dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j        forward sweep, carrying S          (kernel with DO_DC)
-    dv_j = Σ_{i≥j} exp(·)(C_i·B_j) dy_i        backward sweep, carrying dS = Σ exp(·) dy_i ⊗ C_i   (DO_DV)
+    dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j        forward sweep, carrying S (it also stores S per chunk)   (DO_DC)
+    dv_j = Σ_{i≥j} exp(·)(C_i·B_j) dy_i        backward sweep, carrying dS = Σ exp(·) dy_i ⊗ C_i
     dB_j = Σ_{i≥j} exp(·)(dy_i·v_j) C_i        same sweep
-    dcum_t = C_t·dC_t − B_t·dB_t  (= Σ_j M_tj − Σ_i M_it),  da_t = Σ_{k≥t} dcum_k  (suffix sum, carried)
+    da_k = Σ_{i ≥ k > j} M_ij                  same sweep; by pair sets on long sequences (no cancellation), as
+                                               Σ_{t≥k}(C_t·dC_t − B_t·dB_t) within one short chunk
     dx = dt·dv + D·dy,  ddt = x·dv + A·da,  dA = Σ da·dt,  dD = Σ dy·x
-A one-chunk sequence does both sweeps in one program. B and C are shared by the heads of a group, so their
-gradients are accumulated over heads with float32 atomics.
+On long sequences dB and dC go to per-head buffers that are summed over each group's heads afterwards (float32
+atomics over 16 heads were 5× slower).
 
 Directions: DIR_MODE 0 scans every sequence forward, 1 every sequence backward (position t read as L−1−t: the
 backward half of a bidirectional block without flip copies), 2 the first `seqs_per_dir` sequences forward and the
@@ -85,8 +89,9 @@ def _ssd_fwd_kernel(
         t = tl.where(reverse, L - 1 - tau, tau)  # position in memory
         x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mq[:, None] & mp[None, :], other=0.0)
         dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
-        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mq[:, None] & mn[None, :], other=0.0).to(DOT)
-        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mq[:, None] & mn[None, :], other=0.0).to(DOT)
+        mqn = mq[:, None] & mn[None, :]
+        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
+        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
         a = dt * A
         acum = tl.cumsum(a, axis=0)
         a_tot = tl.sum(a, axis=0)
@@ -128,7 +133,7 @@ def _ssd_bwd_kernel(
     da_k = Σ_{i ≥ k > j} M_ij (the pairs whose decay contains step k) is summed directly, without the
     C·dC − B·dB cancellation that bf16 products make inaccurate over long sequences: for k in chunk c, the pairs
     inside the chunk (a masked 2-D prefix sum of M), i in c and j before it (Σ_{i≥k} dy_i·y_inter_i), i after c
-    and j in it (Σ_{j<k} v_j·dv_inter_j), and i after c, j before it (exp(Σa)·⟨dS_c, S_c⟩, the same for all k)."""
+    and j in it (Σ_{j<k} v_j·dv_inter_j), and i after c, j before it (exp(Σa)·⟨dS_c, S_c⟩, equal for all k)."""
     s = tl.program_id(0)
     h = tl.program_id(1)
     d = s // seqs_per_dir
