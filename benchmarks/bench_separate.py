@@ -92,8 +92,9 @@ def bench_rtf(args) -> dict:
                     batch_size=args.batch_size, mode=args.mode)  # fmt: skip
     wave = torch.from_numpy(music_like(args.seconds))
     # Warm-up on one batch-sized input (allocations, kernel selection, Triton compilation on GPU).
-    warm = wave[:, : max(1, min(wave.shape[-1], sep.segment_samples or wave.shape[-1]))]
-    sep.separate(warm, 44100)
+    if not args.no_warmup:
+        warm = wave[:, : max(1, min(wave.shape[-1], sep.segment_samples or wave.shape[-1]))]
+        sep.separate(warm, 44100)
     times = []
     for _ in range(args.repeat):
         if sep.device.type == "cuda":
@@ -227,6 +228,7 @@ def main() -> None:
     r.add_argument("--device", default="auto")
     r.add_argument("--precision", default=None)
     r.add_argument("--repeat", type=int, default=1)
+    r.add_argument("--no-warmup", action="store_true", help="skip the untimed first call (slow CPU models)")
     m = sub.choices["memory"]
     m.add_argument("--minutes", type=float, default=10.0)
     m.add_argument("--tmp", default=None, help="folder for the generated file and outputs (needs ~3x the file size)")
