@@ -318,13 +318,14 @@ class Separator:
         precision: None/"fp32", "bf16" or "fp16" (autocast; fp16 needs a GPU).
         segment: seconds per model call (the training length is 8 s); 0 = the whole input at once.
         overlap: fraction of a segment shared with the next one, 0 <= overlap < 1 (overlap-add mode).
-        batch_size: segments per model call.
+        batch_size: segments per model call; None picks 1 on a CPU (larger batches only add memory traffic there)
+            and 8 on a GPU.
         mode: "overlap-add" (default) or "paper" — the paper's evaluation: non-overlapping segments concatenated.
     """
 
     def __init__(
         self, checkpoint: str | os.PathLike | nn.Module | None = None, device: str | torch.device = "auto",
-        precision: str | torch.dtype | None = None, segment: float = 8.0, overlap: float = 0.5, batch_size: int = 4,
+        precision: str | torch.dtype | None = None, segment: float = 8.0, overlap: float = 0.5, batch_size: int | None = None,
         mode: str = "overlap-add",
     ):  # fmt: skip
         if mode not in MODES:
@@ -333,7 +334,7 @@ class Separator:
             raise ValueError(f"segment must be >= 0 seconds (0 = whole file at once), got {segment}")
         if not 0 <= overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-        if int(batch_size) < 1:
+        if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
@@ -351,7 +352,7 @@ class Separator:
         self.mode = mode
         self.segment = float(segment)
         self.overlap = 0.0 if mode == "paper" else float(overlap)
-        self.batch_size = int(batch_size)
+        self.batch_size = int(batch_size) if batch_size is not None else (1 if self.device.type == "cpu" else 8)
         self.segment_samples = int(round(self.segment * self.sample_rate))
         if self.segment and self.segment_samples < self.min_length:
             raise ValueError(

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
             s = scores[name]
             print(f"{name:<22}{s['usdr']:>9.2f}{s['csdr']:>9.2f}{s['leakage_db']:>12.1f}")
         print("leakage: vocal-estimate energy where the reference vocal is silent, relative to the mixture there "
-              "(lower is better)")
+              "(lower is better).\ncSDR is the median over 1-s frames: in a sparse song most frames hold no singing, "
+              "so it scores the near-silent frames; uSDR and leakage are the telling numbers here.")
     if not np.isfinite(scores["model"]["usdr"]):
         raise RuntimeError("separation produced non-finite scores; the checkpoint may be broken")
     return 0

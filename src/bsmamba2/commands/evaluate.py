@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "(chosen automatically when --overlap > 0)")
     sep.add_argument("--segment", type=float, default=8.0, help="input length per model call in seconds (default 8)")
     sep.add_argument("--overlap", type=float, help="overlap fraction in overlap-add mode (default 0.5 there, 0 in paper)")
-    sep.add_argument("--batch-size", type=int, default=4, help="segments per model call (default 4)")
+    sep.add_argument("--batch-size", type=int, default=None,
+                   help="segments per model call (default: 1 on a CPU, 8 on a GPU)")
     sep.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     sep.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
     ana = parser.add_argument_group("analyses")

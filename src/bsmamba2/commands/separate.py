@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=MODES, default="overlap-add",
                    help="overlap-add (default) or paper: the paper's evaluation, non-overlapping segments concatenated")
     g.add_argument("--paper", action="store_const", dest="mode", const="paper", help="same as --mode paper")
-    g.add_argument("--batch-size", "-b", type=int, default=4, help="segments per model call (default 4)")
+    g.add_argument("--batch-size", "-b", type=int, default=None,
+                   help="segments per model call (default: 1 on a CPU, 8 on a GPU)")
     g = p.add_argument_group("device")
     g.add_argument("--device", "-d", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
