@@ -40,13 +40,22 @@ class BandSplitModel(nn.Module):
     def make_layer(self) -> nn.ModuleList:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _dual_path(self, x: Tensor, time_module: nn.Module, band_module: nn.Module) -> Tensor:
+    @staticmethod
+    def _along_time(x: Tensor, module: nn.Module) -> Tensor:
         b, t, k, d = x.shape
-        x = x.transpose(1, 2).reshape(b * k, t, d)  # (b·k, t, d): one sequence per band, along time
-        x = time_module(x)
-        x = x.reshape(b, k, t, d).transpose(1, 2).reshape(b * t, k, d)  # (b·t, k, d): along bands
-        x = band_module(x)
-        return x.reshape(b, t, k, d)
+        y = module(x.transpose(1, 2).reshape(b * k, t, d))  # (b·k, t, d): one sequence per band, along time
+        return y.reshape(b, k, t, d).transpose(1, 2)  # (b, t, k, d)
+
+    @staticmethod
+    def _along_bands(x: Tensor, module: nn.Module) -> Tensor:
+        b, t, k, d = x.shape
+        return module(x.reshape(b * t, k, d)).reshape(b, t, k, d)  # (b·t, k, d): one sequence per frame
+
+    def _run(self, fn, x: Tensor, module: nn.Module) -> Tensor:
+        # Activation checkpointing per axis module: only one module's intermediates are alive at a time.
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, x, module, use_reentrant=False)
+        return fn(x, module)
 
     def forward(self, spec: Tensor) -> Tensor:
         """Complex spectrum `(b, c, f, t)` → masked complex spectra `(b, stems, c, f, t)`."""
@@ -56,10 +65,8 @@ class BandSplitModel(nn.Module):
         feats = spec_to_features(spec)  # (b, t, f·c·2)
         x = self.band_split(feats)  # (b, t, k, d)
         for time_module, band_module in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(self._dual_path, x, time_module, band_module, use_reentrant=False)
-            else:
-                x = self._dual_path(x, time_module, band_module)
+            x = self._run(self._along_time, x, time_module)
+            x = self._run(self._along_bands, x, band_module)
         x = self.final_norm(x)
         masks = torch.stack([est(x) for est in self.mask_estimators], dim=1)  # (b, n, t, f·c·2)
         masks = features_to_spec(masks, self.audio_channels)  # (b, n, c, f, t) complex

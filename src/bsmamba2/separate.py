@@ -49,9 +49,9 @@ INSTRUMENTAL = "instrumental"
 READ_BLOCK_SECONDS = 10.0
 
 OFFICIAL_WEIGHTS_HINT = (
-    "download the paper's BSMamba2 weights (the 'bsmamba2' link under 'Pretrained Weights' in the README of "
-    "https://github.com/EuiYeonKim/BSMamba2) and pass the .ckpt file with --checkpoint PATH "
-    "(Python: Separator(checkpoint=PATH))"
+    "get the paper's BSMamba2 weights with `bsmamba2 download bsmamba2-musdb` (or from the 'bsmamba2' link under "
+    "'Pretrained Weights' in the README of https://github.com/EuiYeonKim/BSMamba2) and pass the .ckpt file with "
+    "--checkpoint PATH (Python: Separator(checkpoint=PATH))"
 )
 
 # A model callable: (batch, channels, time) float32 -> (batch, stems, channels, time) float32.
