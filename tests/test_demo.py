@@ -70,3 +70,16 @@ def test_download_cli_uses_cache_dir(tmp_path, tiny_checkpoint, monkeypatch):
     assert (tmp_path / "cache" / "tiny.safetensors").is_file()
     assert torch.equal(load_model(tmp_path / "cache" / "tiny.safetensors").final_norm.gamma,
                        load_model(tiny_checkpoint).final_norm.gamma)
+
+
+def test_separate_without_checkpoint_uses_bundled_model_and_says_so(caplog):
+    if pretrained.default_checkpoint() is None:
+        pytest.skip("package installed without the bundled demo model")
+    from bsmamba2.separate import Separator
+
+    with caplog.at_level("WARNING"):
+        sep = Separator(None, device="cpu")
+    assert sep.checkpoint_path == pretrained.default_checkpoint()
+    assert sum("bundled demo model" in r.getMessage() for r in caplog.records) == 1
+    out = sep.separate(torch.zeros(2, 4410), 44100)
+    assert out["vocals"].shape == (2, 4410)

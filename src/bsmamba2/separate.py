@@ -267,6 +267,8 @@ def load_checkpoint(checkpoint: str | os.PathLike | None) -> tuple[nn.Module, Pa
         path = _default_checkpoint()
         if path is None:
             raise FileNotFoundError(f"no checkpoint given and no bundled default model is installed; {OFFICIAL_WEIGHTS_HINT}")
+        log.warning("no checkpoint given: using the bundled demo model, trained on synthetic songs only; for real "
+                    "music get the paper's weights with `bsmamba2 download bsmamba2-musdb` and pass --checkpoint")
     else:
         path = Path(checkpoint).expanduser()
     if not path.exists():
