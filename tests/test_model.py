@@ -158,3 +158,15 @@ def test_causal_depthwise_conv_equals_conv1d(length):
     x = torch.randn(2, length, 12, dtype=torch.float64)
     ref = conv(x.transpose(1, 2))[..., :length].transpose(1, 2)
     torch.testing.assert_close(causal_depthwise_conv(x, conv.weight, conv.bias), ref)
+
+
+def test_cpu_inference_in_slices_equals_whole_batch(monkeypatch):
+    import bsmamba2.mamba2 as mamba2_module
+
+    blk = BiMamba2Block(16, BSMamba2Config.tiny().mamba).eval()
+    x = torch.randn(7, 30, 16)
+    whole = blk(x)  # grad enabled: one pass over all sequences
+    monkeypatch.setattr(mamba2_module, "CPU_SLICE_ELEMENTS", 30 * blk.forward_blocks[0].mixer.conv_dim * 2)
+    with torch.no_grad():
+        sliced = blk(x)  # 2 sequences at a time
+    torch.testing.assert_close(sliced, whole.detach(), rtol=1e-5, atol=1e-6)

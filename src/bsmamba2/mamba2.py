@@ -62,6 +62,7 @@ def resolve_backend(device: torch.device) -> str:
 
 
 TORCH_CHUNK = 64  # chunk length of the plain-PyTorch scan
+CPU_SLICE_ELEMENTS = 500_000  # elements of the widest per-slice activation in CPU inference (~2 MB float32)
 
 
 def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -199,6 +200,15 @@ class BiMamba2Block(nn.Module):
 
             if fast.supports(self):
                 return fast.bimamba2_block_forward(self, x)  # same function, both directions in shared launches
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            # CPU inference: a few sequences at a time keeps every temporary small enough to stay in the
+            # allocator's heap and the caches, instead of page-faulting hundreds of MB per elementwise op
+            step = max(1, CPU_SLICE_ELEMENTS // (x.shape[1] * self.forward_blocks[0].mixer.conv_dim))
+            if x.shape[0] > step:
+                return torch.cat([self._plain(part) for part in x.split(step)])
+        return self._plain(x)
+
+    def _plain(self, x: Tensor) -> Tensor:
         fwd = self.forward_blocks[0](x)
         bwd = self.backward_blocks[0](x.flip(1)).flip(1)
         both = torch.cat([fwd, bwd], dim=-1)  # (s, l, 2d)

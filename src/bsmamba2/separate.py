@@ -320,7 +320,7 @@ class Separator:
         precision: None/"fp32", "bf16" or "fp16" (autocast; fp16 needs a GPU).
         segment: seconds per model call (the training length is 8 s); 0 = the whole input at once.
         overlap: fraction of a segment shared with the next one, 0 <= overlap < 1 (overlap-add mode).
-        batch_size: segments per model call; None picks 1 on a CPU (larger batches only add memory traffic there)
+        batch_size: segments per model call; None picks 1 on a CPU (lowest memory; larger batches gain little there)
             and 8 on a GPU.
         mode: "overlap-add" (default) or "paper" — the paper's evaluation: non-overlapping segments concatenated.
     """

@@ -15,8 +15,8 @@ Shapes (letters used in every einsum below):
 - `ssd_sequential`: the recurrence itself, one step at a time. Ground truth; slow.
 - `ssd_quadratic`:  y = (L ∘ C Bᵀ) (dt·x) with L_ij = exp(Σ_{j<k≤i} dt_k A) for i ≥ j. No states; O(l²) memory.
                     Best for short sequences (the band axis, l = 62).
-- `ssd_chunked`:    the quadratic form inside chunks of `chunk_size`, states passed between chunks. Linear in l;
-                    any length (the last chunk may be partial). Used for the time axis.
+- `ssd_chunked`:    the quadratic form inside chunks of `chunk_size`, the state passed from chunk to chunk.
+                    Linear in l; any length (the last chunk may be partial). What the model runs.
 
 All forms do their decay arithmetic (cumsum, exp) in float32, also under autocast.
 """
@@ -24,7 +24,6 @@ All forms do their decay arithmetic (cumsum, exp) in float32, also under autocas
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -86,11 +85,11 @@ def ssd_quadratic(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                 chunk_size: int = 256, initial_state: Tensor | None = None, return_final_state: bool = False):
-    """Chunked SSD: quadratic form within chunks, states carried across chunk boundaries.
+    """Chunked SSD: the quadratic form within each chunk, the state carried from chunk to chunk.
 
-    Any length: the sequence is zero-padded to whole chunks (dt = 0 on padding, so it neither decays nor adds to
-    the state) and the output cut back. A sequence no longer than `chunk_size` is one chunk of its own length.
-    B and C are used per group (never copied per head): heads are split as h = g·r, r heads per group.
+    Any length: the last chunk may be shorter. Chunks are visited in order (a loop over l / chunk_size), so only one
+    chunk's (chunk × chunk) decay matrix exists at a time and memory stays linear in length. B and C are used per
+    group (never copied per head): heads split as h = g·r, r heads per group.
     Returns y `(b, l, h, p)` [, final state `(b, h, p, n)`].
     """
     b, l, h, p = x.shape
@@ -99,42 +98,27 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         raise ValueError(f"heads ({h}) must be a multiple of groups ({g})")
     r = h // g
     q = max(1, min(chunk_size, l))  # chunk length
-    pad = (-l) % q
-    c = (l + pad) // q
     cd = compute_dtype(x)
-    a = dt.to(cd) * A.to(cd)  # (b, l, h) log-decay per step
-    xdt = x.to(cd) * dt.to(cd)[..., None]  # (b, l, h, p)
-    Bf, Cf = B.to(cd), C.to(cd)
-    if pad:
-        xdt, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xdt, Bf, Cf))
-        a = F.pad(a, (0, 0, 0, pad))
-    a = a.view(b, c, q, g, r).permute(0, 1, 3, 4, 2)  # (b, c, g, r, q)
-    a_cum = torch.cumsum(a, dim=-1)
-    Bc = Bf.view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    Cc = Cf.view(b, c, q, g, n).transpose(2, 3)  # (b, c, g, q, n)
-    X = xdt.view(b, c, q, g, r, p).permute(0, 1, 3, 4, 2, 5)  # (b, c, g, r, q, p)
-
-    # 1. within each chunk: the quadratic form, scores shared by the r heads of a group
-    scores = Cc @ Bc.transpose(-1, -2)  # (b, c, g, i, j)
-    y = (segment_decay(a) * scores.unsqueeze(3)) @ X  # (b, c, g, r, q, p)
-
-    # 2. pass states across chunks (sequential over chunks: linear in length)
+    a = (dt.to(cd) * A.to(cd)).view(b, l, g, r).permute(0, 2, 3, 1)  # (b, g, r, l) log-decay per step
+    xdt = (x.to(cd) * dt.to(cd)[..., None]).view(b, l, g, r, p).permute(0, 2, 3, 1, 4).contiguous()  # (b, g, r, l, p)
+    Bt, Ct = B.to(cd).transpose(1, 2), C.to(cd).transpose(1, 2)  # (b, g, l, n)
     state = None if initial_state is None else initial_state.to(cd).view(b, g, r, p, n)
-    if c > 1 or state is not None or return_final_state:
-        decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, g, r, q)
-        chunk_states = (X * decay_to_end[..., None]).transpose(-1, -2) @ Bc.unsqueeze(3)  # (b, c, g, r, p, n)
-        chunk_decay = torch.exp(a_cum[..., -1])  # (b, c, g, r) total decay over each chunk
-        if state is None:
-            state = torch.zeros_like(chunk_states[:, 0])
-        entering = []
-        for i in range(c):
-            entering.append(state)
-            state = chunk_decay[:, i, ..., None, None] * state + chunk_states[:, i]
-        prev = torch.stack(entering, dim=1)  # (b, c, g, r, p, n) state entering each chunk
-        # 3. the entering state's contribution to every output of its chunk
-        y = y + torch.exp(a_cum)[..., None] * (Cc.unsqueeze(3) @ prev.transpose(-1, -2))
-
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :l]  # (b, l, h, p)
+    ys = []
+    for s in range(0, l, q):
+        e = min(s + q, l)
+        a_i, x_i, B_i, C_i = a[..., s:e], xdt[:, :, :, s:e], Bt[:, :, s:e], Ct[:, :, s:e]
+        cum = torch.cumsum(a_i, dim=-1)  # (b, g, r, m) decay from the chunk start
+        # within the chunk: y_t = Σ_{j≤t} exp(Σ_{j<k≤t} a_k) (C_t·B_j) dt_j x_j, scores shared by a group's heads
+        y_i = (segment_decay(a_i) * (C_i @ B_i.transpose(-1, -2)).unsqueeze(2)) @ x_i  # (b, g, r, m, p)
+        if state is not None:  # the state entering the chunk, decayed to each position
+            y_i = y_i + torch.exp(cum)[..., None] * (C_i.unsqueeze(2) @ state.transpose(-1, -2))
+        ys.append(y_i)
+        if e == l and not return_final_state:
+            break
+        # state at the chunk end: the entering state decayed over the chunk, plus the chunk's own inputs
+        own = (x_i * torch.exp(cum[..., -1:] - cum)[..., None]).transpose(-1, -2) @ B_i.unsqueeze(2)  # (b,g,r,p,n)
+        state = own if state is None else torch.exp(cum[..., -1])[..., None, None] * state + own
+    y = torch.cat(ys, dim=3).permute(0, 3, 1, 2, 4).reshape(b, l, h, p)  # (b, l, h, p)
     y = _skip(y, x, D).to(x.dtype)
     if return_final_state:
         return y, state.reshape(b, h, p, n)
