@@ -64,7 +64,7 @@ m = load_model(sys.argv[1]); save_model(m, sys.argv[2], read_metadata(sys.argv[1
     cp "$RUN_ROOT/runs/$arch/config.yaml" "$RUN_ROOT/reports/$arch-config.yaml" 2>/dev/null || true
     cp "$RUN_ROOT/models/$arch-small.safetensors" "$OUT/"
   done
-  $PY "$HERE/plot_curves.py" "$RUN_ROOT/runs" "$RUN_ROOT/reports/training_curves.png"
+  $PY benchmarks/plot_training.py "$RUN_ROOT"/runs/* --out "$RUN_ROOT/reports/training_curves.png"
   cp "$RUN_ROOT"/*.log "$RUN_ROOT/reports/" 2>/dev/null || true
   tar -C "$RUN_ROOT" -czf "$OUT/reports.tar.gz" reports
   cp "$RUN_ROOT/reports/training_curves.png" "$OUT/"
