@@ -7,8 +7,10 @@ sequence, flipped back (direction 1). Without flips, direction 1 is the anti-cau
     out[1, t] = silu(b₁ + Σ_i w₁[i] · raw[t + (k−1) − i, 1])        taps t … t+k−1   (zeros after the end)
 
 `raw` is read in place from the in-projection `(s, l, 2, c)` (any strides); the output is `(2, s, l, c)`, the layout
-the scan reads as `(2s, l, ·)`. Backward recomputes the pre-activations (no extra saved tensor) and accumulates the
-weight and bias gradients per program in float32, then with atomics.
+the scan reads as `(2s, l, ·)`. Backward saves only raw, weight, bias and runs two passes: the first recomputes the
+pre-activations with the forward's K loads, writes dpre = dout · silu'(pre) into a `(2, s, l, c)` buffer in raw's dtype
+and sums the weight and bias gradients per program in float32 (one atomic per element and program); the second
+gathers draw[u] = Σ_i w[i] · dpre[t_i(u)] over the K output positions that read raw[u].
 """
 
 from __future__ import annotations
@@ -49,82 +51,125 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    raw_ptr, w_ptr, b_ptr, dout_ptr, draw_ptr, dw_ptr, db_ptr, S, L, CH,
+def _conv_dpre_kernel(
+    raw_ptr, wt_ptr, b_ptr, dout_ptr, dpre_ptr, dw_ptr, db_ptr, S, L, CH,
     sr_s, sr_l, sr_d, sr_c,
     so_d, so_s, so_l, so_c,
-    sdr_s, sdr_l, sdr_d, sdr_c,
+    sp_d, sp_s, sp_l, sp_c,
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SEQS: tl.constexpr,
 ):
-    """One program: a (positions × channels) tile of SEQS sequences of one direction; the weight and bias gradients
-    are summed over them in registers and added with one atomic per element and program."""
+    """Backward, pass 1. One program: a (positions t × channels) tile of SEQS sequences of one direction. Per sequence
+    it loads the K shifted raw tiles the forward loads, recomputes pre (BLOCK_T, BLOCK_C) and writes
+    dpre = dout · silu'(pre) into dpre (2, s, l, c). The weight and bias gradients dw[i] = Σ_t dpre[t] · raw_i[t],
+    db = Σ_t dpre[t] are summed elementwise over the SEQS sequences in float32 (BLOCK_T, BLOCK_C) registers, reduced
+    over t once at the end and added with one atomic per element and program. wt is the weight as (2, K, c)."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_sd = tl.program_id(2)
     n_sblocks = tl.cdiv(S, SEQS)
     d = pid_sd // n_sblocks
     s0 = (pid_sd % n_sblocks) * SEQS
-    sign = 1 - 2 * d
-    offs_u = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # positions of raw whose gradient this program writes
+    sign = 1 - 2 * d  # +1: causal taps, −1: anti-causal taps
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # output positions t
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < CH
-    bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
-    dw0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dw3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for si in range(0, SEQS):
+    wrow = wt_ptr + d * K * CH + offs_c  # tap i of the channels at wrow + i·CH
+    # tap i of out[t] reads raw[t + sign·(i − (K−1))]; the shifted positions and their masks (BLOCK_T,)
+    src0 = offs_t + sign * (0 - (K - 1))
+    src1 = offs_t + sign * (1 - (K - 1))
+    src2 = offs_t + sign * (2 - (K - 1))
+    src3 = offs_t + sign * (3 - (K - 1))
+    m0 = (src0 >= 0) & (src0 < L)
+    m1 = (src1 >= 0) & (src1 < L)
+    m2 = (src2 >= 0) & (src2 < L)
+    m3 = (src3 >= 0) & (src3 < L)
+    mt = (offs_t < L)[:, None] & mc[None, :]
+    # per-element partial sums (BLOCK_T, BLOCK_C) of the weight and bias gradients; reduced over t after the loop
+    acc0 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    accb = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for si in tl.range(0, tl.minimum(SEQS, S - s0), loop_unroll_factor=1):
         s = s0 + si
-        mu = (offs_u < L) & ((tl.zeros((BLOCK_T,), dtype=tl.int32) + s) < S)
-        base = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d
-        dbase = dout_ptr + d * so_d + s.to(tl.int64) * so_s
-        raw_u = tl.load(base + offs_u[:, None] * sr_l + offs_c[None, :] * sr_c, mask=mu[:, None] & mc[None, :],
-                        other=0.0).to(tl.float32)
-        draw = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for i in tl.static_range(K):
-            # raw[u] enters out[t] through tap i, with t = u − sign·(i − (K−1))
-            t = offs_u - sign * (i - (K - 1))
-            mt = (t >= 0) & (t < L) & mu
-            pre = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + bias[None, :]
-            for j in tl.static_range(K):
-                src = t + sign * (j - (K - 1))
-                m = (src >= 0) & (src < L) & mt
-                wj = tl.load(w_ptr + (d * CH + offs_c) * K + j, mask=mc, other=0.0).to(tl.float32)
-                xv = tl.load(base + src[:, None] * sr_l + offs_c[None, :] * sr_c, mask=m[:, None] & mc[None, :],
-                             other=0.0)
-                pre += xv.to(tl.float32) * wj[None, :]
-            dout = tl.load(dbase + t[:, None] * so_l + offs_c[None, :] * so_c, mask=mt[:, None] & mc[None, :],
-                           other=0.0).to(tl.float32)
-            sig = tl.sigmoid(pre)
-            dpre = dout * sig * (1 + pre * (1 - sig))  # d silu(pre) / d pre
-            wi = tl.load(w_ptr + (d * CH + offs_c) * K + i, mask=mc, other=0.0).to(tl.float32)
-            draw += dpre * wi[None, :]
-            dwi = tl.sum(dpre * raw_u, axis=0)
-            if i == 0:
-                dw0 += dwi
-            elif i == 1:
-                dw1 += dwi
-            elif i == 2:
-                dw2 += dwi
-            else:
-                dw3 += dwi
-            if i == K - 1:  # tap K−1 is offset 0 in both directions: t = u, each position once
-                dbias += tl.sum(dpre, axis=0)
-        dptr = draw_ptr + s.to(tl.int64) * sdr_s + d * sdr_d + offs_u[:, None] * sdr_l + offs_c[None, :] * sdr_c
-        tl.store(dptr, draw.to(draw_ptr.dtype.element_ty), mask=mu[:, None] & mc[None, :])
-    tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 0, dw0, mask=mc)
+        # the weights are reloaded (cache hits) per sequence: held across the loop they cost ~30 registers
+        bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        rc = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d + offs_c[None, :] * sr_c
+        # raw_i (BLOCK_T, BLOCK_C) = raw[t + sign·(i − (K−1))], zeros outside [0, L)
+        x0 = tl.load(rc + src0[:, None] * sr_l, mask=m0[:, None] & mc[None, :], other=0.0).to(tl.float32)
+        pre = bias[None, :] + x0 * tl.load(wrow, mask=mc, other=0.0).to(tl.float32)[None, :]
+        if K > 1:
+            x1 = tl.load(rc + src1[:, None] * sr_l, mask=m1[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            pre += x1 * tl.load(wrow + CH, mask=mc, other=0.0).to(tl.float32)[None, :]
+        if K > 2:
+            x2 = tl.load(rc + src2[:, None] * sr_l, mask=m2[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            pre += x2 * tl.load(wrow + 2 * CH, mask=mc, other=0.0).to(tl.float32)[None, :]
+        if K > 3:
+            x3 = tl.load(rc + src3[:, None] * sr_l, mask=m3[:, None] & mc[None, :], other=0.0).to(tl.float32)
+            pre += x3 * tl.load(wrow + 3 * CH, mask=mc, other=0.0).to(tl.float32)[None, :]
+        dout = tl.load(dout_ptr + d * so_d + s.to(tl.int64) * so_s + offs_t[:, None] * so_l + offs_c[None, :] * so_c,
+                       mask=mt, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(pre)
+        dpre = dout * sig * (1 + pre * (1 - sig))  # d silu(pre) / d pre; zero wherever dout is masked
+        pptr = dpre_ptr + d * sp_d + s.to(tl.int64) * sp_s + offs_t[:, None] * sp_l + offs_c[None, :] * sp_c
+        tl.store(pptr, dpre.to(dpre_ptr.dtype.element_ty), mask=mt)
+        accb += dpre
+        acc0 += dpre * x0
+        if K > 1:
+            acc1 += dpre * x1
+        if K > 2:
+            acc2 += dpre * x2
+        if K > 3:
+            acc3 += dpre * x3
+    dwp = dw_ptr + (d * CH + offs_c) * K  # dw (2, c, K) float32
+    tl.atomic_add(dwp, tl.sum(acc0, axis=0), mask=mc)
     if K > 1:
-        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 1, dw1, mask=mc)
+        tl.atomic_add(dwp + 1, tl.sum(acc1, axis=0), mask=mc)
     if K > 2:
-        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 2, dw2, mask=mc)
+        tl.atomic_add(dwp + 2, tl.sum(acc2, axis=0), mask=mc)
     if K > 3:
-        tl.atomic_add(dw_ptr + (d * CH + offs_c) * K + 3, dw3, mask=mc)
-    tl.atomic_add(db_ptr + d * CH + offs_c, dbias, mask=mc)
+        tl.atomic_add(dwp + 3, tl.sum(acc3, axis=0), mask=mc)
+    tl.atomic_add(db_ptr + d * CH + offs_c, tl.sum(accb, axis=0), mask=mc)
+
+
+@triton.jit
+def _conv_draw_kernel(
+    dpre_ptr, wt_ptr, draw_ptr, L, CH,
+    sp_d, sp_s, sp_l, sp_c,
+    sdr_s, sdr_l, sdr_d, sdr_c,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Backward, pass 2. One program: a (positions u × channels) tile of one sequence and direction of
+    draw (s, l, 2, c): draw[u] = Σ_i w[i] · dpre[t_i(u)], t_i(u) = u − sign·(i − (K−1)) the output position that
+    reads raw[u] through tap i (no term where t_i(u) falls outside [0, L)). wt is the weight as (2, K, c)."""
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_sd = tl.program_id(2)
+    S = tl.num_programs(2) // 2
+    d = pid_sd // S
+    s = pid_sd % S
+    sign = 1 - 2 * d
+    offs_u = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # positions u of raw
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < CH
+    pc = dpre_ptr + d * sp_d + s.to(tl.int64) * sp_s + offs_c[None, :] * sp_c
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(K):
+        t = offs_u - sign * (i - (K - 1))
+        m = (t >= 0) & (t < L)
+        wi = tl.load(wt_ptr + (d * K + i) * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
+        g = tl.load(pc + t[:, None] * sp_l, mask=m[:, None] & mc[None, :], other=0.0)
+        acc += g.to(tl.float32) * wi[None, :]
+    dptr = draw_ptr + s.to(tl.int64) * sdr_s + d * sdr_d + offs_u[:, None] * sdr_l + offs_c[None, :] * sdr_c
+    tl.store(dptr, acc.to(draw_ptr.dtype.element_ty), mask=(offs_u < L)[:, None] & mc[None, :])
 
 
 _BLOCK_T, _BLOCK_C = 32, 128
-_SEQS_PER_PROGRAM = 8  # backward: sequences whose weight gradients one program sums before its atomics
+_SEQS_PER_PROGRAM = 8  # backward pass 1: sequences whose weight gradients one program sums before its atomics
+# backward pass 1 holds K raw tiles, dout, pre and five float32 partial sums per element: 16 positions × 128 channels
+# over 8 warps is one row of 8 channels per thread: 128 registers at K = 4 on sm_90 (two rows per thread: 255)
+_DPRE_BLOCK_T, _DPRE_WARPS = 16, 8
+_DRAW_BLOCK_T, _DRAW_WARPS = 32, 4
 
 
 def _grid(s: int, l: int, c: int) -> tuple[int, int, int]:
@@ -155,11 +200,16 @@ def conv_silu_bwd(dout: Tensor, raw: Tensor, weight: Tensor, bias: Tensor) -> tu
     if not 1 <= k <= 4:
         raise ValueError(f"the fast conv1d supports d_conv 1..4, got {k}; use the 'torch' backend")
     if s and l:
+        wt = weight.transpose(1, 2).contiguous()  # (2, k, c): one tap of a channel block is contiguous
         seqs = _SEQS_PER_PROGRAM
-        grid = (triton.cdiv(l, _BLOCK_T), triton.cdiv(c, _BLOCK_C), 2 * triton.cdiv(s, seqs))
-        _conv_bwd_kernel[grid](raw, weight.contiguous(), bias.contiguous(), dout, draw, dw, db, s, l, c,
-                               *raw.stride(), *dout.stride(), *draw.stride(), K=k,
-                               BLOCK_T=_BLOCK_T, BLOCK_C=_BLOCK_C, SEQS=seqs, num_warps=4)
+        dpre = torch.empty(2, s, l, c, device=raw.device, dtype=raw.dtype)  # (2, s, l, c): d loss / d pre-activation
+        grid = (triton.cdiv(l, _DPRE_BLOCK_T), triton.cdiv(c, _BLOCK_C), 2 * triton.cdiv(s, seqs))
+        _conv_dpre_kernel[grid](raw, wt, bias.contiguous(), dout, dpre, dw, db, s, l, c,
+                                *raw.stride(), *dout.stride(), *dpre.stride(), K=k,
+                                BLOCK_T=_DPRE_BLOCK_T, BLOCK_C=_BLOCK_C, SEQS=seqs, num_warps=_DPRE_WARPS)
+        grid = (triton.cdiv(l, _DRAW_BLOCK_T), triton.cdiv(c, _BLOCK_C), 2 * s)
+        _conv_draw_kernel[grid](dpre, wt, draw, l, c, *dpre.stride(), *draw.stride(), K=k,
+                                BLOCK_T=_DRAW_BLOCK_T, BLOCK_C=_BLOCK_C, num_warps=_DRAW_WARPS)
     return draw, dw, db
 
 
