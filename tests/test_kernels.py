@@ -122,6 +122,21 @@ def test_conv_silu_both_directions_matches_conv1d(seqs):
     assert max(rel(a, r) for a, r in zip(fast, plain)) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 24), (5, 96), (1, 1, 256)])  # rows not a multiple of 8; n not a power of 2
+def test_rms_scale_matches_reference(shape):
+    from bsmamba2.kernels.norm import rms_scale, rms_scale_reference
+
+    x = (3 * torch.randn(shape, device=DEV)).requires_grad_()
+    out = rms_scale(x, 1e-5)
+    go = torch.randn_like(out)
+    (gx,) = torch.autograd.grad((out * go).sum(), [x])
+    xr = x.detach().double().requires_grad_()
+    ref = rms_scale_reference(xr, 1e-5)
+    (gr,) = torch.autograd.grad((ref * go.double()).sum(), [xr])
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert rel(out, ref) < 1e-5 and rel(gx, gr) < 1e-5
+
+
 def test_block_q_for_lengths():
     block = int(os.environ.get("BSMAMBA2_SSD_BLOCK", "64"))
     assert block_q_for(1) == 16

@@ -13,57 +13,28 @@ Here, with the same parameters and the same function:
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner), W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, one small d × d product on x.
-conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`conv.py`, `ssd.py`, `norm.py`); the matrix
-products are cuBLAS; the small remaining glue (rms scale, softplus) runs through `torch.compile`
-(BSMAMBA2_COMPILE=0: eagerly).
+The RMS scale, conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`norm.py`, `conv.py`, `ssd.py`); the
+matrix products are cuBLAS; the softplus of dt (a small tensor, (2, s, l, h)) runs eagerly. Nothing is compiled by
+`torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation.
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from bsmamba2.kernels.conv import conv_silu_bidirectional
-from bsmamba2.kernels.norm import gated_norm_bidirectional
+from bsmamba2.kernels.norm import gated_norm_bidirectional, rms_scale
 from bsmamba2.kernels.ssd import ssd_scan_bidirectional
-
-
-def _rms_scale(x: Tensor, eps: float) -> Tensor:
-    """x · rsqrt(mean(x²) + eps) in float32, returned in x's dtype (the pre-norm without its gain)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _softplus_dt(dt_raw: Tensor, dt_bias: Tensor) -> Tensor:
     """dt = softplus(dt_raw + dt_bias) in float32. dt_raw (s, l, 2, h) (a view of the in-projection), dt_bias (2, h)
     → (2, s, l, h)."""
     return F.softplus(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None, :])
-
-
-_GLUE = {"rms": _rms_scale, "dt": _softplus_dt}
-
-
-def compile_enabled() -> bool:
-    return os.environ.get("BSMAMBA2_COMPILE", "1") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(name: str):
-    fn = _GLUE[name]
-    # no fullgraph: past dynamo's recompile limit (shapes, grad mode) a frame simply runs eagerly
-    return torch.compile(fn)
-
-
-def _glue(name: str, device: torch.device):
-    if device.type == "cuda" and compile_enabled():
-        return _compiled(name)
-    return _GLUE[name]
 
 
 def supports(block) -> bool:
@@ -97,11 +68,11 @@ def bimamba2_block_forward(block, x: Tensor) -> Tensor:
         D = torch.stack([mf.D, mb.D])  # (2, h)
         norm_w = torch.stack([mf.norm.weight, mb.norm.weight])  # (2, e)
 
-    xn = _glue("rms", x.device)(x, f.norm.eps)
+    xn = rms_scale(x, f.norm.eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
     z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
     xbc = conv_silu_bidirectional(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
-    dt = _glue("dt", x.device)(dt_raw, dt_bias)  # (2, s, l, h) float32
+    dt = _softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
     xs, B, C = xbc.reshape(2 * s, l, c).split([e, g * n, g * n], dim=-1)
     y = ssd_scan_bidirectional(xs.unflatten(-1, (h, p)), dt.reshape(2 * s, l, h), A,
                                B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D)  # (2s, l, h, p)

@@ -1,4 +1,7 @@
-"""Gated RMSNorm of both directions of a bidirectional Mamba2 block, written side by side: Triton forward/backward.
+"""The norms of the fast block as Triton kernels (forward, backward): the gated RMSNorm of both directions, written
+side by side, and the RMS scale of the pre-norm.
+
+Gated RMSNorm.
 
 Plain twin: `bsmamba2.mamba2.RMSNormGated` (gate before the norm), per direction d and group of channels:
 
@@ -7,6 +10,13 @@ Plain twin: `bsmamba2.mamba2.RMSNormGated` (gate before the norm), per direction
 y `(2, s, l, e)` is the scan's output, z `(s, l, 2, e)` a view of the in-projection; the output `(s, l, 2e)` is the
 concatenation the merged out-projection reads. One program normalizes ROWS rows of one (direction, group), so the
 weight gradient is summed in registers and added with one atomic per element and program. float32 arithmetic.
+
+RMS scale. Plain twin: `rms_scale_reference`, the pre-norm `bsmamba2.mamba2.RMSNorm` without its gain (the fast block
+folds the gains of both directions into their in-projections):
+
+    out = x · rstd,   rstd = rsqrt(mean(x²) + eps),   dx = rstd · (dout − out · mean(dout · out))
+
+over the last dimension, float32 arithmetic, rows of any length up to 16384.
 """
 
 from __future__ import annotations
@@ -134,3 +144,78 @@ class GatedNorm(torch.autograd.Function):
 def gated_norm_bidirectional(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int) -> Tensor:
     """Gated RMSNorm of both directions side by side: y (2, s, l, e), z (s, l, 2, e), weight (2, e) → (s, l, 2e)."""
     return GatedNorm.apply(y, z, weight, eps, group_size)
+
+
+@triton.jit
+def _rms_fwd_kernel(x_ptr, out_ptr, rstd_ptr, R, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """ROWS rows of x (R, N) per program: out = x · rstd, rstd (R,) float32 kept for the backward."""
+    cols = tl.arange(0, BLOCK)
+    mc = cols < N
+    for i in range(0, ROWS):
+        r = tl.program_id(0) * ROWS + i
+        if r < R:
+            r64 = r.to(tl.int64)
+            x = tl.load(x_ptr + r64 * N + cols, mask=mc, other=0.0).to(tl.float32)
+            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+            tl.store(rstd_ptr + r, rstd)
+            tl.store(out_ptr + r64 * N + cols, (x * rstd).to(out_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _rms_bwd_kernel(x_ptr, rstd_ptr, dout_ptr, dx_ptr, R, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    cols = tl.arange(0, BLOCK)
+    mc = cols < N
+    for i in range(0, ROWS):
+        r = tl.program_id(0) * ROWS + i
+        if r < R:
+            r64 = r.to(tl.int64)
+            x = tl.load(x_ptr + r64 * N + cols, mask=mc, other=0.0).to(tl.float32)
+            dout = tl.load(dout_ptr + r64 * N + cols, mask=mc, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_ptr + r)
+            n = x * rstd
+            dx = rstd * (dout - n * (tl.sum(dout * n, axis=0) / N))
+            tl.store(dx_ptr + r64 * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mc)
+
+
+_RMS_ROWS = 8
+
+
+def _rms_launch(n: int) -> dict:
+    if n > 16384:
+        raise ValueError(f"the fast RMS scale takes rows of at most 16384 elements, got {n}; use the 'torch' backend")
+    block = triton.next_power_of_2(n)
+    return dict(ROWS=_RMS_ROWS, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+
+
+def rms_scale_reference(x: Tensor, eps: float) -> Tensor:
+    """Plain twin of `rms_scale`: x · rsqrt(mean(x²) + eps) over the last dimension in float32, in x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class RMSScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, n)
+        rows, n = x2.shape
+        out = torch.empty_like(x2)
+        rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+        if rows:
+            _rms_fwd_kernel[(triton.cdiv(rows, _RMS_ROWS),)](x2, out, rstd, rows, n, eps, **_rms_launch(n))
+        ctx.save_for_backward(x2, rstd)
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, rstd = ctx.saved_tensors
+        rows, n = x2.shape
+        dout2 = dout.reshape(rows, n).contiguous()
+        dx = torch.empty_like(x2)
+        if rows:
+            _rms_bwd_kernel[(triton.cdiv(rows, _RMS_ROWS),)](x2, rstd, dout2, dx, rows, n, **_rms_launch(n))
+        return dx.view(dout.shape), None
+
+
+def rms_scale(x: Tensor, eps: float) -> Tensor:
+    """x · rsqrt(mean(x²) + eps) over the last dimension (float32 arithmetic), in x's dtype; x (..., n)."""
+    return RMSScale.apply(x, eps)
