@@ -91,10 +91,9 @@ def bench_rtf(args) -> dict:
     sep = Separator(model, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
                     batch_size=args.batch_size, mode=args.mode)  # fmt: skip
     wave = torch.from_numpy(music_like(args.seconds))
-    # Warm-up on one batch-sized input (allocations, kernel selection, Triton compilation on GPU).
+    # Warm-up on the same input (allocations, kernel selection, Triton compilation for every batch shape it makes).
     if not args.no_warmup:
-        warm = wave[:, : max(1, min(wave.shape[-1], sep.segment_samples or wave.shape[-1]))]
-        sep.separate(warm, 44100)
+        sep.separate(wave, 44100)
     times = []
     for _ in range(args.repeat):
         if sep.device.type == "cuda":
@@ -124,12 +123,42 @@ def bench_rtf(args) -> dict:
     }  # fmt: skip
     if sep.device.type == "cuda":
         result["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.profile:
+        result["model_alone_s_per_segment"] = round(_model_alone(sep, wave, args.repeat), 4)
+        _profile_once(sep, wave)
     print(f"{args.model} ({n_params / 1e6:.1f} M params) on {result['device']}, {result['precision']}, "
           f"{args.mode} segment {args.segment} s overlap {sep.overlap} batch {args.batch_size}: "
           f"{args.seconds} s of audio in {best:.2f} s -> real-time factor {best / args.seconds:.3f} "
           f"({args.seconds / best:.2f} audio-s/s); {n_segments} segments, {per_segment:.2f} s each -> "
           f"real-time factor on a long song {long_rtf:.3f}")  # fmt: skip
     return result
+
+
+def _model_alone(sep, wave, repeat: int) -> float:
+    """Seconds per segment of the model call alone (`Separator._apply`: transfer, model, copy back) at full batches."""
+    import torch
+
+    seg = sep.segment_samples or wave.shape[-1]
+    x = torch.stack([wave[:, :seg]] * sep.batch_size)  # (batch, channels, segment)
+    sep._apply(x)
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        sep._apply(x)  # returns a CPU tensor, so the GPU work is finished
+        best = min(best, time.perf_counter() - start)
+    return best / sep.batch_size
+
+
+def _profile_once(sep, wave) -> None:
+    """Where one `separate` call spends its host time: the top functions by cumulative time (cProfile)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    sep.separate(wave, 44100)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
 
 
 # -- streaming memory ------------------------------------------------------------------------------------------------
@@ -229,6 +258,8 @@ def main() -> None:
     r.add_argument("--precision", default=None)
     r.add_argument("--repeat", type=int, default=1)
     r.add_argument("--no-warmup", action="store_true", help="skip the untimed first call (slow CPU models)")
+    r.add_argument("--profile", action="store_true",
+                   help="also time the model call alone and print a cProfile of one more call")
     m = sub.choices["memory"]
     m.add_argument("--minutes", type=float, default=10.0)
     m.add_argument("--tmp", default=None, help="folder for the generated file and outputs (needs ~3x the file size)")
