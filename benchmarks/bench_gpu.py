@@ -164,7 +164,7 @@ def scan_sweep() -> list[dict]:
         B = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         C = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        blocks = (64,) if l <= 64 else (32, 64)
+        blocks = (64,) if l <= 64 else (64, 128)
         for blk in blocks:
             for warps in (4, 8):
                 os.environ["BSMAMBA2_SSD_BLOCK"] = str(blk)
