@@ -15,8 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for step in $STEPS; do
   case $step in
     tests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_conv.py \
-        tests/test_kernels_fused.py tests/test_model.py -k "kernel or conv or fused or parity or official" 2>&1 \
+      python3 -m pytest -q -p no:cacheprovider $(ls tests/test_kernels*.py) tests/test_model.py tests/test_spectral.py \
+        -k "kernel or conv or fused or parity or official or grouped" 2>&1 \
         | tail -15 | tee "$OUT/gpu_tests.log" ;;
     bench)
       python3 benchmarks/bench_gpu.py --runs mamba:triton,roformer:- --checkpointing both --profile \
