@@ -137,6 +137,33 @@ def test_rms_scale_matches_reference(shape):
     assert rel(out, ref) < 1e-5 and rel(gx, gr) < 1e-5
 
 
+@pytest.mark.parametrize("length", [13, 45])  # one chunk; several chunks
+def test_mixer_core_node_matches_chained_functions(length):
+    """The block's one-node conv → scan → gated norm (gradients written into shared buffers) vs the chain of the
+    separate autograd functions on split views: output and every input gradient, float32."""
+    from bsmamba2.kernels.block import _MixerCore, _mixer_core_reference
+
+    torch.manual_seed(length)
+    s, e, h, p, g, n, k = 3, 16, 4, 4, 2, 6, 4
+    c = e + 2 * g * n
+    zx = torch.randn(s, length, 2, 2 * (e + c + h) + 5, device=DEV)[..., 3:3 + e + c + h]  # strided, as a view
+    inputs = [zx, 0.5 * torch.randn(2, c, k, device=DEV), 0.1 * torch.randn(2, c, device=DEV),
+              torch.randn(2, h, device=DEV) - 1, -torch.rand(2, h, device=DEV) - 0.2, torch.randn(2, h, device=DEV),
+              1 + 0.1 * torch.randn(2, e, device=DEV)]
+    args = ((e, c, h, p, g, n), 1e-5, e // 2)
+    outs, grads = [], []
+    for fn in (_MixerCore.apply, _mixer_core_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves, *args)
+        go = torch.randn(out.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * go).sum(), leaves))
+    assert outs[0].shape == (s, length, 2 * e)
+    assert rel(outs[0], outs[1]) < 1e-6
+    errors = {i: rel(a, b) for i, (a, b) in enumerate(zip(*grads))}
+    assert max(errors.values()) < 1e-5, errors
+
+
 def test_block_q_for_lengths():
     block = int(os.environ.get("BSMAMBA2_SSD_BLOCK", "64"))
     assert block_q_for(1) == 16

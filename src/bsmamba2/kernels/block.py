@@ -26,40 +26,83 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bsmamba2.kernels.conv import conv_silu_bidirectional
-from bsmamba2.kernels.norm import gated_norm_bidirectional, rms_scale
-from bsmamba2.kernels.ssd import ssd_scan_bidirectional
+from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
+from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
+from bsmamba2.kernels.ssd import ssd_bwd, ssd_fwd, ssd_scan_bidirectional
 
 
 def _softplus_dt(dt_raw: Tensor, dt_bias: Tensor) -> Tensor:
     """dt = softplus(dt_raw + dt_bias) in float32. dt_raw (s, l, 2, h) (a view of the in-projection), dt_bias (2, h)
     → (2, s, l, h)."""
-    return F.softplus(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None, :])
+    return F.softplus(dt_raw.float() + dt_bias.float()).permute(2, 0, 1, 3).contiguous()
 
 
-class _SplitProjection(torch.autograd.Function):
-    """The in-projection's output `(s, l, 2, e + c + h)` cut into views z, xBC, dt along the last dimension.
+class _MixerCore(torch.autograd.Function):
+    """conv1d + SiLU → SSD scan → gated RMSNorm of both directions, from the in-projection's output, as one autograd
+    node: `(s, l, 2, e + c + h)` → `(s, l, 2e)`.
 
-    Same as `Tensor.split`, whose backward concatenates the three gradients with one strided cat (4.8 ms per call at
-    the paper's training batch); here the backward copies each into its slice of one buffer.
+    The same function as `conv_silu_bidirectional`, `ssd_scan_bidirectional` and `gated_norm_bidirectional` chained
+    on the split views (`_mixer_core_reference`). As one node, the backward writes the gradients of z, xBC and dt
+    straight into one buffer shaped like the in-projection's output, and those of x, B and C into one buffer shaped
+    like the conv output: autograd's split backward would concatenate them instead (one strided copy of each, ~4 ms
+    per call at the paper's training batch).
     """
 
     @staticmethod
-    def forward(ctx, zxbcdt: Tensor, sizes: tuple[int, int, int]):
-        ctx.shape, ctx.sizes = zxbcdt.shape, sizes
-        ctx.set_materialize_grads(False)
-        return zxbcdt.split(sizes, dim=-1)
+    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size):
+        e, c, h, p, g, n = dims
+        s, l = zxbcdt.shape[:2]
+        z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
+        xbc = conv_silu_fwd(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
+        dt = _softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
+        xs, B, C = _scan_inputs(xbc, dims)
+        y = ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)  # (2s, l, h, p)
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y)
+        ctx.dims, ctx.eps, ctx.group_size = dims, eps, group_size
+        return gated_norm_fwd(y.view(2, s, l, e), z, norm_w, eps, group_size)
 
     @staticmethod
-    def backward(ctx, *grads):
-        grad = torch.empty(ctx.shape, device=next(g for g in grads if g is not None).device,
-                           dtype=next(g for g in grads if g is not None).dtype)
-        for part, g in zip(grad.split(ctx.sizes, dim=-1), grads):
-            if g is None:
-                part.zero_()
-            else:
-                part.copy_(g)
-        return grad, None
+    def backward(ctx, dgn):
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y = ctx.saved_tensors
+        e, c, h, p, g, n = ctx.dims
+        s, l = zxbcdt.shape[:2]
+        z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
+        dzx = torch.empty_like(zxbcdt)  # (s, l, 2, e + c + h): the in-projection output's gradient
+        dz, draw, ddt_raw = dzx.split([e, c, h], dim=-1)
+        dy, _, dnorm_w = gated_norm_bwd(dgn, y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size, dz=dz)
+        dxbc = torch.empty_like(xbc)  # (2, s, l, c)
+        dxs, dB, dC = _scan_inputs(dxbc, ctx.dims)
+        xs, B, C = _scan_inputs(xbc, ctx.dims)
+        _, ddt, dA, dB32, dC32, dD = ssd_bwd(dy.view(2 * s, l, h, p), xs, dt.view(2 * s, l, h), A, B, C, D,
+                                              dir_mode=2, dx=dxs)
+        dB.copy_(dB32.view(dB.shape))
+        dC.copy_(dC32.view(dC.shape))
+        _, dconv_w, dconv_b = conv_silu_bwd(dxbc, xbc_raw, conv_w, conv_b, draw=draw)
+        # dt = softplus(u), u = dt_raw + dt_bias: du = ddt · sigmoid(u)
+        du = ddt.view(2, s, l, h) * torch.sigmoid(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None])
+        ddt_raw.copy_(du.permute(1, 2, 0, 3))
+        return (dzx, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), du.sum((1, 2)).to(dt_bias.dtype),
+                dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), None, None, None)
+
+
+def _scan_inputs(xbc: Tensor, dims) -> tuple[Tensor, Tensor, Tensor]:
+    """Views x (2s, l, h, p), B and C (2s, l, g, n) of a conv output (2, s, l, c)."""
+    e, c, h, p, g, n = dims
+    two, s, l, _ = xbc.shape
+    xs, B, C = xbc.view(2 * s, l, c).split([e, g * n, g * n], dim=-1)
+    return xs.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+
+
+def _mixer_core_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size) -> Tensor:
+    """`_MixerCore` as a chain of the separate autograd functions on the split views (its twin in the tests)."""
+    e, c, h, p, g, n = dims
+    s, l = zxbcdt.shape[:2]
+    z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
+    xbc = conv_silu_bidirectional(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
+    dt = _softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
+    xs, B, C = _scan_inputs(xbc.contiguous(), dims)
+    y = ssd_scan_bidirectional(xs, dt.reshape(2 * s, l, h), A, B, C, D)  # (2s, l, h, p)
+    return gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, eps, group_size)  # (s, l, 2e)
 
 
 def supports(block) -> bool:
@@ -95,11 +138,6 @@ def bimamba2_block_forward(block, x: Tensor) -> Tensor:
 
     xn = rms_scale(x, f.norm.eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
-    z, xbc_raw, dt_raw = _SplitProjection.apply(zxbcdt, (e, c, h))
-    xbc = conv_silu_bidirectional(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
-    dt = _softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
-    xs, B, C = xbc.reshape(2 * s, l, c).split([e, g * n, g * n], dim=-1)
-    y = ssd_scan_bidirectional(xs.unflatten(-1, (h, p)), dt.reshape(2 * s, l, h), A,
-                               B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D)  # (2s, l, h, p)
-    gn = gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, mf.norm.eps, mf.norm.group_size)  # (s, l, 2e)
+    gn = _MixerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, (e, c, h, p, g, n), mf.norm.eps,
+                          mf.norm.group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
     return F.linear(gn, w_g) + F.linear(x, w_x, block.linear.bias) + x

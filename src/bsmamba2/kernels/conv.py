@@ -164,8 +164,9 @@ def _conv_draw_kernel(
     tl.store(dptr, acc.to(draw_ptr.dtype.element_ty), mask=(offs_u < L)[:, None] & mc[None, :])
 
 
-_BLOCK_T, _BLOCK_C = 32, 128
-_SEQS_PER_PROGRAM = 8  # backward pass 1: sequences whose weight gradients one program sums before its atomics
+_BLOCK_T, _BLOCK_C, _FWD_WARPS = 32, 128, 4  # forward tiles (positions × channels), tuned on an H200
+_SEQS_PER_PROGRAM = 16  # backward pass 1: sequences whose weight gradients one program sums before its atomics
+# (H200, paper size: 16 took 6.25 ms per backward against 7.69 for 8; `bench_gpu.py --scan-sweep`)
 # backward pass 1 holds K raw tiles, dout, pre and five float32 partial sums per element: 16 positions × 128 channels
 # over 8 warps is one row of 8 channels per thread: 128 registers at K = 4 on sm_90 (two rows per thread: 255)
 _DPRE_BLOCK_T, _DPRE_WARPS = 16, 8
@@ -186,14 +187,21 @@ def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if s and l:
         _conv_fwd_kernel[_grid(s, l, c)](raw, weight.contiguous(), bias.contiguous(), out, s, l, c,
                                          *raw.stride(), *out.stride(), K=weight.shape[-1], BLOCK_T=_BLOCK_T,
-                                         BLOCK_C=_BLOCK_C, num_warps=4)
+                                         BLOCK_C=_BLOCK_C, num_warps=_FWD_WARPS)
     return out
 
 
-def conv_silu_bwd(dout: Tensor, raw: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (draw (s, l, 2, c) in raw's dtype, dweight (2, c, k) and dbias (2, c) in float32)."""
+def conv_silu_bwd(dout: Tensor, raw: Tensor, weight: Tensor, bias: Tensor,
+                  draw: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (draw (s, l, 2, c) in raw's dtype, dweight (2, c, k) and dbias (2, c) in float32).
+
+    `draw`, if given, is where the input gradient is written: any (s, l, 2, c) tensor, e.g. a strided slice of the
+    in-projection's gradient."""
     s, l, _, c = raw.shape
-    draw = torch.empty(s, l, 2, c, device=raw.device, dtype=raw.dtype)
+    if draw is None:
+        draw = torch.empty(s, l, 2, c, device=raw.device, dtype=raw.dtype)
+    elif draw.shape != raw.shape:
+        raise ValueError(f"draw must be shaped like raw {tuple(raw.shape)}, got {tuple(draw.shape)}")
     dw = torch.zeros(weight.shape, device=raw.device, dtype=torch.float32)
     db = torch.zeros(bias.shape, device=raw.device, dtype=torch.float32)
     k = weight.shape[-1]

@@ -112,18 +112,27 @@ def gated_norm_fwd(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size:
     return out
 
 
-def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int):
-    """Gradients (dy (2, s, l, e), dz (s, l, 2, e), dweight (2, e) float32)."""
+def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int,
+                   dz: Tensor | None = None):
+    """Gradients (dy (2, s, l, e), dz (s, l, 2, e), dweight (2, e) float32).
+
+    `dz`, if given, is where z's gradient is written: an (s, l, 2, e) tensor with unit stride along e whose rows
+    flatten to one stride (e.g. a slice of the in-projection's gradient)."""
     _, s, l, e = y.shape
     y2, z2, rows, grid = _prepare(y, z, group_size)
     dout = dout.contiguous()
     dy = torch.empty(2, s, l, e, device=y.device, dtype=y.dtype)
-    dz = torch.empty(s, l, 2, e, device=y.device, dtype=z.dtype)
+    if dz is None:
+        dz = torch.empty(s, l, 2, e, device=y.device, dtype=z.dtype)
+    dz2 = dz.view(s * l, 2, e)  # fails loudly for a layout the kernel cannot index
+    if dz.shape != (s, l, 2, e) or dz2.stride(-1) != 1:
+        raise ValueError(f"dz must be ({s}, {l}, 2, {e}) with unit stride along the last dimension")
     dw = torch.zeros(2, e, device=y.device, dtype=torch.float32)
     if rows:
-        _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz, dw, rows, e, group_size, eps,
+        _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz2, dw, rows, e, group_size, eps,
                                      y2.stride(0), y2.stride(1), z2.stride(0), z2.stride(1), 2 * e,
-                                     2 * e, e, ROWS=_ROWS, BLOCK=triton.next_power_of_2(group_size), num_warps=4)
+                                     dz2.stride(0), dz2.stride(1), ROWS=_ROWS,
+                                     BLOCK=triton.next_power_of_2(group_size), num_warps=4)
     return dy, dz, dw
 
 

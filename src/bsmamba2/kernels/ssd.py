@@ -445,15 +445,19 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
 
 
 def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-            dir_mode: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+            dir_mode: int = 0, dx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients (dx, ddt, dA, dB, dC, dD) of the scan for the output gradient dy `(s, l, h, p)`.
 
-    dx has x's dtype; ddt, dA, dD are float32; dB and dC are float32 `(s, l, g, n)` (accumulated over heads).
+    dx has x's dtype (or is written into `dx`, any (s, l, h, p) tensor, if given); ddt, dA, dD are float32; dB and
+    dC are float32 `(s, l, g, n)` (accumulated over heads).
     """
     s, l, h, p = x.shape
     g, n = B.shape[2:]
     dev = x.device
-    dx = torch.empty(s, l, h, p, device=dev, dtype=x.dtype)
+    if dx is None:
+        dx = torch.empty(s, l, h, p, device=dev, dtype=x.dtype)
+    elif dx.shape != x.shape:
+        raise ValueError(f"dx must be shaped like x {tuple(x.shape)}, got {tuple(dx.shape)}")
     ddt = torch.zeros(s, l, h, device=dev, dtype=torch.float32)
     dA = torch.zeros_like(A, dtype=torch.float32)
     dD = torch.zeros_like(A, dtype=torch.float32)
