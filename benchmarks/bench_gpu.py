@@ -149,6 +149,38 @@ def profile(model, batch: int, samples: int, path: str | None, train: bool = Fal
     return table
 
 
+def conv_sweep() -> list[dict]:
+    """Time the conv1d+SiLU kernels alone (bf16, both directions, time-axis size at batch 8: 496 sequences × 801
+    positions × 1280 channels, read from a wider in-projection as in the block) over their tile settings."""
+    from bsmamba2.kernels import conv
+
+    s, l, c, k = 496, 801, 1280, 4
+    zx = torch.randn(s, l, 2, 2320, device="cuda", dtype=torch.bfloat16)
+    raw = zx[..., 1024:1024 + c]  # (s, l, 2, c), strided like the block's view
+    w = 0.5 * torch.randn(2, c, k, device="cuda")
+    b = 0.1 * torch.randn(2, c, device="cuda")
+    dout = torch.randn(2, s, l, c, device="cuda", dtype=torch.bfloat16)
+    saved = {name: getattr(conv, name) for name in ("_BLOCK_T", "_FWD_WARPS", "_DPRE_BLOCK_T", "_DPRE_WARPS",
+                                                    "_SEQS_PER_PROGRAM", "_DRAW_BLOCK_T", "_DRAW_WARPS")}
+    rows = []
+    for bt, warps in ((32, 4), (64, 4), (64, 8), (16, 4)):
+        conv._BLOCK_T, conv._FWD_WARPS = bt, warps
+        f = statistics.median(_time_cuda(lambda: conv.conv_silu_fwd(raw, w, b), 10, 2))
+        rows.append({"kernel": "conv_fwd", "block_t": bt, "warps": warps, "ms": f * 1e3})
+        print(f"conv fwd block_t {bt} warps {warps}: {f * 1e3:.2f} ms", flush=True)
+    for name, value in saved.items():
+        setattr(conv, name, value)
+    for dbt, dw, seqs, rbt, rw in ((16, 8, 8, 32, 4), (16, 8, 16, 32, 4), (32, 8, 8, 64, 4), (8, 4, 8, 32, 8)):
+        conv._DPRE_BLOCK_T, conv._DPRE_WARPS, conv._SEQS_PER_PROGRAM = dbt, dw, seqs
+        conv._DRAW_BLOCK_T, conv._DRAW_WARPS = rbt, rw
+        bw = statistics.median(_time_cuda(lambda: conv.conv_silu_bwd(dout, raw, w, b), 10, 2))
+        rows.append({"kernel": "conv_bwd", "dpre": [dbt, dw, seqs], "draw": [rbt, rw], "ms": bw * 1e3})
+        print(f"conv bwd dpre ({dbt}, {dw} warps, {seqs} seqs) draw ({rbt}, {rw} warps): {bw * 1e3:.2f} ms", flush=True)
+    for name, value in saved.items():
+        setattr(conv, name, value)
+    return rows
+
+
 def scan_sweep() -> list[dict]:
     """Time the SSD kernels alone (bf16, both directions in one launch) at the model's two axes, over chunk length
     and warps. Band axis: 2·b·t sequences of 62; time axis: 2·b·62 sequences of 801 (b = 8)."""
@@ -164,20 +196,23 @@ def scan_sweep() -> list[dict]:
         B = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         C = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        blocks = (64,) if l <= 64 else (64, 128)
-        for blk in blocks:
+        # the long forward kernel may split headdim over programs (fewer registers, C·Bᵀ recomputed)
+        splits = (64,) if l <= 64 else (64, 32)
+        for bp in splits:
             for warps in (4, 8):
-                os.environ["BSMAMBA2_SSD_BLOCK"] = str(blk)
+                os.environ["BSMAMBA2_SSD_FWD_BLOCK_P"] = str(bp)
                 for kern in ("FWD", "BWD", "FWD_SHORT", "BWD_SHORT"):
                     os.environ[f"BSMAMBA2_SSD_WARPS_{kern}"] = str(warps)
                 try:
                     f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
                     bw = statistics.median(_time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
                 except Exception as e:  # a variant that does not compile (shared memory) is skipped
-                    rows.append({"axis": axis, "block": blk, "warps": warps, "error": str(e)[:200]})
+                    rows.append({"axis": axis, "fwd_block_p": bp, "warps": warps, "error": str(e)[:200]})
+                    print(f"scan {axis} fwd block_p {bp} warps {warps}: {str(e)[:200]}", flush=True)
                     continue
-                rows.append({"axis": axis, "block": blk, "warps": warps, "fwd_ms": f * 1e3, "bwd_ms": bw * 1e3})
-                print(f"scan {axis} block {blk} warps {warps}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms", flush=True)
+                rows.append({"axis": axis, "fwd_block_p": bp, "warps": warps, "fwd_ms": f * 1e3, "bwd_ms": bw * 1e3})
+                print(f"scan {axis} fwd block_p {bp} warps {warps}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms",
+                      flush=True)
     for key in [k for k in os.environ if k.startswith("BSMAMBA2_SSD_")]:
         os.environ.pop(key)
     return rows
@@ -220,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta), flush=True)
     results = []
     if args.scan_sweep:
+        meta["conv_sweep"] = conv_sweep()
         meta["scan_sweep"] = scan_sweep()
     for run in args.runs.split(","):
         arch, backend = run.split(":")
