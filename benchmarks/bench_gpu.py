@@ -213,6 +213,16 @@ def scan_sweep() -> list[dict]:
                 rows.append({"axis": axis, "fwd_block_p": bp, "warps": warps, "fwd_ms": f * 1e3, "bwd_ms": bw * 1e3})
                 print(f"scan {axis} fwd block_p {bp} warps {warps}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms",
                       flush=True)
+        for stages in (1, 2, 4):  # software pipelining of the forward kernels (default 3)
+            os.environ.update(BSMAMBA2_SSD_STAGES=str(stages), BSMAMBA2_SSD_FWD_BLOCK_P="64",
+                              BSMAMBA2_SSD_WARPS_FWD="4", BSMAMBA2_SSD_WARPS_FWD_SHORT="4")
+            try:
+                f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
+            except Exception as e:
+                print(f"scan {axis} fwd stages {stages}: {str(e)[:200]}", flush=True)
+                continue
+            rows.append({"axis": axis, "stages": stages, "fwd_ms": f * 1e3})
+            print(f"scan {axis} fwd stages {stages} (4 warps): fwd {f * 1e3:.2f} ms", flush=True)
     for key in [k for k in os.environ if k.startswith("BSMAMBA2_SSD_")]:
         os.environ.pop(key)
     return rows

@@ -397,8 +397,9 @@ def _num_warps(kernel: str, default: int) -> int:
 
 
 def _num_stages(x: Tensor) -> int:
-    """float32 tiles are twice as large: no software pipelining, or shared memory runs out on the head loop."""
-    return 1 if x.dtype == torch.float32 else 3
+    """Software-pipelining stages (BSMAMBA2_SSD_STAGES overrides for 16-bit inputs). float32 tiles are twice as
+    large: no pipelining, or shared memory runs out on the head loop."""
+    return 1 if x.dtype == torch.float32 else int(os.environ.get("BSMAMBA2_SSD_STAGES", "3"))
 
 
 def _prec(x: Tensor) -> str:
