@@ -29,8 +29,7 @@ def _conv_fwd_kernel(
     K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
 ):
     """One program: a (positions × channels) tile of one sequence and direction. The tile's pointers are computed
-    once and each tap shifts them by a scalar (the kernel is bound by integer instructions, not bytes); EVEN_C
-    (channels a multiple of BLOCK_C) drops the channel mask."""
+    once and each tap shifts them by a scalar; EVEN_C (channels a multiple of BLOCK_C) drops the channel mask."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_sd = tl.program_id(2)
