@@ -139,7 +139,29 @@ def _grouped_linear(x_t: Tensor, linears: list[nn.Linear]) -> Tensor:
     return torch.baddbmm(bias, weight, x_t)
 
 
-class BandSplit(nn.Module):
+class _PerBand(nn.Module):
+    """Per-band layers with two ways to run them: `forward_reference` (a loop over bands, the plain twin) and
+    `forward_grouped` (bands of equal feature size batched). `grouped`: True or False force one; None runs grouped
+    except on CPU."""
+
+    def __init__(self, feature_sizes: tuple[int, ...], grouped: bool | None):
+        super().__init__()
+        self.feature_sizes = tuple(feature_sizes)
+        self.grouped = grouped
+        self._groups = _band_groups(self.feature_sizes)
+        self._in_order = _in_band_order(self._groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_grouped(x) if _use_grouped(self.grouped, x) else self.forward_reference(x)
+
+    def forward_reference(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_grouped(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class BandSplit(_PerBand):
     """Per band: RMSNorm over its features, then Linear to `dim`. `(b, t, Σfeat)` → `(b, t, bands, dim)`.
 
     Parameters live per band (`to_features.{i}.0.gamma`, `to_features.{i}.1.weight/bias`) so official checkpoints
@@ -151,15 +173,8 @@ class BandSplit(nn.Module):
     """
 
     def __init__(self, dim: int, feature_sizes: tuple[int, ...], grouped: bool | None = None):
-        super().__init__()
-        self.feature_sizes = tuple(feature_sizes)
+        super().__init__(feature_sizes, grouped)
         self.to_features = nn.ModuleList(nn.Sequential(RMSNorm(n), nn.Linear(n, dim)) for n in feature_sizes)
-        self.grouped = grouped
-        self._groups = _band_groups(self.feature_sizes)
-        self._in_order = _in_band_order(self._groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_grouped(x) if _use_grouped(self.grouped, x) else self.forward_reference(x)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The plain per-band loop."""
@@ -193,7 +208,7 @@ def _mlp(dim_in: int, dim_hidden: int, dim_out: int, depth: int) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-class MaskEstimator(nn.Module):
+class MaskEstimator(_PerBand):
     """Per band: MLP (Linear D→4D, Tanh, Linear 4D→2·feat) then GLU. `(b, t, bands, D)` → `(b, t, Σfeat)`.
 
     Parameters live per band (`to_freqs.{i}.0.{j}.weight/bias`, j indexing the MLP's layers) so official checkpoints
@@ -207,17 +222,10 @@ class MaskEstimator(nn.Module):
 
     def __init__(self, dim: int, feature_sizes: tuple[int, ...], depth: int = 2, expansion: int = 4,
                  grouped: bool | None = None):
-        super().__init__()
-        self.feature_sizes = tuple(feature_sizes)
+        super().__init__(feature_sizes, grouped)
         self.to_freqs = nn.ModuleList(
             nn.Sequential(_mlp(dim, dim * expansion, 2 * n, depth), nn.GLU(dim=-1)) for n in feature_sizes
         )
-        self.grouped = grouped
-        self._groups = _band_groups(self.feature_sizes)
-        self._in_order = _in_band_order(self._groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_grouped(x) if _use_grouped(self.grouped, x) else self.forward_reference(x)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The plain per-band loop."""

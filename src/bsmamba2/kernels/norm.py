@@ -28,23 +28,35 @@ from torch import Tensor
 
 
 @triton.jit
+def _group_setup(w_ptr, E, GS, BLOCK: tl.constexpr):
+    """Program ids (row block, direction d), the columns of this (direction, group), their mask and weights."""
+    cols = tl.program_id(1) * GS + tl.arange(0, BLOCK)
+    mc = tl.arange(0, BLOCK) < GS
+    d = tl.program_id(2)
+    w = tl.load(w_ptr + d * E + cols, mask=mc, other=0.0).to(tl.float32)
+    return tl.program_id(0), d, cols, mc, w
+
+
+@triton.jit
+def _load_yz(y_ptr, z_ptr, d, r64, cols, mc, sy_d, sy_r, sz_r, sz_d):
+    """Row r64 of direction d: the scan output y and the gate z, in float32."""
+    y = tl.load(y_ptr + d * sy_d + r64 * sy_r + cols, mask=mc, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + r64 * sz_r + d * sz_d + cols, mask=mc, other=0.0).to(tl.float32)
+    return y, z
+
+
+@triton.jit
 def _gated_norm_fwd_kernel(
     y_ptr, z_ptr, w_ptr, out_ptr, R, E, GS, eps,
     sy_d, sy_r, sz_r, sz_d, so_r,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grp = tl.program_id(1)
-    d = tl.program_id(2)
-    cols = grp * GS + tl.arange(0, BLOCK)
-    mc = tl.arange(0, BLOCK) < GS
-    w = tl.load(w_ptr + d * E + cols, mask=mc, other=0.0).to(tl.float32)
+    pid, d, cols, mc, w = _group_setup(w_ptr, E, GS, BLOCK)
     for i in range(0, ROWS):
         r = pid * ROWS + i
         if r < R:
             r64 = r.to(tl.int64)
-            y = tl.load(y_ptr + d * sy_d + r64 * sy_r + cols, mask=mc, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + r64 * sz_r + d * sz_d + cols, mask=mc, other=0.0).to(tl.float32)
+            y, z = _load_yz(y_ptr, z_ptr, d, r64, cols, mc, sy_d, sy_r, sz_r, sz_d)
             g = y * z * tl.sigmoid(z)
             rstd = tl.rsqrt(tl.sum(g * g, axis=0) / GS + eps)
             tl.store(out_ptr + r64 * so_r + d * E + cols, (g * rstd * w).to(out_ptr.dtype.element_ty), mask=mc)
@@ -56,19 +68,13 @@ def _gated_norm_bwd_kernel(
     sy_d, sy_r, sz_r, sz_d, so_r, sdz_r, sdz_d,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grp = tl.program_id(1)
-    d = tl.program_id(2)
-    cols = grp * GS + tl.arange(0, BLOCK)
-    mc = tl.arange(0, BLOCK) < GS
-    w = tl.load(w_ptr + d * E + cols, mask=mc, other=0.0).to(tl.float32)
+    pid, d, cols, mc, w = _group_setup(w_ptr, E, GS, BLOCK)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, ROWS):
         r = pid * ROWS + i
         if r < R:
             r64 = r.to(tl.int64)
-            y = tl.load(y_ptr + d * sy_d + r64 * sy_r + cols, mask=mc, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + r64 * sz_r + d * sz_d + cols, mask=mc, other=0.0).to(tl.float32)
+            y, z = _load_yz(y_ptr, z_ptr, d, r64, cols, mc, sy_d, sy_r, sz_r, sz_d)
             dout = tl.load(dout_ptr + r64 * so_r + d * E + cols, mask=mc, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             silu = z * sig
@@ -157,43 +163,38 @@ def gated_norm_bidirectional(y: Tensor, z: Tensor, weight: Tensor, eps: float, g
 
 @triton.jit
 def _rms_fwd_kernel(x_ptr, out_ptr, rstd_ptr, R, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """ROWS rows of x (R, N) per program: out = x · rstd, rstd (R,) float32 kept for the backward."""
+    """A (ROWS × N) tile of x (R, N) per program: out = x · rstd, rstd (R,) float32 kept for the backward."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mc = cols < N
-    for i in range(0, ROWS):
-        r = tl.program_id(0) * ROWS + i
-        if r < R:
-            r64 = r.to(tl.int64)
-            x = tl.load(x_ptr + r64 * N + cols, mask=mc, other=0.0).to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-            tl.store(rstd_ptr + r, rstd)
-            tl.store(out_ptr + r64 * N + cols, (x * rstd).to(out_ptr.dtype.element_ty), mask=mc)
+    mask = (rows < R)[:, None] & (cols < N)[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # (ROWS,)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < R)
+    tl.store(out_ptr + offs, (x * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rms_bwd_kernel(x_ptr, rstd_ptr, dout_ptr, dx_ptr, R, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """dx = rstd · (dout − n · mean(dout · n)), n = x · rstd, on a (ROWS × N) tile."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mc = cols < N
-    for i in range(0, ROWS):
-        r = tl.program_id(0) * ROWS + i
-        if r < R:
-            r64 = r.to(tl.int64)
-            x = tl.load(x_ptr + r64 * N + cols, mask=mc, other=0.0).to(tl.float32)
-            dout = tl.load(dout_ptr + r64 * N + cols, mask=mc, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + r)
-            n = x * rstd
-            dx = rstd * (dout - n * (tl.sum(dout * n, axis=0) / N))
-            tl.store(dx_ptr + r64 * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mc)
-
-
-_RMS_ROWS = 8
+    mask = (rows < R)[:, None] & (cols < N)[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    rstd = tl.load(rstd_ptr + rows, mask=rows < R, other=0.0)[:, None]
+    n = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dx = rstd * (dout - n * (tl.sum(dout * n, axis=1) / N)[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _rms_launch(n: int) -> dict:
+    """Tile of one program: up to 8 rows, at most ~4096 elements."""
     if n > 16384:
         raise ValueError(f"the fast RMS scale takes rows of at most 16384 elements, got {n}; use the 'torch' backend")
     block = triton.next_power_of_2(n)
-    return dict(ROWS=_RMS_ROWS, BLOCK=block, num_warps=min(8, max(1, block // 256)))
+    rows = max(1, min(8, 4096 // block))
+    return dict(ROWS=rows, BLOCK=block, num_warps=min(8, max(1, rows * block // 512)))
 
 
 def rms_scale_reference(x: Tensor, eps: float) -> Tensor:
@@ -210,7 +211,8 @@ class RMSScale(torch.autograd.Function):
         out = torch.empty_like(x2)
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         if rows:
-            _rms_fwd_kernel[(triton.cdiv(rows, _RMS_ROWS),)](x2, out, rstd, rows, n, eps, **_rms_launch(n))
+            meta = _rms_launch(n)
+            _rms_fwd_kernel[(triton.cdiv(rows, meta["ROWS"]),)](x2, out, rstd, rows, n, eps, **meta)
         ctx.save_for_backward(x2, rstd)
         return out.view(x.shape)
 
@@ -221,7 +223,8 @@ class RMSScale(torch.autograd.Function):
         dout2 = dout.reshape(rows, n).contiguous()
         dx = torch.empty_like(x2)
         if rows:
-            _rms_bwd_kernel[(triton.cdiv(rows, _RMS_ROWS),)](x2, rstd, dout2, dx, rows, n, **_rms_launch(n))
+            meta = _rms_launch(n)
+            _rms_bwd_kernel[(triton.cdiv(rows, meta["ROWS"]),)](x2, rstd, dout2, dx, rows, n, **meta)
         return dx.view(dout.shape), None
 
 

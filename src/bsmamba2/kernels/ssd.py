@@ -47,6 +47,36 @@ from torch import Tensor
 
 
 @triton.jit
+def _direction(s, seqs_per_dir, DIR_MODE: tl.constexpr):
+    """(direction index d, whether program sequence s is scanned from its end) for DIR_MODE 0, 1 or 2."""
+    d = s // seqs_per_dir
+    if DIR_MODE == 0:
+        reverse = s < 0
+    elif DIR_MODE == 1:
+        reverse = s >= 0
+    else:
+        reverse = d == 1
+    return d, reverse
+
+
+@triton.jit
+def _one_chunk_setup(b_base, c_base, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
+                     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """Offsets, memory positions t (scan order τ → t = L−1−τ when reversed), masks, and the B and C tiles
+    (BLOCK_Q × BLOCK_N) of a sequence that is one chunk long."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mq = offs_q < L
+    t = tl.where(reverse, L - 1 - offs_q, offs_q)
+    mqp = mq[:, None] & (offs_p < P)[None, :]
+    mqn = mq[:, None] & (offs_n < N)[None, :]
+    Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
+    Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
+    return offs_q, offs_p, offs_n, t, mq, mqp, mqn, Bm, Cm
+
+
+@triton.jit
 def _ssd_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
     L, nheads, seqs_per_dir, heads_per_group, P, N,
@@ -60,13 +90,7 @@ def _ssd_fwd_kernel(
 ):
     s = tl.program_id(0)
     h = tl.program_id(1)
-    d = s // seqs_per_dir
-    if DIR_MODE == 0:
-        reverse = s < 0
-    elif DIR_MODE == 1:
-        reverse = s >= 0
-    else:
-        reverse = d == 1
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     g = h // heads_per_group
     s64 = s.to(tl.int64)
     x_base = x_ptr + s64 * sx_s + h * sx_h
@@ -137,13 +161,7 @@ def _ssd_bwd_kernel(
     and j in it (Σ_{j<k} v_j·dv_inter_j), and i after c, j before it (exp(Σa)·⟨dS_c, S_c⟩, equal for all k)."""
     s = tl.program_id(0)
     h = tl.program_id(1)
-    d = s // seqs_per_dir
-    if DIR_MODE == 0:
-        reverse = s < 0
-    elif DIR_MODE == 1:
-        reverse = s >= 0
-    else:
-        reverse = d == 1
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     g = h // heads_per_group
     s64 = s.to(tl.int64)
     x_base = x_ptr + s64 * sx_s + h * sx_h
@@ -262,27 +280,11 @@ def _ssd_fwd_short_kernel(
     computed once and shared by the heads (only the decay mask differs)."""
     s = tl.program_id(0)
     g = tl.program_id(1)
-    d = s // seqs_per_dir
-    if DIR_MODE == 0:
-        reverse = s < 0
-    elif DIR_MODE == 1:
-        reverse = s >= 0
-    else:
-        reverse = d == 1
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     s64 = s.to(tl.int64)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mq = offs_q < L
-    mp = offs_p < P
-    mn = offs_n < N
-    t = tl.where(reverse, L - 1 - offs_q, offs_q)
-    mqp = mq[:, None] & mp[None, :]
-    mqn = mq[:, None] & mn[None, :]
-    Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn,
-                 other=0.0).to(DOT)
-    Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn,
-                 other=0.0).to(DOT)
+    offs_q, offs_p, offs_n, t, mq, mqp, mqn, Bm, Cm = _one_chunk_setup(
+        B_ptr + s64 * sb_s + g * sb_g, C_ptr + s64 * sc_s + g * sc_g, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
+        BLOCK_Q, BLOCK_P, BLOCK_N, DOT)
     G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j, shared by the group's heads
     causal = offs_q[:, None] >= offs_q[None, :]
     for hh in range(0, heads_per_group):
@@ -319,27 +321,11 @@ def _ssd_bwd_short_kernel(
     group's heads in registers (no atomics)."""
     s = tl.program_id(0)
     g = tl.program_id(1)
-    d = s // seqs_per_dir
-    if DIR_MODE == 0:
-        reverse = s < 0
-    elif DIR_MODE == 1:
-        reverse = s >= 0
-    else:
-        reverse = d == 1
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     s64 = s.to(tl.int64)
-    offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mq = offs_q < L
-    mp = offs_p < P
-    mn = offs_n < N
-    t = tl.where(reverse, L - 1 - offs_q, offs_q)
-    mqp = mq[:, None] & mp[None, :]
-    mqn = mq[:, None] & mn[None, :]
-    Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn,
-                 other=0.0).to(DOT)
-    Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn,
-                 other=0.0).to(DOT)
+    offs_q, offs_p, offs_n, t, mq, mqp, mqn, Bm, Cm = _one_chunk_setup(
+        B_ptr + s64 * sb_s + g * sb_g, C_ptr + s64 * sc_s + g * sc_g, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
+        BLOCK_Q, BLOCK_P, BLOCK_N, DOT)
     G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
     causal = offs_q[:, None] >= offs_q[None, :]
     dB_acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
