@@ -196,33 +196,26 @@ def scan_sweep() -> list[dict]:
         B = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         C = torch.randn(s, l, 1, n, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        # the long forward kernel may split headdim over programs (fewer registers, C·Bᵀ recomputed)
-        splits = (64,) if l <= 64 else (64, 32)
-        for bp in splits:
-            for warps in (4, 8):
-                os.environ["BSMAMBA2_SSD_FWD_BLOCK_P"] = str(bp)
-                for kern in ("FWD", "BWD", "FWD_SHORT", "BWD_SHORT"):
+        # warps per program, and (long sequences) the grid order: heads of a sequence first, or sequences first
+        variants = [(w, "1") for w in (4, 8)] + ([] if l <= 64 else [(None, "0")])
+        for warps, heads_first in variants:
+            os.environ["BSMAMBA2_SSD_HEADS_FIRST"] = heads_first
+            for kern in ("FWD", "BWD", "FWD_SHORT", "BWD_SHORT"):
+                if warps is None:
+                    os.environ.pop(f"BSMAMBA2_SSD_WARPS_{kern}", None)  # the tuned defaults
+                else:
                     os.environ[f"BSMAMBA2_SSD_WARPS_{kern}"] = str(warps)
-                try:
-                    f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
-                    bw = statistics.median(_time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
-                except Exception as e:  # a variant that does not compile (shared memory) is skipped
-                    rows.append({"axis": axis, "fwd_block_p": bp, "warps": warps, "error": str(e)[:200]})
-                    print(f"scan {axis} fwd block_p {bp} warps {warps}: {str(e)[:200]}", flush=True)
-                    continue
-                rows.append({"axis": axis, "fwd_block_p": bp, "warps": warps, "fwd_ms": f * 1e3, "bwd_ms": bw * 1e3})
-                print(f"scan {axis} fwd block_p {bp} warps {warps}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms",
-                      flush=True)
-        for stages in (1, 2, 4):  # software pipelining of the forward kernels (default 3)
-            os.environ.update(BSMAMBA2_SSD_STAGES=str(stages), BSMAMBA2_SSD_FWD_BLOCK_P="64",
-                              BSMAMBA2_SSD_WARPS_FWD="4", BSMAMBA2_SSD_WARPS_FWD_SHORT="4")
+            label = f"scan {axis} warps {warps or 'default'} heads_first {heads_first}"
             try:
                 f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
-            except Exception as e:
-                print(f"scan {axis} fwd stages {stages}: {str(e)[:200]}", flush=True)
+                bw = statistics.median(_time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
+            except Exception as e:  # a variant that does not compile (shared memory) is skipped
+                rows.append({"axis": axis, "warps": warps, "heads_first": heads_first, "error": str(e)[:200]})
+                print(f"{label}: {str(e)[:200]}", flush=True)
                 continue
-            rows.append({"axis": axis, "stages": stages, "fwd_ms": f * 1e3})
-            print(f"scan {axis} fwd stages {stages} (4 warps): fwd {f * 1e3:.2f} ms", flush=True)
+            rows.append({"axis": axis, "warps": warps, "heads_first": heads_first, "fwd_ms": f * 1e3,
+                         "bwd_ms": bw * 1e3})
+            print(f"{label}: fwd {f * 1e3:.2f} ms  bwd {bw * 1e3:.2f} ms", flush=True)
     for key in [k for k in os.environ if k.startswith("BSMAMBA2_SSD_")]:
         os.environ.pop(key)
     return rows

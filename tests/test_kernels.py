@@ -96,6 +96,13 @@ def test_scan_forward_split_headdim(monkeypatch):
                tol=1e-3 if DEV == "cuda" else 1e-4)
 
 
+def test_scan_sequence_major_grid(monkeypatch):
+    """The long kernels with the grid in (sequence, head) order give the same result as heads first."""
+    monkeypatch.setenv("BSMAMBA2_SSD_HEADS_FIRST", "0")
+    check_scan(2, 70 if DEV == "cpu" else 700, 2, 16, 1, 16, 2, torch.float32, seed=4,
+               tol=1e-3 if DEV == "cuda" else 1e-4)
+
+
 def test_ssd_scan_entry_point_matches_sequential():
     x, dt, A, B, C, D = random_scan_inputs(2, 30, 2, 8, 1, 16, 1, seed=11)
     for reverse in (False, True):

@@ -60,6 +60,15 @@ def _direction(s, seqs_per_dir, DIR_MODE: tl.constexpr):
 
 
 @triton.jit
+def _sequence_and_head(HEADS_FIRST: tl.constexpr):
+    """(sequence, head) of a long-sequence program. HEADS_FIRST: the heads of one sequence are neighbouring programs
+    (grid (heads, sequences)), so they run together and share the sequence's B and C tiles through the L2 cache."""
+    if HEADS_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _one_chunk_setup(b_base, c_base, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
                      BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     """Offsets, memory positions t (scan order τ → t = L−1−τ when reversed), masks, and the B and C tiles
@@ -87,9 +96,9 @@ def _ssd_fwd_kernel(
     sy_s, sy_l, sy_h, sy_p,
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    h = tl.program_id(1)
+    s, h = _sequence_and_head(HEADS_FIRST)
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     g = h // heads_per_group
     s64 = s.to(tl.int64)
@@ -150,7 +159,7 @@ def _ssd_bwd_kernel(
     sst_s, sst_h, sst_c, sst_p, sst_n,  # states entering each chunk (s, h, chunks, p, n)
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-    DO_DC: tl.constexpr,
+    DO_DC: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     """Gradients of a multi-chunk sequence in two sweeps. DO_DC: forward sweep carrying S; writes dC and the state
     entering each chunk. Else: backward sweep carrying dS; writes dx, dB, ddt and adds dA, dD.
@@ -159,8 +168,7 @@ def _ssd_bwd_kernel(
     C·dC − B·dB cancellation that bf16 products make inaccurate over long sequences: for k in chunk c, the pairs
     inside the chunk (a masked 2-D prefix sum of M), i in c and j before it (Σ_{i≥k} dy_i·y_inter_i), i after c
     and j in it (Σ_{j<k} v_j·dv_inter_j), and i after c, j before it (exp(Σa)·⟨dS_c, S_c⟩, equal for all k)."""
-    s = tl.program_id(0)
-    h = tl.program_id(1)
+    s, h = _sequence_and_head(HEADS_FIRST)
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     g = h // heads_per_group
     s64 = s.to(tl.int64)
@@ -377,6 +385,12 @@ def block_q_for(length: int) -> int:
     return _block(length) if length <= block else block
 
 
+def _heads_first(seqs: int) -> bool:
+    """Grid order of the long-sequence kernels: heads first (BSMAMBA2_SSD_HEADS_FIRST=0 turns it off), unless the
+    sequences exceed the grid's second dimension (65535)."""
+    return seqs <= 65535 and os.environ.get("BSMAMBA2_SSD_HEADS_FIRST", "1") not in ("", "0")
+
+
 def _num_warps(kernel: str, default: int) -> int:
     """Warps per program: BSMAMBA2_SSD_WARPS_<kernel> (FWD, BWD, FWD_SHORT, BWD_SHORT), else the tuned default."""
     return int(os.environ.get(f"BSMAMBA2_SSD_WARPS_{kernel}", default))
@@ -432,8 +446,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
         _ssd_fwd_short_kernel[(s, g)](*args, **meta, num_warps=_num_warps("FWD_SHORT", 4))
     else:
         meta["BLOCK_P"] = min(_block(p), int(os.environ.get("BSMAMBA2_SSD_FWD_BLOCK_P", _FWD_BLOCK_P)))
-        grid = (s, h, triton.cdiv(p, meta["BLOCK_P"]))
-        _ssd_fwd_kernel[grid](*args, **meta, num_warps=_num_warps("FWD", 4))
+        heads_first = _heads_first(s)
+        grid = ((h, s) if heads_first else (s, h)) + (triton.cdiv(p, meta["BLOCK_P"]),)
+        _ssd_fwd_kernel[grid](*args, **meta, HEADS_FIRST=heads_first, num_warps=_num_warps("FWD", 4))
     return y
 
 
@@ -478,8 +493,11 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         n_chunks = triton.cdiv(l, bq)
         states = torch.empty(s, h, n_chunks, p, n, device=dev, dtype=buf_dtype)  # state entering each chunk
         args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dBh, dCh, dD, states, *head, *dBh.stride(), *states.stride())
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=True, **meta, num_warps=_num_warps("BWD", 8))
-        _ssd_bwd_kernel[(s, h)](*args, DO_DC=False, **meta, num_warps=_num_warps("BWD", 8))
+        heads_first = _heads_first(s)
+        grid = (h, s) if heads_first else (s, h)
+        for do_dc in (True, False):
+            _ssd_bwd_kernel[grid](*args, DO_DC=do_dc, HEADS_FIRST=heads_first, **meta,
+                                  num_warps=_num_warps("BWD", 8))
         dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
         dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
     return dx, ddt, dA, dB, dC, (dD if D is not None else None)
