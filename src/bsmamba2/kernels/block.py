@@ -13,6 +13,8 @@ Here, with the same parameters and the same function:
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner), W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, one small d × d product on x.
+    4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
+       gradients of the split views into shared buffers instead of concatenating them.
 The RMS scale, conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`norm.py`, `conv.py`, `ssd.py`); the
 matrix products are cuBLAS; the softplus of dt (a small tensor, (2, s, l, h)) runs eagerly. Nothing is compiled by
 `torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation.
