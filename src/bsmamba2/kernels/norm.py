@@ -162,12 +162,18 @@ def gated_norm_bidirectional(y: Tensor, z: Tensor, weight: Tensor, eps: float, g
 
 
 @triton.jit
-def _rms_fwd_kernel(x_ptr, out_ptr, rstd_ptr, R, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """A (ROWS × N) tile of x (R, N) per program: out = x · rstd, rstd (R,) float32 kept for the backward."""
+def _row_tile(R, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's ROWS rows of an (R, N) row-major tensor: row indices, the tile's mask and element offsets."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     mask = (rows < R)[:, None] & (cols < N)[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    return rows, mask, rows.to(tl.int64)[:, None] * N + cols[None, :]
+
+
+@triton.jit
+def _rms_fwd_kernel(x_ptr, out_ptr, rstd_ptr, R, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """A (ROWS × N) tile of x (R, N) per program: out = x · rstd, rstd (R,) float32 kept for the backward."""
+    rows, mask, offs = _row_tile(R, N, ROWS, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # (ROWS,)
     tl.store(rstd_ptr + rows, rstd, mask=rows < R)
@@ -177,10 +183,7 @@ def _rms_fwd_kernel(x_ptr, out_ptr, rstd_ptr, R, N, eps, ROWS: tl.constexpr, BLO
 @triton.jit
 def _rms_bwd_kernel(x_ptr, rstd_ptr, dout_ptr, dx_ptr, R, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """dx = rstd · (dout − n · mean(dout · n)), n = x · rstd, on a (ROWS × N) tile."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    mask = (rows < R)[:, None] & (cols < N)[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    rows, mask, offs = _row_tile(R, N, ROWS, BLOCK)
     rstd = tl.load(rstd_ptr + rows, mask=rows < R, other=0.0)[:, None]
     n = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rstd
     dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
