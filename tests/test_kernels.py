@@ -89,13 +89,6 @@ def test_scan_bfloat16():
     check_scan(2, 40, 2, 16, 1, 16, 2, torch.bfloat16, seed=7, tol=2e-2)
 
 
-def test_scan_forward_split_headdim(monkeypatch):
-    """The long forward scan with headdim split over programs (two blocks of 16 columns) gives the same result."""
-    monkeypatch.setenv("BSMAMBA2_SSD_FWD_BLOCK_P", "16")
-    check_scan(2, 70 if DEV == "cpu" else 700, 2, 32, 1, 16, 2, torch.float32, seed=3,
-               tol=1e-3 if DEV == "cuda" else 1e-4)
-
-
 def test_scan_sequence_major_grid(monkeypatch):
     """The long kernels with the grid in (sequence, head) order give the same result as heads first."""
     monkeypatch.setenv("BSMAMBA2_SSD_HEADS_FIRST", "0")

@@ -57,7 +57,7 @@ CASES = [
     (5, 21, 40, 3),
     (2, 33, 17, 1),
     (10, 6, 9, 2),
-    (2, 19, 256, 4),  # channels a multiple of BLOCK_C: the unmasked (EVEN_C) path
+    (2, 19, 256, 4),  # channels a whole number of channel blocks
 ]
 
 

@@ -26,10 +26,8 @@ def _conv_fwd_kernel(
     raw_ptr, w_ptr, b_ptr, out_ptr, S, L, CH,
     sr_s, sr_l, sr_d, sr_c,
     so_d, so_s, so_l, so_c,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program: a (positions × channels) tile of one sequence and direction. The tile's pointers are computed
-    once and each tap shifts them by a scalar; EVEN_C (channels a multiple of BLOCK_C) drops the channel mask."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_sd = tl.program_id(2)
@@ -39,29 +37,17 @@ def _conv_fwd_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < CH
-    ptrs = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d + offs_t[:, None] * sr_l + offs_c[None, :] * sr_c  # (T, C)
-    if EVEN_C:
-        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + tl.load(b_ptr + d * CH + offs_c)[None, :]
-    else:
-        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + tl.load(b_ptr + d * CH + offs_c, mask=mc,
-                                                                     other=0.0)[None, :]
+    base = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0)[None, :]
     for i in tl.static_range(K):
-        shift = sign * (i - (K - 1))
-        src = offs_t + shift
+        src = offs_t + sign * (i - (K - 1))
         m = (src >= 0) & (src < L)
-        if EVEN_C:
-            wi = tl.load(w_ptr + (d * K + i) * CH + offs_c).to(tl.float32)  # w as (2, K, c)
-            xv = tl.load(ptrs + shift * sr_l, mask=m[:, None], other=0.0)
-        else:
-            wi = tl.load(w_ptr + (d * K + i) * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
-            xv = tl.load(ptrs + shift * sr_l, mask=m[:, None] & mc[None, :], other=0.0)
+        wi = tl.load(w_ptr + (d * CH + offs_c) * K + i, mask=mc, other=0.0).to(tl.float32)
+        xv = tl.load(base + src[:, None] * sr_l + offs_c[None, :] * sr_c, mask=m[:, None] & mc[None, :], other=0.0)
         acc += xv.to(tl.float32) * wi[None, :]
     out = acc * tl.sigmoid(acc)
     optr = out_ptr + d * so_d + s.to(tl.int64) * so_s + offs_t[:, None] * so_l + offs_c[None, :] * so_c
-    if EVEN_C:
-        tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=(offs_t < L)[:, None])
-    else:
-        tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=(offs_t < L)[:, None] & mc[None, :])
+    tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=(offs_t < L)[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -199,10 +185,9 @@ def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
                          f"bias {tuple(bias.shape)}")
     out = torch.empty(2, s, l, c, device=raw.device, dtype=raw.dtype)
     if s and l:
-        wt = weight.transpose(1, 2).contiguous()  # (2, k, c): one tap of a channel block is contiguous
-        _conv_fwd_kernel[_grid(s, l, c)](raw, wt, bias.contiguous(), out, s, l, c,
+        _conv_fwd_kernel[_grid(s, l, c)](raw, weight.contiguous(), bias.contiguous(), out, s, l, c,
                                          *raw.stride(), *out.stride(), K=weight.shape[-1], BLOCK_T=_BLOCK_T,
-                                         BLOCK_C=_BLOCK_C, EVEN_C=c % _BLOCK_C == 0, num_warps=_FWD_WARPS)
+                                         BLOCK_C=_BLOCK_C, num_warps=_FWD_WARPS)
     return out
 
 

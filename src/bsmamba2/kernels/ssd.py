@@ -5,10 +5,9 @@ a_t = dt_t·A_h, cum_t = Σ_{k≤t} a_k and v_t = dt_t·x_t, the scan computes
 
     y_i = Σ_{j≤i} exp(cum_i − cum_j) (C_i·B_j) v_j + D_h x_i
 
-Long sequences (the time axis, 801 frames; `_ssd_fwd_kernel`): one program owns one (sequence, head, block of
-headdim columns) and walks the sequence in chunks of BLOCK_Q steps, carrying its rows of the state (BLOCK_P × d_state,
-float32) in registers, so no state goes to memory in the forward pass. Headdim columns are independent in the scan;
-splitting them (BSMAMBA2_SSD_FWD_BLOCK_P < headdim) trades a recomputed C Bᵀ for fewer registers per program:
+Long sequences (the time axis, 801 frames; `_ssd_fwd_kernel`): one program owns one (sequence, head) and walks the
+sequence in chunks of BLOCK_Q steps, carrying the state (headdim × d_state, float32) in registers, so no state goes
+to memory in the forward pass:
 
     intra-chunk   y  = (C Bᵀ ∘ decay) v                        the masked (attention-like) form, (Q×Q) tile
     inter-chunk   y += exp(acum) · C Sᵀ                        S: the state entering the chunk
@@ -109,7 +108,7 @@ def _ssd_fwd_kernel(
     y_base = y_ptr + s64 * sy_s + h * sy_h
 
     offs_q = tl.arange(0, BLOCK_Q)
-    offs_p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)  # this program's block of headdim columns
+    offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mp = offs_p < P
     mn = offs_n < N
@@ -371,9 +370,6 @@ def _ssd_bwd_short_kernel(
     tl.store(dC_ptr + s64 * sdb_s + g * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC_acc, mask=mqn)
 
 
-_FWD_BLOCK_P = 64  # headdim columns per program of the long forward scan (BSMAMBA2_SSD_FWD_BLOCK_P overrides)
-
-
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -445,9 +441,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     if l <= bq:
         _ssd_fwd_short_kernel[(s, g)](*args, **meta, num_warps=_num_warps("FWD_SHORT", 4))
     else:
-        meta["BLOCK_P"] = min(_block(p), int(os.environ.get("BSMAMBA2_SSD_FWD_BLOCK_P", _FWD_BLOCK_P)))
         heads_first = _heads_first(s)
-        grid = ((h, s) if heads_first else (s, h)) + (triton.cdiv(p, meta["BLOCK_P"]),)
+        grid = (h, s) if heads_first else (s, h)
         _ssd_fwd_kernel[grid](*args, **meta, HEADS_FIRST=heads_first, num_warps=_num_warps("FWD", 4))
     return y
 
