@@ -68,7 +68,7 @@ class _MixerCore(torch.autograd.Function):
         zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y = ctx.saved_tensors
         e, c, h, p, g, n = ctx.dims
         s, l = zxbcdt.shape[:2]
-        z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
+        z, xbc_raw, _ = zxbcdt.split([e, c, h], dim=-1)
         dzx = torch.empty_like(zxbcdt)  # (s, l, 2, e + c + h): the in-projection output's gradient
         dz, draw, ddt_raw = dzx.split([e, c, h], dim=-1)
         dy, _, dnorm_w = gated_norm_bwd(dgn, y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size, dz=dz)
@@ -80,8 +80,8 @@ class _MixerCore(torch.autograd.Function):
         dB.copy_(dB32.view(dB.shape))
         dC.copy_(dC32.view(dC.shape))
         _, dconv_w, dconv_b = conv_silu_bwd(dxbc, xbc_raw, conv_w, conv_b, draw=draw)
-        # dt = softplus(u), u = dt_raw + dt_bias: du = ddt · sigmoid(u)
-        du = ddt.view(2, s, l, h) * torch.sigmoid(dt_raw.permute(2, 0, 1, 3).float() + dt_bias.float()[:, None, None])
+        # dt = softplus(u), u = dt_raw + dt_bias: du = ddt · sigmoid(u), and sigmoid(u) = 1 − exp(−dt)
+        du = ddt.view(2, s, l, h) * -torch.expm1(-dt)  # (2, s, l, h) float32
         ddt_raw.copy_(du.permute(1, 2, 0, 3))
         return (dzx, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), du.sum((1, 2)).to(dt_bias.dtype),
                 dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), None, None, None)

@@ -130,9 +130,9 @@ def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: floa
     dy = torch.empty(2, s, l, e, device=y.device, dtype=y.dtype)
     if dz is None:
         dz = torch.empty(s, l, 2, e, device=y.device, dtype=z.dtype)
-    dz2 = dz.view(s * l, 2, e)  # fails loudly for a layout the kernel cannot index
-    if dz.shape != (s, l, 2, e) or dz2.stride(-1) != 1:
+    if dz.shape != (s, l, 2, e) or dz.stride(-1) != 1:
         raise ValueError(f"dz must be ({s}, {l}, 2, {e}) with unit stride along the last dimension")
+    dz2 = dz.view(s * l, 2, e)  # rows (s, l) must flatten to one stride: true of slices of the last dimension
     dw = torch.zeros(2, e, device=y.device, dtype=torch.float32)
     if rows:
         _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz2, dw, rows, e, group_size, eps,
