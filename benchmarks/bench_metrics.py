@@ -10,7 +10,6 @@ One run each (no repetition): the museval ratio is large enough that run-to-run 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
@@ -28,15 +27,12 @@ CKPT = SHARED / "fixtures" / "official" / "official_tiny_a.ckpt"
 
 
 def museval_metrics():
-    """museval.metrics without museval/__init__ (which needs ffmpeg through musdb/stempeg)."""
-    spec = importlib.util.find_spec("museval")
-    if spec is None:
-        sys.exit("museval is not installed: pip install 'bsmamba2[test]'")
-    path = spec.submodule_search_locations[0] + "/metrics.py"
-    mspec = importlib.util.spec_from_file_location("_museval_metrics", path)
-    module = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(module)
-    return module
+    from bsmamba2.metrics import load_museval_metrics
+
+    try:
+        return load_museval_metrics()
+    except ImportError as e:
+        sys.exit(str(e))
 
 
 def bench_metrics(tile: float | None) -> None:

@@ -200,6 +200,8 @@ def test_aligned_validation_excerpts(activity):
     np.testing.assert_array_equal(tgt[0].numpy(), parts[0])
     np.testing.assert_allclose(mix.numpy(), np.sum(parts, axis=0), atol=1e-6)
     assert len(AlignedDataset(split.valid, starts, STEMS, ("vocals",), SR, max_excerpts=2)) == 2
+    with pytest.raises(ValueError, match="not among the data stems"):
+        AlignedDataset(split.valid, starts, STEMS, ("piano",), SR)
 
 
 def test_stream_sampler_partitions_the_global_stream():

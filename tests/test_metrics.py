@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -18,6 +17,7 @@ from bsmamba2.metrics import (
     csdr,
     csdr_frames,
     duration_bucket,
+    load_museval_metrics,
     museval_frames,
     region_usdr,
     silent_leakage,
@@ -30,15 +30,10 @@ SR = 44100
 
 
 def _museval_metrics():
-    """museval.metrics without museval/__init__ (which imports musdb -> stempeg -> needs ffmpeg)."""
-    spec = importlib.util.find_spec("museval")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("museval is not installed (pip install 'bsmamba2[test]')")
-    path = spec.submodule_search_locations[0] + "/metrics.py"
-    mspec = importlib.util.spec_from_file_location("_museval_metrics", path)
-    module = importlib.util.module_from_spec(mspec)
-    mspec.loader.exec_module(module)
-    return module
+    try:
+        return load_museval_metrics()
+    except ImportError as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -93,6 +93,21 @@ def usdr(estimate: Any, reference: Any, eps: float = USDR_EPS) -> float | np.nda
     return float(out) if out.ndim == 0 else out
 
 
+def load_museval_metrics():
+    """The module `museval.metrics`, the reference these metrics are checked against, loaded without
+    `museval/__init__` (which imports musdb → stempeg and needs ffmpeg). Raises ImportError if museval is missing."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("museval")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("museval is not installed: pip install 'bsmamba2[test]'")
+    path = spec.submodule_search_locations[0] + "/metrics.py"
+    mspec = importlib.util.spec_from_file_location("_museval_metrics", path)
+    module = importlib.util.module_from_spec(mspec)
+    mspec.loader.exec_module(module)
+    return module
+
+
 def museval_frames(length: int, window: int, hop: int) -> list[tuple[int, int]]:
     """museval's framing: (start, stop) sample indices of each window; a trailing partial window is dropped.
 

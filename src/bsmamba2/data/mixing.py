@@ -33,7 +33,20 @@ class Excerpt:
     start: int
 
 
-class RandomMixDataset(Dataset):
+class _StemExcerpts(Dataset):
+    """What both datasets share: the stems that sum to the mixture, the targets among them, the excerpt size."""
+
+    def __init__(self, stems: tuple[str, ...], targets: tuple[str, ...], segment: int, channels: int):
+        missing = [t for t in targets if t not in stems]
+        if missing:
+            raise ValueError(f"target stems {missing} are not among the data stems {list(stems)}")
+        self.stems = tuple(stems)
+        self.target_index = [self.stems.index(t) for t in targets]
+        self.segment = int(segment)
+        self.channels = channels
+
+
+class RandomMixDataset(_StemExcerpts):
     """Endless stream of random mixtures; `dataset[i]` is deterministic in (seed, i).
 
     Args:
@@ -62,13 +75,7 @@ class RandomMixDataset(Dataset):
         gain_range: tuple[float, float] = (0.5, 1.5),
         seed: int = 0,
     ):
-        missing = [t for t in targets if t not in stems]
-        if missing:
-            raise ValueError(f"target stems {missing} are not among the data stems {list(stems)}")
-        self.stems = tuple(stems)
-        self.target_index = [self.stems.index(t) for t in targets]
-        self.segment = int(segment)
-        self.channels = channels
+        super().__init__(stems, targets, segment, channels)
         self.silence_prob = float(silence_prob)
         self.gain_range = (float(gain_range[0]), float(gain_range[1]))
         self.seed = int(seed)
@@ -107,7 +114,7 @@ class RandomMixDataset(Dataset):
         return torch.from_numpy(mixture), torch.from_numpy(sources[self.target_index].copy())
 
 
-class AlignedDataset(Dataset):
+class AlignedDataset(_StemExcerpts):
     """Validation excerpts: the real stems of one track at one time, summed; no gains, no silencing.
 
     Excerpts are the windows where the first target stem is salient (every window of the track when none is),
@@ -125,10 +132,7 @@ class AlignedDataset(Dataset):
         channels: int = 2,
         max_excerpts: int | None = None,
     ):
-        self.stems = tuple(stems)
-        self.target_index = [self.stems.index(t) for t in targets]
-        self.segment = int(segment)
-        self.channels = channels
+        super().__init__(stems, targets, segment, channels)
         items: list[Excerpt] = []
         for track in tracks:
             track_starts = starts.get(track.name, {}).get(targets[0], [])
