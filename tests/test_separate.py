@@ -59,6 +59,14 @@ def test_identity_model_returns_input_exactly(length, overlap):
     assert torch.equal(out["instrumental"], torch.zeros_like(x))
 
 
+def test_in_memory_progress_reports_every_second_once():
+    x = torch.randn(2, int(23.5 * SR))
+    done = []
+    Separator(Scale(), device="cpu").separate(x, SR, progress=done.append)
+    assert len(done) > 1 and all(d > 0 for d in done)  # reported as it goes, not once at the end
+    assert sum(done) == pytest.approx(23.5)
+
+
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
 def test_overlap_add_exact_for_any_block_sizes(overlap):
     rng = np.random.default_rng(1)

@@ -491,13 +491,14 @@ class Separator:
     # -- in memory -----------------------------------------------------------------------------------------------
     def separate(
         self, waveform: torch.Tensor | np.ndarray, sample_rate: int, output_sample_rate: int | None = None,
-        downmix: bool = False,
+        downmix: bool = False, progress: Callable[[float], None] | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         """Separate an in-memory waveform.
 
         Args:
             waveform: (channels, time) or (time,) float audio, mono or stereo (more channels need `downmix=True`).
             sample_rate: its sample rate; it is resampled to the model's rate and back.
+            progress: called with the audio seconds finished, as they finish (e.g. a progress bar's `update`).
         Returns:
             {stem: (channels, time) float32 tensor} for every model stem plus "instrumental" (mixture − vocals), at
             `output_sample_rate` (default: the input's rate) with the input's channel count.
@@ -513,7 +514,7 @@ class Separator:
         block = max(1, int(READ_BLOCK_SECONDS * sample_rate))
         parts: dict[str, list[torch.Tensor]] = {stem: [] for stem in self.output_stems}
         blocks = (wave[:, i : i + block] for i in range(0, wave.shape[-1], block))
-        for out in self.stream(blocks, sample_rate, wave.shape[0], output_sample_rate):
+        for out in self.stream(blocks, sample_rate, wave.shape[0], output_sample_rate, progress=progress):
             for stem, y in out.items():
                 parts[stem].append(y)
         return {stem: torch.cat(ys, dim=-1) for stem, ys in parts.items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 HELP = "synthesize a sparse-vocal song, separate it with the bundled (or given) model, write audio, a figure and scores"
 log = logging.getLogger("bsmamba2")
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     ref_inst = mix - ref_vocals
 
     t0 = time.perf_counter()
-    est = separator.separate(mix, sr)
+    with tqdm(total=round(song.seconds, 2), desc="separating", unit="s", disable=args.quiet,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
+        est = separator.separate(mix, sr, progress=bar.update)
     elapsed = time.perf_counter() - t0
     vocals, inst = est["vocals"], est["instrumental"]
 
