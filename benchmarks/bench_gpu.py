@@ -160,14 +160,14 @@ def conv_sweep() -> list[dict]:
     w = 0.5 * torch.randn(2, c, k, device="cuda")
     b = 0.1 * torch.randn(2, c, device="cuda")
     dout = torch.randn(2, s, l, c, device="cuda", dtype=torch.bfloat16)
-    saved = {name: getattr(conv, name) for name in ("_BLOCK_T", "_FWD_WARPS", "_DPRE_BLOCK_T", "_DPRE_WARPS",
-                                                    "_SEQS_PER_PROGRAM", "_DRAW_BLOCK_T", "_DRAW_WARPS")}
+    saved = {name: getattr(conv, name) for name in ("_FWD_BLOCK_C", "_FWD_ROWS", "_FWD_WARPS", "_DPRE_BLOCK_T",
+                                                    "_DPRE_WARPS", "_SEQS_PER_PROGRAM", "_DRAW_BLOCK_T", "_DRAW_WARPS")}
     rows = []
-    for bt, warps in ((32, 4), (64, 4), (64, 8), (16, 4)):
-        conv._BLOCK_T, conv._FWD_WARPS = bt, warps
+    for bc, per_step, warps in ((256, 8, 1), (256, 4, 1), (256, 4, 2), (128, 4, 1), (512, 4, 2)):
+        conv._FWD_BLOCK_C, conv._FWD_ROWS, conv._FWD_WARPS = bc, per_step, warps
         f = statistics.median(_time_cuda(lambda: conv.conv_silu_fwd(raw, w, b), 10, 2))
-        rows.append({"kernel": "conv_fwd", "block_t": bt, "warps": warps, "ms": f * 1e3})
-        print(f"conv fwd block_t {bt} warps {warps}: {f * 1e3:.2f} ms", flush=True)
+        rows.append({"kernel": "conv_fwd", "block_c": bc, "rows": per_step, "warps": warps, "ms": f * 1e3})
+        print(f"conv fwd block_c {bc} rows {per_step} warps {warps}: {f * 1e3:.2f} ms", flush=True)
     for name, value in saved.items():
         setattr(conv, name, value)
     for dbt, dw, seqs, rbt, rw in ((16, 8, 8, 32, 4), (16, 8, 16, 32, 4), (32, 8, 8, 64, 4), (8, 4, 8, 32, 8)):

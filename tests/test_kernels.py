@@ -107,12 +107,13 @@ def test_ssd_scan_entry_point_matches_sequential():
 
 
 @pytest.mark.parametrize("seqs", [3, 11])  # fewer, and more, sequences than one backward program sums
-def test_conv_silu_both_directions_matches_conv1d(seqs):
+@pytest.mark.parametrize("k,c", [(4, 40), (3, 300), (1, 24)])  # 300: two channel blocks of the forward, one partial
+def test_conv_silu_both_directions_matches_conv1d(seqs, k, c):
     from bsmamba2.kernels.conv import conv_silu_bidirectional
 
-    c, l = 40, 21
+    l = 21  # not a multiple of the forward's positions per step
     raw = torch.randn(seqs, l, 2, c, device=DEV, requires_grad=True)
-    w = torch.randn(2, c, 4, device=DEV, requires_grad=True)
+    w = torch.randn(2, c, k, device=DEV, requires_grad=True)
     b = torch.randn(2, c, device=DEV, requires_grad=True)
     out = conv_silu_bidirectional(raw, w, b)
     go = torch.randn_like(out)
@@ -121,7 +122,7 @@ def test_conv_silu_both_directions_matches_conv1d(seqs):
     for d in range(2):  # the plain mixer's causal conv; direction 1 on the flipped sequence, flipped back
         xr = raw[:, :, d].transpose(1, 2)
         xr = xr.flip(-1) if d else xr
-        o = F.silu(F.conv1d(xr, w[d][:, None], b[d], padding=3, groups=c)[..., :l])
+        o = F.silu(F.conv1d(xr, w[d][:, None], b[d], padding=k - 1, groups=c)[..., :l])
         ref.append((o.flip(-1) if d else o).transpose(1, 2))
     ref = torch.stack(ref)
     plain = torch.autograd.grad((ref * go).sum(), [raw, w, b])
@@ -209,6 +210,25 @@ def test_fast_block_matches_plain_block_float32():
     assert max(errors.values()) < 1e-4, errors
 
 
+def test_fast_block_writes_into_transposed_out():
+    """Without autograd the fast block's residual add writes into a strided 4-D `out` (the model's next layout)."""
+    cfg = Mamba2Config(expand=2, d_state=16, headdim=8, chunk_size=16)
+    blk = _block(16, cfg, seed=4)
+    x = torch.randn(6, 21, 16, device=DEV)  # 6 sequences = (2 batches, 3 bands)
+    buf = torch.empty(2, 21, 3, 16, device=DEV)  # (b, t, k, d): the band pass's layout
+    with torch.no_grad():
+        y = bimamba2_block_forward(blk, x)
+        written = bimamba2_block_forward(blk, x, out=buf.transpose(1, 2))  # (b, k, t, d) view
+        mamba2.set_backend("torch")
+        try:
+            yr = blk(x)
+        finally:
+            mamba2.set_backend("auto")
+    assert written.data_ptr() == buf.data_ptr()
+    assert torch.equal(buf.transpose(1, 2).reshape(6, 21, 16), y)
+    assert rel(y - x, yr - x) < 1e-5
+
+
 def test_available_reports_interpreter_or_cuda():
     assert kernels.available() == (torch.cuda.is_available() or kernels.interpreting())
 
@@ -269,3 +289,23 @@ def test_gpu_auto_backend_picks_triton():
     assert mamba2.resolve_backend(torch.device("cuda")) == "triton"
     model = BSMamba2Config.tiny()
     assert model.mamba.chunk_size == 16
+
+
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+def test_add_into_matches_strided_torch_add(lead):
+    """The residual add that writes whole rows into another layout, against torch.add(out=) on the same view."""
+    from bsmamba2.kernels.residual import add_into
+
+    s, l, n = 6, 5, 24
+    a = torch.randn(s, l, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(s, l, n, device=DEV)
+    shape = (*lead, l, n) if lead else (s, l, n)
+    buf = torch.empty(l, *lead, n, device=DEV) if lead else torch.empty(l, s, n, device=DEV)
+    out = buf.movedim(0, -2)  # a strided view shaped `shape`
+    assert out.shape == shape and not out.is_contiguous()
+    assert add_into(a, b, out).data_ptr() == buf.data_ptr()
+    expect = torch.empty_like(out)
+    torch.add(a.reshape(shape), b.reshape(shape), out=expect)
+    assert torch.allclose(out, expect, atol=1e-6)
+    with pytest.raises(ValueError, match="disagree"):
+        add_into(a, b[:-1], out)

@@ -170,3 +170,35 @@ def test_cpu_inference_in_slices_equals_whole_batch(monkeypatch):
     with torch.no_grad():
         sliced = blk(x)  # 2 sequences at a time
     torch.testing.assert_close(sliced, whole.detach(), rtol=1e-5, atol=1e-6)
+    # the same slices written into a transposed 4-D `out`, as the model's copy-free layer loop passes it
+    out = torch.empty(30, 7, 16).transpose(0, 1)  # (7, 30, 16) view of a (30, 7, 16) buffer
+    with torch.no_grad():
+        assert blk(x, out=out[None]).data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, whole.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_block_out_argument_checks():
+    blk = BiMamba2Block(16, BSMamba2Config.tiny().mamba)
+    x = torch.randn(6, 5, 16)
+    with pytest.raises(ValueError, match="no_grad"):
+        blk(x, out=torch.empty(6, 5, 16))  # autograd cannot follow out=
+    with torch.no_grad(), pytest.raises(ValueError, match="6 sequences"):
+        blk(x, out=torch.empty(4, 5, 16))
+
+
+@pytest.mark.parametrize("arch", ["bsmamba2", "bsroformer"])
+def test_inference_layer_loop_without_copies_matches_training_loop(arch):
+    """Under no_grad BSMamba2 keeps the latent in the layout each pass reads and lets each block's residual add
+    write the next layout (`_layers_without_copies`); with autograd it transposes around the time pass. Same
+    function; BS-RoFormer's modules take no `out=` and keep the transposes."""
+    torch.manual_seed(0)
+    cfg = BSMamba2Config.tiny() if arch == "bsmamba2" else RoFormerConfig.tiny()
+    model = build_model(cfg).eval()
+    spec = torch.randn(2, 2, cfg.stft.n_fft // 2 + 1, 9, dtype=torch.complex64)
+    with torch.no_grad():
+        fast = model(spec)
+    assert model._writes_into_layouts() is False  # grad enabled again outside the block
+    slow = model(spec).detach()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert model._writes_into_layouts() is (arch == "bsmamba2")

@@ -185,8 +185,13 @@ class PreNormMamba2(nn.Module):
 class BiMamba2Block(nn.Module):
     """Bidirectional Mamba2 along one axis: [fwd(x), flip(bwd(flip(x)))] → 1×1 ConvTranspose1d (2D→D) → + x.
 
-    Input and output `(sequences, length, dim)`.
+    Input and output `(sequences, length, dim)`. Without autograd, `out` receives the result in place of a new
+    tensor: shaped `(*lead, length, dim)` with the sequences split over its leading dimensions, any strides (e.g.
+    `(b, k, t, d)` as a transposed view of the next pass's `(b, t, k, d)` input). The final residual add writes it,
+    so a change of layout between the time and band passes costs no separate copy.
     """
+
+    writes_into_out = True  # `forward` takes `out=` (BandSplitModel uses it to skip layout copies)
 
     def __init__(self, dim: int, cfg: Mamba2Config):
         super().__init__()
@@ -194,25 +199,31 @@ class BiMamba2Block(nn.Module):
         self.backward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
         self.linear = nn.ConvTranspose1d(2 * dim, dim, kernel_size=1)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        if out is not None and (torch.is_grad_enabled() or out.shape[-2:] != x.shape[1:]
+                                or math.prod(out.shape[:-2]) != x.shape[0]):
+            raise ValueError(f"out= needs torch.no_grad() and a shape (*lead, {x.shape[1]}, {x.shape[2]}) with "
+                             f"{x.shape[0]} sequences over lead, got {tuple(out.shape)}")
         if resolve_backend(x.device) == "triton":
             from bsmamba2.kernels import block as fast  # noqa: PLC0415
 
             if fast.supports(self):
-                return fast.bimamba2_block_forward(self, x)  # same function, both directions in shared launches
+                return fast.bimamba2_block_forward(self, x, out)  # same function, both directions in shared launches
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU inference: a few sequences at a time keeps every temporary small enough to stay in the
             # allocator's heap and the caches, instead of page-faulting hundreds of MB per elementwise op
             step = max(1, CPU_SLICE_ELEMENTS // (x.shape[1] * self.forward_blocks[0].mixer.conv_dim))
             if x.shape[0] > step:
-                return torch.cat([self._plain(part) for part in x.split(step)])
-        return self._plain(x)
+                y = torch.cat([self._plain(part) for part in x.split(step)])
+                return y if out is None else out.copy_(y.view(out.shape))
+        return self._plain(x, out)
 
-    def _plain(self, x: Tensor) -> Tensor:
+    def _plain(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         fwd = self.forward_blocks[0](x)
         bwd = self.backward_blocks[0](x.flip(1)).flip(1)
         both = torch.cat([fwd, bwd], dim=-1)  # (s, l, 2d)
         # a kernel-1 transposed conv is a linear map with weight (2d, d, 1) used as Wᵀ
-        return F.linear(both, self.linear.weight[:, :, 0].t(), self.linear.bias) + x
+        y = F.linear(both, self.linear.weight[:, :, 0].t(), self.linear.bias)
+        return y + x if out is None else torch.add(y.reshape(out.shape), x.reshape(out.shape), out=out)
 
 

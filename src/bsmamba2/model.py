@@ -51,6 +51,27 @@ class BandSplitModel(nn.Module):
         b, t, k, d = x.shape
         return module(x.reshape(b * t, k, d)).reshape(b, t, k, d)  # (b·t, k, d): one sequence per frame
 
+    def _writes_into_layouts(self) -> bool:
+        """Inference with modules that take `out=` (BiMamba2Block): `_layers_without_copies` applies."""
+        return not torch.is_grad_enabled() and all(getattr(m, "writes_into_out", False)
+                                                    for layer in self.layers for m in layer)
+
+    def _layers_without_copies(self, x: Tensor) -> Tensor:
+        """The layers of `forward` with the latent kept in the layout its next pass reads: (b, k, t, d) before a time
+        pass, (b, t, k, d) before a band pass. Each module's residual add writes its output straight into the next
+        layout (`out=`), so the two transposes per layer of `_along_time` become strided writes of adds that run
+        anyway. Same function, inference only."""
+        b, t, k, d = x.shape
+        x_bk = x.transpose(1, 2).contiguous()  # (b, k, t, d)
+        for i, (time_module, band_module) in enumerate(self.layers):
+            x_bt = torch.empty(b, t, k, d, device=x.device, dtype=x_bk.dtype)
+            time_module(x_bk.view(b * k, t, d), out=x_bt.transpose(1, 2))  # (b, k, t, d) view of x_bt
+            if i == len(self.layers) - 1:
+                return band_module(x_bt.view(b * t, k, d)).view(b, t, k, d)
+            x_bk = torch.empty(b, k, t, d, device=x.device, dtype=x_bt.dtype)
+            band_module(x_bt.view(b * t, k, d), out=x_bk.transpose(1, 2))  # (b, t, k, d) view of x_bk
+        return x  # no layers
+
     def _run(self, fn, x: Tensor, module: nn.Module) -> Tensor:
         # Activation checkpointing per axis module: only one module's intermediates are alive at a time.
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -64,9 +85,12 @@ class BandSplitModel(nn.Module):
                              f"got {tuple(spec.shape)} {spec.dtype}")
         feats = spec_to_features(spec)  # (b, t, f·c·2)
         x = self.band_split(feats)  # (b, t, k, d)
-        for time_module, band_module in self.layers:
-            x = self._run(self._along_time, x, time_module)
-            x = self._run(self._along_bands, x, band_module)
+        if self._writes_into_layouts():
+            x = self._layers_without_copies(x)
+        else:
+            for time_module, band_module in self.layers:
+                x = self._run(self._along_time, x, time_module)
+                x = self._run(self._along_bands, x, band_module)
         x = self.final_norm(x)
         masks = torch.stack([est(x) for est in self.mask_estimators], dim=1)  # (b, n, t, f·c·2)
         masks = features_to_spec(masks, self.audio_channels)  # (b, n, c, f, t) complex

@@ -12,7 +12,7 @@ Here, with the same parameters and the same function:
        positions L−1−τ (`ssd_scan_bidirectional`), so one conv pass and one scan launch serve both directions.
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner), W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
-       outputs of both directions, one small d × d product on x.
+       outputs of both directions, which adds the small d × d product on x (and its bias) in its epilogue.
     4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
        gradients of the split views into shared buffers instead of concatenating them.
 The RMS scale, conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`norm.py`, `conv.py`, `ssd.py`); the
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
+from bsmamba2.kernels.residual import add_into
 from bsmamba2.kernels.ssd import ssd_bwd, ssd_fwd, ssd_scan_bidirectional
 
 
@@ -118,8 +119,9 @@ def supports(block) -> bool:
                                                                 "ngroups", "d_state", "d_conv")))
 
 
-def bimamba2_block_forward(block, x: Tensor) -> Tensor:
-    """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`."""
+def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`, or written into `out` (see
+    `BiMamba2Block`)."""
     f, b = block.forward_blocks[0], block.backward_blocks[0]
     mf, mb = f.mixer, b.mixer
     s, l, d = x.shape
@@ -142,4 +144,6 @@ def bimamba2_block_forward(block, x: Tensor) -> Tensor:
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
     gn = _MixerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, (e, c, h, p, g, n), mf.norm.eps,
                           mf.norm.group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
-    return F.linear(gn, w_g) + F.linear(x, w_x, block.linear.bias) + x
+    merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
+    merged.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
+    return merged + x if out is None else add_into(merged, x, out)

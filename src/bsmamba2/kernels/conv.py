@@ -7,8 +7,10 @@ sequence, flipped back (direction 1). Without flips, direction 1 is the anti-cau
     out[1, t] = silu(b₁ + Σ_i w₁[i] · raw[t + (k−1) − i, 1])        taps t … t+k−1   (zeros after the end)
 
 `raw` is read in place from the in-projection `(s, l, 2, c)` (any strides); the output is `(2, s, l, c)`, the layout
-the scan reads as `(2s, l, ·)`. Backward saves only raw, weight, bias and runs two passes: the first recomputes the
-pre-activations with the forward's K loads, writes dpre = dout · silu'(pre) into a `(2, s, l, c)` buffer in raw's dtype
+the scan reads as `(2s, l, ·)`. The forward walks each sequence in scan order with the last K−1 rows in registers
+(each raw element loaded once); with 16-bit outputs its SiLU uses the hardware tanh. Backward saves only raw, weight,
+bias and runs two passes over (positions × channels) tiles: the first recomputes the pre-activations from K shifted
+loads, writes dpre = dout · silu'(pre) into a `(2, s, l, c)` buffer in raw's dtype
 and sums the weight and bias gradients per program in float32 (one atomic per element and program); the second
 gathers draw[u] = Σ_i w[i] · dpre[t_i(u)] over the K output positions that read raw[u].
 """
@@ -20,34 +22,64 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bsmamba2.kernels import interpreting
+
 
 @triton.jit
 def _conv_fwd_kernel(
     raw_ptr, w_ptr, b_ptr, out_ptr, S, L, CH,
     sr_s, sr_l, sr_d, sr_c,
     so_d, so_s, so_l, so_c,
-    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    K: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FAST_SILU: tl.constexpr,
 ):
-    pid_t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_sd = tl.program_id(2)
+    """One program walks one (sequence, direction) in scan order τ (t = τ, or L−1−τ for direction 1) over BLOCK_C
+    channels, ROWS positions per step, carrying the last K−1 raw rows in registers: every raw element is loaded
+    once, with one address per row instead of one per tile element and tap. In scan order both directions are the
+    same causal sum: out[τ] = silu(b + Σ_i w[i] · raw[τ − (K−1) + i])."""
+    pid_c = tl.program_id(0)
+    pid_sd = tl.program_id(1)
     d = pid_sd // S
     s = pid_sd % S
-    sign = 1 - 2 * d  # +1: causal taps, −1: anti-causal taps
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < CH
-    base = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32) + tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0)[None, :]
-    for i in tl.static_range(K):
-        src = offs_t + sign * (i - (K - 1))
-        m = (src >= 0) & (src < L)
-        wi = tl.load(w_ptr + (d * CH + offs_c) * K + i, mask=mc, other=0.0).to(tl.float32)
-        xv = tl.load(base + src[:, None] * sr_l + offs_c[None, :] * sr_c, mask=m[:, None] & mc[None, :], other=0.0)
-        acc += xv.to(tl.float32) * wi[None, :]
-    out = acc * tl.sigmoid(acc)
-    optr = out_ptr + d * so_d + s.to(tl.int64) * so_s + offs_t[:, None] * so_l + offs_c[None, :] * so_c
-    tl.store(optr, out.to(out_ptr.dtype.element_ty), mask=(offs_t < L)[:, None] & mc[None, :])
+    wrow = w_ptr + (d * CH + offs_c) * K
+    w0 = tl.load(wrow + 0, mask=mc, other=0.0).to(tl.float32)  # tap 0 multiplies raw[τ − (K−1)]
+    if K > 1:
+        w1 = tl.load(wrow + 1, mask=mc, other=0.0).to(tl.float32)
+    if K > 2:
+        w2 = tl.load(wrow + 2, mask=mc, other=0.0).to(tl.float32)
+    if K > 3:
+        w3 = tl.load(wrow + 3, mask=mc, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
+    src = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d + offs_c * sr_c
+    dst = out_ptr + d * so_d + s.to(tl.int64) * so_s + offs_c * so_c
+    back1 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # raw[τ − 1], raw[τ − 2], raw[τ − 3]: zeros before the start
+    back2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    back3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for tau0 in range(0, L, ROWS):
+        for r in tl.static_range(ROWS):
+            tau = tau0 + r
+            t = tl.where(d == 1, L - 1 - tau, tau)
+            m = mc & ((offs_c * 0 + tau) < L)
+            cur = tl.load(src + t * sr_l, mask=m, other=0.0).to(tl.float32)
+            if K == 1:
+                pre = bias + w0 * cur
+            elif K == 2:
+                pre = bias + w0 * back1 + w1 * cur
+            elif K == 3:
+                pre = bias + w0 * back2 + w1 * back1 + w2 * cur
+            else:
+                pre = bias + w0 * back3 + w1 * back2 + w2 * back1 + w3 * cur
+            if FAST_SILU:  # silu(x) = x/2 · (1 + tanh(x/2)) with the hardware tanh (~2⁻¹¹ relative), 16-bit outputs
+                th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [pre * 0.5], dtype=tl.float32,
+                                               is_pure=True, pack=1)
+                act = 0.5 * pre * (1.0 + th)
+            else:
+                act = pre * tl.sigmoid(pre)
+            tl.store(dst + t * so_l, act.to(out_ptr.dtype.element_ty), mask=m)
+            back3 = back2
+            back2 = back1
+            back1 = cur
 
 
 @triton.jit
@@ -164,17 +196,17 @@ def _conv_draw_kernel(
     tl.store(dptr, acc.to(draw_ptr.dtype.element_ty), mask=(offs_u < L)[:, None] & mc[None, :])
 
 
-_BLOCK_T, _BLOCK_C, _FWD_WARPS = 32, 128, 4  # forward tiles (positions × channels), tuned on an H200
+# forward: channels per program, positions per loop step, warps (one warp, 8 channels per thread: 16-byte loads).
+# H200, paper size at batch 8: 1.48 ms per call against 1.66 ms for the earlier (positions × channels) tiles that
+# loaded each raw element once per tap (`bench_gpu.py --scan-sweep`)
+_FWD_BLOCK_C, _FWD_ROWS, _FWD_WARPS = 256, 8, 1
+_BLOCK_C = 128  # backward tiles' channels
 _SEQS_PER_PROGRAM = 16  # backward pass 1: sequences whose weight gradients one program sums before its atomics
 # (H200, paper size: 16 took 6.25 ms per backward against 7.69 for 8; `bench_gpu.py --scan-sweep`)
 # backward pass 1 holds K raw tiles, dout, pre and five float32 partial sums per element: 16 positions × 128 channels
 # over 8 warps is one row of 8 channels per thread: 128 registers at K = 4 on sm_90 (two rows per thread: 255)
 _DPRE_BLOCK_T, _DPRE_WARPS = 16, 8
 _DRAW_BLOCK_T, _DRAW_WARPS = 32, 4
-
-
-def _grid(s: int, l: int, c: int) -> tuple[int, int, int]:
-    return (triton.cdiv(l, _BLOCK_T), triton.cdiv(c, _BLOCK_C), 2 * s)
 
 
 def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -185,9 +217,10 @@ def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
                          f"bias {tuple(bias.shape)}")
     out = torch.empty(2, s, l, c, device=raw.device, dtype=raw.dtype)
     if s and l:
-        _conv_fwd_kernel[_grid(s, l, c)](raw, weight.contiguous(), bias.contiguous(), out, s, l, c,
-                                         *raw.stride(), *out.stride(), K=weight.shape[-1], BLOCK_T=_BLOCK_T,
-                                         BLOCK_C=_BLOCK_C, num_warps=_FWD_WARPS)
+        _conv_fwd_kernel[(triton.cdiv(c, _FWD_BLOCK_C), 2 * s)](
+            raw, weight.contiguous(), bias.contiguous(), out, s, l, c, *raw.stride(), *out.stride(),
+            K=weight.shape[-1], BLOCK_C=_FWD_BLOCK_C, ROWS=_FWD_ROWS, num_warps=_FWD_WARPS,
+            FAST_SILU=raw.dtype in (torch.bfloat16, torch.float16) and not interpreting())
     return out
 
 
