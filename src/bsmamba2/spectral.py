@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsmamba2.config import STFTConfig
+from bsmamba2.derived import derived
 
 
 def _window(cfg: STFTConfig, device: torch.device) -> Tensor:
@@ -126,16 +127,19 @@ def _use_grouped(grouped: bool | None, x: Tensor) -> bool:
     return grouped if grouped is not None else x.device.type != "cpu"
 
 
-def _grouped_linear(x_t: Tensor, linears: list[nn.Linear]) -> Tensor:
+def _grouped_linear(x_t: Tensor, linears: list[nn.Linear], owner: nn.Module, name: str) -> Tensor:
     """One batched matmul for a group of same-shaped Linears, feature-major: `(g, in, m)` → `(g, out, m)`.
 
     The weights are stacked here, inside the forward, so their gradients flow back to each band's own parameters.
     Feature-major (W·xᵀ rather than x·Wᵀ) makes the weight gradient `(g, out, in)`-contiguous, so each band's slice
     becomes its `.grad` without a copy. Under autocast `baddbmm` casts its inputs (bias included) to the autocast
-    dtype, as `F.linear` does.
+    dtype, as `F.linear` does. Without autograd the stacks are cached on `owner` under `name` (`derived`).
     """
-    weight = torch.stack([lin.weight for lin in linears])  # (g, out, in)
-    bias = torch.stack([lin.bias for lin in linears]).unsqueeze(-1)  # (g, out, 1)
+    def stack() -> tuple[Tensor, Tensor]:
+        return (torch.stack([lin.weight for lin in linears]),  # (g, out, in)
+                torch.stack([lin.bias for lin in linears]).unsqueeze(-1))  # (g, out, 1)
+
+    weight, bias = derived(owner, name, [t for lin in linears for t in (lin.weight, lin.bias)], stack)
     return torch.baddbmm(bias, weight, x_t)
 
 
@@ -189,9 +193,11 @@ class BandSplit(_PerBand):
         for (n, idx), xg in zip(self._groups, inputs):
             xg = xg.reshape(-1, len(idx), n)  # (m, g, n), m = b·t
             norms = [self.to_features[i][0] for i in idx]
-            gamma = torch.stack([norm.gamma for norm in norms])  # (g, n)
+            gamma = derived(self, f"gamma{n}", [norm.gamma for norm in norms],
+                            lambda: torch.stack([norm.gamma for norm in norms]))  # (g, n)
             xg = F.normalize(xg, dim=-1) * norms[0].scale * gamma  # RMSNorm.forward, same ops in the same order
-            y = _grouped_linear(xg.permute(1, 2, 0), [self.to_features[i][1] for i in idx])  # (g, d, m)
+            y = _grouped_linear(xg.permute(1, 2, 0), [self.to_features[i][1] for i in idx], self,
+                                f"linear{n}")  # (g, d, m)
             outs.append(y.permute(2, 0, 1))  # (m, g, d)
         y = torch.cat(outs, dim=1)  # (m, k, d), bands in group order
         y = _band_order(y, 1, (1,) * len(self.feature_sizes), self._groups, self._in_order)
@@ -238,14 +244,14 @@ class MaskEstimator(_PerBand):
         h = x.reshape(-1, k, x.shape[-1]).permute(1, 2, 0)  # (k, D, m), m = b·t: feature-major
         for j, layer in enumerate(mlps[0][:-1]):  # all but the last Linear: same shapes in every band
             if isinstance(layer, nn.Linear):
-                h = _grouped_linear(h, [mlp[j] for mlp in mlps])  # (k, hidden, m)
+                h = _grouped_linear(h, [mlp[j] for mlp in mlps], self, f"hidden{j}")  # (k, hidden, m)
             else:
                 assert isinstance(layer, nn.Tanh), layer
                 h = h.tanh_()  # in place on the matmul's output, which backward does not need
         bands = (1,) * k
         outs = []
         for (n, idx), hg in zip(self._groups, _split_groups(h, 0, bands, self._groups, self._in_order)):
-            y = F.glu(_grouped_linear(hg, [mlps[i][-1] for i in idx]), dim=1)  # (g, n, m)
+            y = F.glu(_grouped_linear(hg, [mlps[i][-1] for i in idx], self, f"last{n}"), dim=1)  # (g, n, m)
             outs.append(y.permute(2, 0, 1).reshape(y.shape[-1], len(idx) * n))  # (m, g·n)
         y = torch.cat(outs, dim=-1)  # (m, Σfeat), bands in group order
         y = _band_order(y, -1, self.feature_sizes, self._groups, self._in_order)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bsmamba2.derived import derived
 from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
 from bsmamba2.kernels.residual import add_into
@@ -119,6 +120,24 @@ def supports(block) -> bool:
                                                                 "ngroups", "d_state", "d_conv")))
 
 
+def _merged_weights(block, d: int) -> tuple[Tensor, ...]:
+    """The fast path's weights from the block's parameters, in float32 (items 1 and 3 of the module docstring)."""
+    f, b = block.forward_blocks[0], block.backward_blocks[0]
+    mf, mb = f.mixer, b.mixer
+    with torch.autocast(device_type=f.norm.weight.device.type, enabled=False):
+        w_in = torch.cat([mf.in_proj.weight * f.norm.weight[None, :], mb.in_proj.weight * b.norm.weight[None, :]])
+        wm = block.linear.weight[:, :, 0]  # (2d, d), used as [f, b] @ wm
+        return (w_in,
+                torch.cat([wm[:d].t() @ mf.out_proj.weight, wm[d:].t() @ mb.out_proj.weight], dim=1),  # w_g (d, 2e)
+                (wm[:d] + wm[d:]).t(),  # w_x (d, d)
+                torch.stack([mf.conv1d.weight[:, 0], mb.conv1d.weight[:, 0]]),  # conv_w (2, c, k)
+                torch.stack([mf.conv1d.bias, mb.conv1d.bias]),  # conv_b (2, c)
+                torch.stack([mf.dt_bias, mb.dt_bias]),  # dt_bias (2, h)
+                -torch.exp(torch.stack([mf.A_log, mb.A_log]).float()),  # A (2, h)
+                torch.stack([mf.D, mb.D]),  # D (2, h)
+                torch.stack([mf.norm.weight, mb.norm.weight]))  # norm_w (2, e)
+
+
 def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tensor:
     """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`, or written into `out` (see
     `BiMamba2Block`)."""
@@ -128,17 +147,8 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tenso
     e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
     width = e + c + h  # one direction's in-projection: [z, xBC, dt]
 
-    with torch.autocast(device_type=x.device.type, enabled=False):  # merged weights in float32
-        w_in = torch.cat([mf.in_proj.weight * f.norm.weight[None, :], mb.in_proj.weight * b.norm.weight[None, :]])
-        wm = block.linear.weight[:, :, 0]  # (2d, d), used as [f, b] @ wm
-        w_g = torch.cat([wm[:d].t() @ mf.out_proj.weight, wm[d:].t() @ mb.out_proj.weight], dim=1)  # (d, 2e)
-        w_x = (wm[:d] + wm[d:]).t()  # (d, d)
-        conv_w = torch.stack([mf.conv1d.weight[:, 0], mb.conv1d.weight[:, 0]])  # (2, c, k)
-        conv_b = torch.stack([mf.conv1d.bias, mb.conv1d.bias])  # (2, c)
-        dt_bias = torch.stack([mf.dt_bias, mb.dt_bias])  # (2, h)
-        A = -torch.exp(torch.stack([mf.A_log, mb.A_log]).float())  # (2, h)
-        D = torch.stack([mf.D, mb.D])  # (2, h)
-        norm_w = torch.stack([mf.norm.weight, mb.norm.weight])  # (2, e)
+    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", list(block.parameters()),
+                                                                     lambda: _merged_weights(block, d))
 
     xn = rms_scale(x, f.norm.eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)

@@ -1,0 +1,39 @@
+"""Tensors derived from parameters (stacked or merged weights), cached between inference calls.
+
+The grouped band layers stack their per-band weights and the fast bidirectional block merges its projections on
+every forward, so that gradients reach each parameter. Without autograd the result only changes when a parameter
+does: `derived` keeps it, keyed by each source's storage and version counter, which every in-place change made
+through PyTorch (optimizer steps, `torch._foreach_*`, `load_state_dict`, `.to()`) bumps. Changes made through
+`.data` bypass the counter; `clear(module)` drops a module tree's cached values after such a change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+T = TypeVar("T")
+_ATTR = "_derived_cache"
+
+
+def derived(owner: nn.Module, name: str, sources: Sequence[Tensor], build: Callable[[], T]) -> T:
+    """`build()`; without autograd, its value from an earlier call while every tensor in `sources` is unchanged."""
+    if torch.is_grad_enabled():
+        return build()
+    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+    cache = owner.__dict__.setdefault(_ATTR, {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = build()
+    cache[name] = (key, value)
+    return value
+
+
+def clear(module: nn.Module) -> None:
+    """Drop the cached derived tensors of `module` and its submodules."""
+    for m in module.modules():
+        m.__dict__.pop(_ATTR, None)

@@ -1,0 +1,49 @@
+"""Cached derived weights: reused without autograd while the parameters are unchanged, rebuilt after any change."""
+
+import torch
+from torch import nn
+
+from bsmamba2 import derived as dv
+from bsmamba2.spectral import BandSplit, MaskEstimator
+
+
+def test_cached_until_a_source_changes():
+    lin = nn.Linear(4, 3)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return lin.weight * 2
+
+    with torch.no_grad():
+        first = dv.derived(lin, "w2", [lin.weight], build)
+        assert dv.derived(lin, "w2", [lin.weight], build) is first and len(calls) == 1
+        lin.weight.add_(1.0)  # in place: the version counter moves
+        second = dv.derived(lin, "w2", [lin.weight], build)
+        assert len(calls) == 2 and torch.equal(second, lin.weight * 2)
+        torch._foreach_lerp_([lin.weight], [torch.zeros_like(lin.weight)], 0.5)  # as the EMA update does
+        assert torch.equal(dv.derived(lin, "w2", [lin.weight], build), lin.weight * 2) and len(calls) == 3
+        lin.load_state_dict({"weight": torch.ones(3, 4), "bias": torch.zeros(3)})
+        assert torch.equal(dv.derived(lin, "w2", [lin.weight], build), torch.full((3, 4), 2.0))
+        dv.clear(lin)
+        dv.derived(lin, "w2", [lin.weight], build)
+        assert len(calls) == 5
+    out = dv.derived(lin, "w2", [lin.weight], build)  # with autograd: always built, so gradients flow
+    assert len(calls) == 6 and out.requires_grad
+
+
+def test_grouped_band_layers_follow_parameter_updates():
+    torch.manual_seed(0)
+    sizes = (4, 4, 6, 8)
+    split, est = BandSplit(8, sizes, grouped=True), MaskEstimator(8, sizes, grouped=True)
+    x = torch.randn(2, 3, sum(sizes))
+    with torch.no_grad():
+        before = est(split(x))
+        assert torch.equal(est(split(x)), before)  # second call from the cache
+        for p in list(split.parameters()) + list(est.parameters()):
+            p.mul_(1.5)
+        after = est(split(x))
+        split.grouped = est.grouped = False
+        reference = est(split(x))  # the per-band loop, no cache involved
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-6)
