@@ -309,3 +309,19 @@ def test_add_into_matches_strided_torch_add(lead):
     assert torch.allclose(out, expect, atol=1e-6)
     with pytest.raises(ValueError, match="disagree"):
         add_into(a, b[:-1], out)
+
+
+def test_softplus_dt_matches_reference():
+    """One-pass softplus of dt against F.softplus on the in-projection's strided view, including the far tails
+    (tiny and above F.softplus's threshold)."""
+    from bsmamba2.kernels.dt import softplus_dt, softplus_dt_reference
+
+    s, l, h = 3, 7, 5
+    buf = torch.randn(s, l, 2, h + 4, device=DEV) * 4
+    buf[0, 0, 0, :3] = torch.tensor([-30.0, 25.0, 0.0])
+    raw = buf[..., 2:2 + h]  # (s, l, 2, h) view, row stride h + 4
+    bias = torch.randn(2, h, device=DEV)
+    out = softplus_dt(raw, bias)
+    ref = softplus_dt_reference(raw, bias)
+    assert out.shape == (2, s, l, h) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)

@@ -15,9 +15,10 @@ Here, with the same parameters and the same function:
        outputs of both directions, which adds the small d × d product on x (and its bias) in its epilogue.
     4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
        gradients of the split views into shared buffers instead of concatenating them.
-The RMS scale, conv1d + SiLU, the scan and the gated RMSNorm are Triton kernels (`norm.py`, `conv.py`, `ssd.py`); the
-matrix products are cuBLAS; the softplus of dt (a small tensor, (2, s, l, h)) runs eagerly. Nothing is compiled by
-`torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation.
+The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next
+pass's layout are Triton kernels (`norm.py`, `conv.py`, `dt.py`, `ssd.py`, `residual.py`); the matrix products are
+cuBLAS. Nothing is compiled by `torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without
+autograd the merged weights are cached between calls (`bsmamba2.derived`).
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
 """
@@ -30,15 +31,10 @@ from torch import Tensor
 
 from bsmamba2.derived import derived
 from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
+from bsmamba2.kernels.dt import softplus_dt, softplus_dt_reference
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
 from bsmamba2.kernels.residual import add_into
 from bsmamba2.kernels.ssd import ssd_bwd, ssd_fwd, ssd_scan_bidirectional
-
-
-def _softplus_dt(dt_raw: Tensor, dt_bias: Tensor) -> Tensor:
-    """dt = softplus(dt_raw + dt_bias) in float32. dt_raw (s, l, 2, h) (a view of the in-projection), dt_bias (2, h)
-    → (2, s, l, h)."""
-    return F.softplus(dt_raw.float() + dt_bias.float()).permute(2, 0, 1, 3).contiguous()
 
 
 class _MixerCore(torch.autograd.Function):
@@ -58,7 +54,7 @@ class _MixerCore(torch.autograd.Function):
         s, l = zxbcdt.shape[:2]
         z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
         xbc = conv_silu_fwd(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
-        dt = _softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
+        dt = softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
         xs, B, C = _scan_inputs(xbc, dims)
         y = ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)  # (2s, l, h, p)
         ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y)
@@ -103,7 +99,7 @@ def _mixer_core_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, e
     s, l = zxbcdt.shape[:2]
     z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
     xbc = conv_silu_bidirectional(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
-    dt = _softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
+    dt = softplus_dt_reference(dt_raw, dt_bias)  # (2, s, l, h) float32
     xs, B, C = _scan_inputs(xbc.contiguous(), dims)
     y = ssd_scan_bidirectional(xs, dt.reshape(2 * s, l, h), A, B, C, D)  # (2s, l, h, p)
     return gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, eps, group_size)  # (s, l, 2e)
