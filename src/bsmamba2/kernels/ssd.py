@@ -129,16 +129,20 @@ def _ssd_fwd_kernel(
         acum = tl.cumsum(a, axis=0)
         a_tot = tl.sum(a, axis=0)
         v = x.to(tl.float32) * dt[:, None]
+        if HAS_D:  # the skip term starts the accumulator, so x is not held to the end of the chunk
+            y = tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+        else:
+            y = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
         G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j
         decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
-        y = tl.dot((G * decay).to(DOT), v.to(DOT), input_precision=PREC)  # (Q, P)
-        if c > 0:
-            y += tl.exp(acum)[:, None] * tl.dot(Cm, tl.trans(state).to(DOT), input_precision=PREC)
+        y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)  # (Q, P)
+        if c > 0:  # rows of C scaled by their decay from the chunk's start, so the product accumulates onto y
+            Cs = (Cm.to(tl.float32) * tl.exp(acum)[:, None]).to(DOT)
+            y = tl.dot(Cs, tl.trans(state).to(DOT), y, input_precision=PREC)
         if c < n_chunks - 1:
             w = tl.exp(a_tot - acum)  # decay from each step to the chunk's end
-            state = state * tl.exp(a_tot) + tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm, input_precision=PREC)
-        if HAS_D:
-            y += tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+            # accumulate onto the decayed state: no second (P, N) float32 tile for the product
+            state = tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm, state * tl.exp(a_tot), input_precision=PREC)
         tl.store(y_base + t[:, None] * sy_l + offs_p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty),
                  mask=mq[:, None] & mp[None, :])
 
@@ -302,9 +306,11 @@ def _ssd_fwd_short_kernel(
         acum = tl.cumsum(dt * A, axis=0)
         decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
         v = x.to(tl.float32) * dt[:, None]
-        y = tl.dot((G * decay).to(DOT), v.to(DOT), input_precision=PREC)
-        if HAS_D:
-            y += tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+        if HAS_D:  # the skip term starts the accumulator
+            y = tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+        else:
+            y = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
+        y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)
         tl.store(y_ptr + s64 * sy_s + h * sy_h + t[:, None] * sy_l + offs_p[None, :] * sy_p,
                  y.to(y_ptr.dtype.element_ty), mask=mqp)
 
