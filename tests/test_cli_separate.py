@@ -240,3 +240,12 @@ def test_quiet_and_progress(tiny_ckpt, short, tmp_path, capsys, log):
     assert any("real-time factor" in m for m in log.messages)
     settings = json.loads((tmp_path / "p" / "manifest.json").read_text())["files"].popitem()[1]["settings"]
     assert settings["mode"] == "paper" and settings["overlap"] == 0.0
+
+
+def test_only_missing_inputs_stop_before_loading_a_model(tmp_path, log):
+    out = tmp_path / "out"
+    rc = main(["separate", str(tmp_path / "nosuch.wav"), "-o", str(out)])
+    assert rc == 1
+    assert any("nosuch.wav" in e and "no such file" in e for e in _errors(log))
+    assert not any("bundled demo model" in m for m in log.messages)  # no model was loaded for nothing
+    assert not out.exists()

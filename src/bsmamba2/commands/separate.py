@@ -108,6 +108,10 @@ def _run(args: argparse.Namespace) -> int:
     files, failures = find_inputs(args.inputs, exclude=out_dir)
     for _, message in failures:
         log.error("error: %s", message)
+    if not files:  # nothing to run: no model to load, no output folder to create
+        log.warning("nothing to separate: none of the %d input(s) is an audio file that can be read",
+                    len(args.inputs))
+        return 1
 
     # Checkpoint and settings errors concern every input: they end the run (cli.py turns them into exit 1).
     separator = Separator(
