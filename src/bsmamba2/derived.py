@@ -23,7 +23,7 @@ def derived(owner: nn.Module, name: str, sources: Sequence[Tensor], build: Calla
     """`build()`; without autograd, its value from an earlier call while every tensor in `sources` is unchanged."""
     if torch.is_grad_enabled():
         return build()
-    key = tuple((t.data_ptr(), t._version, t.dtype) for t in sources)
+    key = tuple((t.device, t.data_ptr(), t._version, t.dtype) for t in sources)  # addresses repeat across devices
     cache = owner.__dict__.setdefault(_ATTR, {})
     hit = cache.get(name)
     if hit is not None and hit[0] == key:

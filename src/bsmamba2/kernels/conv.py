@@ -60,7 +60,7 @@ def _conv_fwd_kernel(
         for r in tl.static_range(ROWS):
             tau = tau0 + r
             t = tl.where(d == 1, L - 1 - tau, tau)
-            m = mc & ((offs_c * 0 + tau) < L)
+            m = mc & ((offs_c * 0 + tau) < L)  # the position test as a vector: the interpreter takes no scalar mask
             cur = tl.load(src + t * sr_l, mask=m, other=0.0).to(tl.float32)
             if K == 1:
                 pre = bias + w0 * cur
