@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from bsmamba2 import kernels, mamba2  # noqa: E402
 from bsmamba2.config import BSMamba2Config, Mamba2Config  # noqa: E402
 from bsmamba2.kernels.block import bimamba2_block_forward  # noqa: E402
-from bsmamba2.kernels.ssd import SSDScan, block_q_for, ssd_scan  # noqa: E402
+from bsmamba2.kernels.ssd import SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_scan  # noqa: E402
 from bsmamba2.mamba2 import BiMamba2Block  # noqa: E402
 from bsmamba2.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -80,20 +80,37 @@ def test_scan_forward_and_gradients_float32(dir_mode, length):
                tol=1e-3 if DEV == "cuda" else 1e-4)
 
 
-def test_scan_groups_and_odd_sizes():
+@pytest.mark.parametrize("length", [11, 21])  # one chunk (the C Bᵀ tile from its own kernel); several chunks
+def test_scan_groups_and_odd_sizes(length):
     """Two groups of two heads; headdim and d_state not powers of two (masked tiles)."""
-    check_scan(2, 21, 4, 6, 2, 10, 2, torch.float32, seed=5, tol=1e-4)
+    if DEV == "cuda":
+        length *= 3
+    check_scan(2, length, 4, 6, 2, 10, 2, torch.float32, seed=5, tol=1e-3 if DEV == "cuda" else 1e-4)
+
+
+@pytest.mark.parametrize("dir_mode", [0, 1, 2])
+def test_causal_cb_matches_reference(dir_mode):
+    """The band axis's C Bᵀ stage: scan order (reversed sequences flipped), zero above the diagonal and past L."""
+    gen = torch.Generator().manual_seed(dir_mode)
+    s, l, g, n = 4, 13 if DEV == "cpu" else 62, 2, 10
+    B, C = (torch.randn(s, l + 3, g, n, generator=gen)[:, 2:l + 2].to(DEV) for _ in range(2))  # strided views
+    G = causal_cb(B, C, dir_mode)
+    ref = causal_cb_reference(B.double(), C.double(), dir_mode)
+    assert G.shape == (s, g, block_q_for(l), block_q_for(l))
+    assert rel(G, ref) < (1e-3 if DEV == "cuda" else 1e-6)
+    assert (G[..., l:, :] == 0).all() and (G[..., :, l:] == 0).all()
 
 
 def test_scan_bfloat16():
     check_scan(2, 40, 2, 16, 1, 16, 2, torch.bfloat16, seed=7, tol=2e-2)
 
 
-def test_scan_sequence_major_grid(monkeypatch):
-    """The long kernels with the grid in (sequence, head) order give the same result as heads first."""
+@pytest.mark.parametrize("one_chunk", [True, False])  # the one-chunk forward's flat grid; the long kernels' order
+def test_scan_sequence_major_grid(monkeypatch, one_chunk):
+    """The kernels' grids for more sequences than the grid's second dimension holds give the same result."""
     monkeypatch.setenv("BSMAMBA2_SSD_HEADS_FIRST", "0")
-    check_scan(2, 70 if DEV == "cpu" else 700, 2, 16, 1, 16, 2, torch.float32, seed=4,
-               tol=1e-3 if DEV == "cuda" else 1e-4)
+    length = (13 if one_chunk else 70) if DEV == "cpu" else (50 if one_chunk else 700)
+    check_scan(2, length, 2, 16, 1, 16, 2, torch.float32, seed=4, tol=1e-3 if DEV == "cuda" else 1e-4)
 
 
 def test_ssd_scan_entry_point_matches_sequential():
