@@ -71,6 +71,16 @@ def _sequence_and_head(HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Of a one-chunk sequence s: its direction d, s as int64, the scan positions, which are in range, and their
+    memory positions t (L−1−τ when scanned from the end)."""
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
+    offs_q = tl.arange(0, BLOCK_Q)
+    t = tl.where(reverse, L - 1 - offs_q, offs_q)
+    return d, s.to(tl.int64), offs_q, offs_q < L, t
+
+
+@triton.jit
 def _one_chunk_setup(b_base, c_base, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
                      BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
     """Offsets, memory positions t (scan order τ → t = L−1−τ when reversed), masks, and the B and C tiles
@@ -306,12 +316,8 @@ def _cb_short_kernel(
     pid = tl.program_id(0)
     s = pid // ngroups
     g = pid % ngroups
-    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    s64 = s.to(tl.int64)
-    offs_q = tl.arange(0, BLOCK_Q)
+    d, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
-    mq = offs_q < L
-    t = tl.where(reverse, L - 1 - offs_q, offs_q)
     mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
     Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0)
     Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0)
@@ -343,12 +349,8 @@ def _ssd_fwd_short_kernel(
         pid = tl.program_id(0)
         s = pid // nheads
         h = pid % nheads
-    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    s64 = s.to(tl.int64)
-    offs_q = tl.arange(0, BLOCK_Q)
+    d, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
-    mq = offs_q < L
-    t = tl.where(reverse, L - 1 - offs_q, offs_q)
     mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
     g = h // heads_per_group
     G = tl.load(G_ptr + s64 * sg_s + g * sg_g + offs_q[:, None] * BLOCK_Q + offs_q[None, :]).to(tl.float32)
