@@ -125,10 +125,10 @@ def test_ssd_scan_entry_point_matches_sequential():
 
 @pytest.mark.parametrize("seqs", [3, 11])  # fewer, and more, sequences than one backward program sums
 @pytest.mark.parametrize("k,c", [(4, 40), (3, 300), (1, 24)])  # 300: two channel blocks of the forward, one partial
-def test_conv_silu_both_directions_matches_conv1d(seqs, k, c):
+@pytest.mark.parametrize("l", [21, 3, 1])  # not a multiple of the forward's rows per step; shorter than its look-ahead
+def test_conv_silu_both_directions_matches_conv1d(seqs, k, c, l):
     from bsmamba2.kernels.conv import conv_silu_bidirectional
 
-    l = 21  # not a multiple of the forward's positions per step
     raw = torch.randn(seqs, l, 2, c, device=DEV, requires_grad=True)
     w = torch.randn(2, c, k, device=DEV, requires_grad=True)
     b = torch.randn(2, c, device=DEV, requires_grad=True)
