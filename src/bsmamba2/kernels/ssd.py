@@ -164,7 +164,9 @@ def _ssd_fwd_kernel(
         decay = tl.where(causal, tl.exp2(acum[:, None] - acum[None, :]), 0.0)
         y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)  # (Q, P)
         if c > 0:  # rows of C scaled by their decay from the chunk's start, so the product accumulates onto y
-            Cs = (Cm.to(tl.float32) * tl.exp2(acum)[:, None]).to(DOT)
+            # scaled in the operands' dtype: a 16-bit product, no float32 round trip of the (Q, N) tile (3.08 →
+            # 2.95 ms per call; error against float64 2.89e-3 → 2.92e-3 in bf16)
+            Cs = Cm * tl.exp2(acum).to(DOT)[:, None]
             y = tl.dot(Cs, tl.trans(state).to(DOT), y, input_precision=PREC)
         if c < n_chunks - 1:
             w = tl.exp2(a_tot - acum)  # decay from each step to the chunk's end
