@@ -71,6 +71,13 @@ def _sequence_and_head(HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _split_program_id(n):
+    """(program id // n, program id % n) on a flat grid."""
+    pid = tl.program_id(0)
+    return pid // n, pid % n
+
+
+@triton.jit
 def _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Of a one-chunk sequence s: its direction d, s as int64, the scan positions, which are in range, and their
     memory positions t (L−1−τ when scanned from the end)."""
@@ -315,9 +322,7 @@ def _cb_short_kernel(
 ):
     """C Bᵀ of a one-chunk sequence in scan order, zero above the diagonal: G (BLOCK_Q × BLOCK_Q) per (sequence,
     group), computed once for all the group's heads. One program per (sequence, group)."""
-    pid = tl.program_id(0)
-    s = pid // ngroups
-    g = pid % ngroups
+    s, g = _split_program_id(ngroups)
     d, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
@@ -348,9 +353,7 @@ def _ssd_fwd_short_kernel(
     if HEADS_FIRST:
         s, h = _sequence_and_head(True)
     else:
-        pid = tl.program_id(0)
-        s = pid // nheads
-        h = pid % nheads
+        s, h = _split_program_id(nheads)
     d, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
     mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
