@@ -8,11 +8,11 @@ sequence, flipped back (direction 1). Without flips, direction 1 is the anti-cau
 
 `raw` is read in place from the in-projection `(s, l, 2, c)` (any strides); the output is `(2, s, l, c)`, the layout
 the scan reads as `(2s, l, ·)`. The forward walks each sequence in scan order with the last K−1 rows in registers
-(each raw element loaded once) and the next four loaded ahead; with 16-bit outputs its SiLU uses the hardware tanh. Backward saves only raw, weight,
-bias and runs two passes over (positions × channels) tiles: the first recomputes the pre-activations from K shifted
-loads, writes dpre = dout · silu'(pre) into a `(2, s, l, c)` buffer in raw's dtype
-and sums the weight and bias gradients per program in float32 (one atomic per element and program); the second
-gathers draw[u] = Σ_i w[i] · dpre[t_i(u)] over the K output positions that read raw[u].
+(each raw element loaded once) and the next four loaded ahead; with 16-bit outputs its SiLU uses the hardware tanh.
+Backward saves only raw, weight, bias and runs two passes over (positions × channels) tiles: the first recomputes the
+pre-activations from K shifted loads, writes dpre = dout · silu'(pre) into a `(2, s, l, c)` buffer in raw's dtype and
+sums the weight and bias gradients per program in float32 (one atomic per element and program); the second gathers
+draw[u] = Σ_i w[i] · dpre[t_i(u)] over the K output positions that read raw[u].
 """
 
 from __future__ import annotations
