@@ -47,3 +47,20 @@ def test_grouped_band_layers_follow_parameter_updates():
         reference = est(split(x))  # the per-band loop, no cache involved
     assert not torch.allclose(after, before)
     torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_casts_cached_until_a_source_changes():
+    lin = nn.Linear(4, 3)
+    w = lin.weight * 2
+    assert dv.in_autocast_dtype(lin, "w2", [lin.weight], (w,), "cpu")[0] is w  # no autocast: unchanged
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (cast,) = dv.in_autocast_dtype(lin, "w2", [lin.weight], (w,), "cpu")  # with autograd: cast, not cached
+        assert cast.dtype == torch.bfloat16 and cast.requires_grad
+        with torch.no_grad():
+            (first,) = dv.in_autocast_dtype(lin, "w2", [lin.weight], (w,), "cpu")
+            assert first.dtype == torch.bfloat16 and torch.equal(first, w.to(torch.bfloat16))
+            assert dv.in_autocast_dtype(lin, "w2", [lin.weight], (w,), "cpu")[0] is first  # cast once
+            lin.weight.mul_(3.0)
+            w3 = lin.weight * 2
+            (again,) = dv.in_autocast_dtype(lin, "w2", [lin.weight], (w3,), "cpu")
+            assert torch.equal(again, w3.to(torch.bfloat16))

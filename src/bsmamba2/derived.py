@@ -5,6 +5,7 @@ every forward, so that gradients reach each parameter. Without autograd the resu
 does: `derived` keeps it, keyed by each source's storage and version counter, which every in-place change made
 through PyTorch (optimizer steps, `torch._foreach_*`, `load_state_dict`, `.to()`) bumps. Changes made through
 `.data` bypass the counter; `clear(module)` drops a module tree's cached values after such a change.
+`in_autocast_dtype` keeps their casts to the autocast dtype the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def derived(owner: nn.Module, name: str, sources: Sequence[Tensor], build: Calla
     value = build()
     cache[name] = (key, value)
     return value
+
+
+def in_autocast_dtype(owner: nn.Module, name: str, sources: Sequence[Tensor], tensors: Sequence[Tensor],
+                      device_type: str) -> tuple[Tensor, ...]:
+    """`tensors` as the next autocast op would cast them: in the autocast dtype while autocast is on for
+    `device_type`, else unchanged. Without autograd the cast is kept with `derived` (keyed like `tensors`' sources),
+    so cached float32 weights are not cast again on every call."""
+    if not torch.is_autocast_enabled(device_type):
+        return tuple(tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return derived(owner, f"{name}/{dtype}", sources, lambda: tuple(t.to(dtype) for t in tensors))
 
 
 def clear(module: nn.Module) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsmamba2.config import STFTConfig
-from bsmamba2.derived import derived
+from bsmamba2.derived import derived, in_autocast_dtype
 
 
 def _window(cfg: STFTConfig, device: torch.device) -> Tensor:
@@ -132,14 +132,16 @@ def _grouped_linear(x_t: Tensor, linears: list[nn.Linear], owner: nn.Module, nam
 
     The weights are stacked here, inside the forward, so their gradients flow back to each band's own parameters.
     Feature-major (W·xᵀ rather than x·Wᵀ) makes the weight gradient `(g, out, in)`-contiguous, so each band's slice
-    becomes its `.grad` without a copy. Under autocast `baddbmm` casts its inputs (bias included) to the autocast
-    dtype, as `F.linear` does. Without autograd the stacks are cached on `owner` under `name` (`derived`).
+    becomes its `.grad` without a copy. Under autocast the stacks are cast to the autocast dtype, as `F.linear`
+    casts its weight. Without autograd the stacks and their casts are cached on `owner` under `name` (`derived`).
     """
     def stack() -> tuple[Tensor, Tensor]:
         return (torch.stack([lin.weight for lin in linears]),  # (g, out, in)
                 torch.stack([lin.bias for lin in linears]).unsqueeze(-1))  # (g, out, 1)
 
-    weight, bias = derived(owner, name, [t for lin in linears for t in (lin.weight, lin.bias)], stack)
+    sources = [t for lin in linears for t in (lin.weight, lin.bias)]
+    weight, bias = derived(owner, name, sources, stack)
+    weight, bias = in_autocast_dtype(owner, name, sources, (weight, bias), x_t.device.type)
     return torch.baddbmm(bias, weight, x_t)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bsmamba2.derived import derived
+from bsmamba2.derived import derived, in_autocast_dtype
 from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
 from bsmamba2.kernels.dt import softplus_dt, softplus_dt_reference
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
@@ -143,8 +143,10 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tenso
     e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
     width = e + c + h  # one direction's in-projection: [z, xBC, dt]
 
-    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", list(block.parameters()),
+    params = list(block.parameters())
+    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", params,
                                                                      lambda: _merged_weights(block, d))
+    w_in, w_g, w_x = in_autocast_dtype(block, "fast", params, (w_in, w_g, w_x), x.device.type)  # the GEMMs' dtype
 
     xn = rms_scale(x, f.norm.eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
