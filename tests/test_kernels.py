@@ -246,6 +246,113 @@ def test_fast_block_writes_into_transposed_out():
     assert rel(y - x, yr - x) < 1e-5
 
 
+def _fused_scan_reference(zx, cw, cb, dt_bias, A, D, dims):
+    """The fused scan options in plain PyTorch: conv1d + SiLU (both directions), softplus, the float64 scan, gate."""
+    from bsmamba2.kernels.conv import conv_silu_bidirectional
+    from bsmamba2.kernels.dt import softplus_dt_reference
+
+    e, h, p, g, n = dims
+    two, s, l, w = zx.shape
+    raw = zx.permute(1, 2, 0, 3)  # (s, l, 2, w): the layout the chained functions read
+    xbc = conv_silu_bidirectional(raw[..., e:2 * e + 2 * g * n], cw, cb).reshape(2 * s, l, -1)
+    dt = softplus_dt_reference(raw[..., 2 * e + 2 * g * n:], dt_bias).reshape(2 * s, l, h)
+    xs, B, C = xbc.split([e, g * n, g * n], dim=-1)
+    y = reference_scan(xs.unflatten(-1, (h, p)).double(), dt.double(), A.double(), B.unflatten(-1, (g, n)).double(),
+                       C.unflatten(-1, (g, n)).double(), D.double(), 2)
+    z = zx.reshape(2 * s, l, w)[..., :e].unflatten(-1, (h, p)).double()
+    gated = y * F.silu(z)
+    return gated, gated.pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("length", [1, 13, 16])  # one chunk: shorter than the conv, partial, full
+def test_fused_scan_options_match_chained_reference(length):
+    """ssd_fwd reading the in-projection in place (conv1d + SiLU of x and of B, C, softplus of dt, gate by silu(z),
+    Σg² per head) against the separate plain steps, float32: two groups, headdim and d_state narrower than the
+    kernels' tiles. Longer sequences refuse the options."""
+    from bsmamba2.kernels.ssd import ssd_fwd
+
+    torch.manual_seed(length)
+    s, h, p, g, n, k = 3, 4, 6, 2, 5, 4
+    e = h * p
+    w = 2 * e + 2 * g * n + h  # one direction's in-projection [z, x, B, C, dt]
+    zx = torch.randn(2, s, length, w, device=DEV)
+    cw, cb = 0.5 * torch.randn(2, e + 2 * g * n, k, device=DEV), 0.1 * torch.randn(2, e + 2 * g * n, device=DEV)
+    dt_bias, A, D = torch.randn(2, h, device=DEV) - 1, -torch.rand(2, h, device=DEV) - 0.2, torch.randn(2, h,
+                                                                                                         device=DEV)
+    cols = zx.view(2 * s, length, w)
+    z, xs, bc, dt = cols.split([e, e, 2 * g * n, h], dim=-1)
+    B, C = (t.unflatten(-1, (g, n)) for t in bc.split([g * n, g * n], dim=-1))
+    gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B, C, D, dir_mode=2, x_conv=(cw, cb),
+                        bc_conv=(cw, cb), dt_bias=dt_bias, z=z.unflatten(-1, (h, p)))
+    ref, ref_ss = _fused_scan_reference(zx, cw, cb, dt_bias, A, D, (e, h, p, g, n))
+    assert gated.shape == (2 * s, length, h, p) and ss.shape == (2 * s, length, h) and ss.dtype == torch.float32
+    assert rel(gated, ref) < 1e-5 and rel(ss, ref_ss) < 1e-5
+    long = torch.zeros(2 * s, block_q_for(1000) + 1, h, p, device=DEV)
+    with pytest.raises(ValueError, match="one-chunk"):
+        ssd_fwd(long, long[..., 0], A, long[..., :g, :1], long[..., :g, :1], D, dir_mode=2, dt_bias=dt_bias)
+
+
+@pytest.mark.parametrize("length", [13, 45])
+def test_fused_inference_block_matches_plain_block(length, monkeypatch):
+    """Without autograd the block takes the fused path (the gated norm's scale applied after the out-projection):
+    against the plain block and against the autograd fast path, float32, into a new tensor and into a strided out."""
+    from bsmamba2.kernels import block as fast
+
+    orig, calls = fast._fused_inference, []
+    monkeypatch.setattr(fast, "_fused_inference", lambda *a: calls.append(1) or orig(*a))
+    cfg = Mamba2Config(expand=2, d_state=16, headdim=8, chunk_size=16)
+    blk = _block(16, cfg, seed=7)
+    x = torch.randn(6, length, 16, device=DEV)
+    buf = torch.empty(2, length, 3, 16, device=DEV)
+    with torch.no_grad():
+        y = bimamba2_block_forward(blk, x)
+        bimamba2_block_forward(blk, x, out=buf.transpose(1, 2))
+        mamba2.set_backend("torch")
+        try:
+            yr = blk(x)
+        finally:
+            mamba2.set_backend("auto")
+    ya = bimamba2_block_forward(blk, x)  # autograd enabled: the unfused fast path
+    assert len(calls) == 2
+    assert rel(y - x, yr - x) < 1e-5 and rel(y - x, ya.detach() - x) < 1e-5
+    assert torch.equal(buf.transpose(1, 2).reshape(y.shape), y)
+
+
+@pytest.mark.parametrize("e, n, block_n", [(64, 24, "256"), (40, 48, "16")])  # one column block; several, odd e
+def test_gated_proj_matches_reference(e, n, block_n, monkeypatch):
+    """Gate, Σg² and out-projection in one product against the plain twin, on strided y and z (z a view of an
+    in-projection-like buffer)."""
+    from bsmamba2.kernels.gated_proj import gated_proj, gated_proj_reference
+
+    monkeypatch.setenv("BSMAMBA2_GP_BLOCK_N", block_n)
+    r = 37
+    y = torch.randn(2, r, e, device=DEV)
+    z = torch.randn(r, 2, e + 9, device=DEV).permute(1, 0, 2)[..., 4:4 + e]
+    w = torch.randn(2, e, n, device=DEV)
+    p, ss = gated_proj(y, z, w)
+    pr, ssr = gated_proj_reference(y, z, w)
+    assert p.shape == (2, r, n) and ss.shape == (2, r) and ss.dtype == torch.float32
+    assert rel(p, pr) < 1e-5 and rel(ss, ssr) < 1e-5
+
+
+def test_gated_merge_matches_reference():
+    """The residual add with the gated norm's row scale, written into a strided out, against its plain twin."""
+    from bsmamba2.kernels.residual import gated_merge_into, gated_merge_reference
+
+    s, l, n, h, e = 6, 5, 24, 3, 40
+    parts = torch.randn(2, s * l, n, device=DEV, dtype=torch.bfloat16)
+    ss = torch.rand(2, s * l, h, device=DEV) * 50
+    merged, x = torch.randn(s, l, n, device=DEV), torch.randn(s, l, n, device=DEV)
+    expect = gated_merge_reference(parts, ss, merged, x, e, 1e-5)
+    assert torch.allclose(gated_merge_into(parts, ss, merged, x, e, 1e-5), expect, atol=1e-5)
+    buf = torch.empty(l, 2, 3, n, device=DEV)
+    out = buf.movedim(0, -2)  # (2, 3, l, n) strided view
+    assert gated_merge_into(parts, ss, merged, x, e, 1e-5, out=out).data_ptr() == buf.data_ptr()
+    assert torch.allclose(out.reshape(s, l, n), expect, atol=1e-5)
+    with pytest.raises(ValueError, match="disagree"):
+        gated_merge_into(parts[:, 1:], ss, merged, x, e, 1e-5)
+
+
 def test_available_reports_interpreter_or_cuda():
     assert kernels.available() == (torch.cuda.is_available() or kernels.interpreting())
 
@@ -285,6 +392,25 @@ def test_gpu_fast_block_paper_size(dtype):
             base = {nm: rel(a, b) for nm, a, b in zip(names, plain16, ref)}
             bad = {nm: (errors[nm], base[nm]) for nm in names if errors[nm] > max(2e-2, 1.5 * base[nm])}
             assert not bad, (s, l, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_inference_block_paper_size(dtype):
+    """The fused inference block (no autograd) at paper size on both axes' lengths against the plain block in
+    float32: ≤1e-3 in float32, ≤2e-2 under bf16 autocast."""
+    blk = _block(256, Mamba2Config(), seed=3)
+    for s, l in ((40, 62), (4, 801)):
+        x = torch.randn(s, l, 256, device=DEV)
+        with torch.no_grad():
+            mamba2.set_backend("torch")
+            try:
+                ref = blk(x)
+            finally:
+                mamba2.set_backend("auto")
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                y = bimamba2_block_forward(blk, x)
+        assert rel(y - x, ref - x) <= (1e-3 if dtype == torch.float32 else 2e-2), (s, l)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,17 @@ Here, with the same parameters and the same function:
        outputs of both directions, which adds the small d × d product on x (and its bias) in its epilogue.
     4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
        gradients of the split views into shared buffers instead of concatenating them.
+    5. Without autograd (`_fused_inference`, when the gated norm spans all of d_inner, as in the paper's model), no
+       normalized tensor goes through memory. The norm's row scale rstd commutes with the out-projection, so the
+       products run on g = y·silu(z) (norm gains folded into the weights) and rstd is applied in the residual add:
+           y = rstd_f · g_f W'_fᵀ + rstd_b · g_b W'_bᵀ + x W_xᵀ + bm + x.
+       One-chunk sequences (the band axis): the scan kernel reads the in-projection in place, applies conv1d + SiLU
+       to x (and, in the C·Bᵀ stage, to B and C) and the softplus to dt, and writes g and Σg² per head; the conv
+       and gated-norm passes are gone. Long sequences (the time axis): the scan's loop is latency-bound, and each
+       of these steps inside it cost more than its own pass (H100: 3.15 ms per call, +1.5 softplus, +1.4 gate,
+       +4.8 conv of x), so conv, softplus and scan run as in training, and g is formed inside the out-projection
+       (`gated_proj`), a Triton product that also sums g² (H100: 1.95 ms against 2.75 for the gated-norm pass and
+       the cuBLAS product).
 The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next
 pass's layout are Triton kernels (`norm.py`, `conv.py`, `dt.py`, `ssd.py`, `residual.py`); the matrix products are
 cuBLAS. Nothing is compiled by `torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without
@@ -25,6 +36,8 @@ Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads,
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -32,9 +45,10 @@ from torch import Tensor
 from bsmamba2.derived import derived, in_autocast_dtype
 from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
 from bsmamba2.kernels.dt import softplus_dt, softplus_dt_reference
+from bsmamba2.kernels.gated_proj import gated_proj
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
-from bsmamba2.kernels.residual import add_into
-from bsmamba2.kernels.ssd import ssd_bwd, ssd_fwd, ssd_scan_bidirectional
+from bsmamba2.kernels.residual import add_into, gated_merge_into
+from bsmamba2.kernels.ssd import block_q_for, ssd_bwd, ssd_fwd, ssd_scan_bidirectional
 
 
 class _MixerCore(torch.autograd.Function):
@@ -134,6 +148,48 @@ def _merged_weights(block, d: int) -> tuple[Tensor, ...]:
                 torch.stack([mf.norm.weight, mb.norm.weight]))  # norm_w (2, e)
 
 
+def _fused_weights(block, e: int, d: int) -> tuple[Tensor, ...]:
+    """The fused inference path's weights (item 5 of the module docstring), derived from the merged ones."""
+    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", list(block.parameters()),
+                                                                     lambda: _merged_weights(block, d))
+    w_out = (w_g.view(d, 2, e) * norm_w[None]).permute(1, 2, 0)  # (2, e, d): g_d W'_dᵀ, the norm gains folded in
+    return w_in.view(2, -1, d), w_out, w_x, conv_w, conv_b, dt_bias, A, D
+
+
+def _fused_inference(block, x: Tensor, out: Tensor | None) -> Tensor:
+    """`bimamba2_block_forward` without autograd, as item 5 of the module docstring: x `(s, l, d)`."""
+    f, b = block.forward_blocks[0], block.backward_blocks[0]
+    mf = f.mixer
+    s, l, d = x.shape
+    e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
+    params = list(block.parameters())
+    w_in, w_out, w_x, conv_w, conv_b, dt_bias, A, D = derived(block, "fused", params,
+                                                               lambda: _fused_weights(block, e, d))
+    w_in, w_out, w_x = in_autocast_dtype(block, "fused", params, (w_in, w_out, w_x), x.device.type)
+
+    xn = rms_scale(x, f.norm.eps).view(s * l, d).to(w_in.dtype)  # the pre-norm without its gain (folded into w_in)
+    zx = torch.empty(2, s * l, w_in.shape[1], device=x.device, dtype=w_in.dtype)  # (2, s·l, e + c + h) per direction
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        for k in range(2):
+            torch.mm(xn, w_in[k].t(), out=zx[k])
+    cols = zx.view(2 * s, l, -1)  # (2s, l, e + c + h): the first s sequences forward, the rest backward
+    z, xs, bc, dt = cols.split([e, e, 2 * g * n, h], dim=-1)
+    z = z.unflatten(-1, (h, p))
+    if l <= block_q_for(l):  # one chunk: everything up to g in the scan's two kernels
+        B, C = (t.unflatten(-1, (g, n)) for t in bc.split([g * n, g * n], dim=-1))
+        gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B, C, D, dir_mode=2, x_conv=(conv_w, conv_b),
+                            bc_conv=(conv_w, conv_b), dt_bias=dt_bias, z=z)  # (2s, l, h, p), (2s, l, h) float32
+        parts = torch.bmm(gated.view(2, s * l, e), w_out.to(gated.dtype))  # (2, s·l, d): g_d W'_dᵀ
+    else:
+        xbc = conv_silu_fwd(zx.view(2, s, l, -1).permute(1, 2, 0, 3)[..., e:e + c], conv_w, conv_b)  # (2, s, l, c)
+        dt = softplus_dt(dt.view(2, s, l, h).permute(1, 2, 0, 3), dt_bias)  # (2, s, l, h) float32
+        xs, B, C = _scan_inputs(xbc, (e, c, h, p, g, n))
+        y = ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)  # (2s, l, h, p)
+        parts, ss = gated_proj(y.view(2, s * l, e), zx[..., :e], w_out.to(y.dtype))  # (2, s·l, d), (2, s·l)
+    merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
+    return gated_merge_into(parts, ss.view(2, s * l, -1), merged, x, e, mf.norm.eps, out)
+
+
 def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tensor:
     """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`, or written into `out` (see
     `BiMamba2Block`)."""
@@ -142,6 +198,8 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tenso
     s, l, d = x.shape
     e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
     width = e + c + h  # one direction's in-projection: [z, xBC, dt]
+    if not torch.is_grad_enabled() and mf.norm.group_size == e and os.environ.get("BSMAMBA2_FUSED", "1") != "0":
+        return _fused_inference(block, x, out)
 
     params = list(block.parameters())
     w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", params,

@@ -26,6 +26,39 @@ from bsmamba2.kernels import interpreting
 
 
 @triton.jit
+def silu(x, FAST: tl.constexpr):
+    """x · sigmoid(x) in float32. FAST (16-bit outputs on the GPU): x/2 · (1 + tanh(x/2)) with the hardware tanh
+    (~2⁻¹¹ relative, below a 16-bit output's rounding)."""
+    if FAST:
+        th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x * 0.5], dtype=tl.float32,
+                                       is_pure=True, pack=1)
+        return 0.5 * x * (1.0 + th)
+    else:
+        return x * tl.sigmoid(x)
+
+
+def fast_silu(dtype: torch.dtype) -> bool:
+    """Whether kernels writing `dtype` take `silu`'s hardware-tanh form: 16-bit, and not in the CPU interpreter."""
+    return dtype in (torch.bfloat16, torch.float16) and not interpreting()
+
+
+@triton.jit
+def conv_silu_rows(base, cols, tau, L, reverse, s_l, mask_c, w_ch, bias, K: tl.constexpr, FAST: tl.constexpr):
+    """conv1d + SiLU of one sequence at the scan positions τ (rows) of a tile: out[τ] = silu(b + Σ_i w[i] ·
+    raw[τ − (K−1) + i]) in scan order, raw row τ' at memory position τ' or L−1−τ' (reverse), zeros outside [0, L).
+    base + cols: the raw channels of position 0; mask_c (cols,) those in range; w_ch (cols,): pointers to the
+    channels' weights (K taps each, contiguous); bias (cols,) float32. float32 (rows, cols)."""
+    out = bias[None, :]
+    for i in tl.static_range(K):
+        tp = tau - (K - 1) + i
+        t = tl.where(reverse, L - 1 - tp, tp)
+        ok = (tp >= 0) & (tp < L)
+        raw = tl.load(base + t[:, None] * s_l + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
+        out = out + tl.load(w_ch + i, mask=mask_c, other=0.0).to(tl.float32)[None, :] * raw.to(tl.float32)
+    return silu(out, FAST)
+
+
+@triton.jit
 def _conv_raw_row(src, tau, L, d, sr_l, mc, zc):
     """Raw row τ (scan order) of a program's channels, float32; zeros past the end (zc: the channels' zero vector,
     so the position test is a vector: the interpreter takes no scalar mask)."""
@@ -87,12 +120,7 @@ def _conv_fwd_kernel(
                 pre = bias + w0 * back2 + w1 * back1 + w2 * cur
             else:
                 pre = bias + w0 * back3 + w1 * back2 + w2 * back1 + w3 * cur
-            if FAST_SILU:  # silu(x) = x/2 · (1 + tanh(x/2)) with the hardware tanh (~2⁻¹¹ relative), 16-bit outputs
-                th = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [pre * 0.5], dtype=tl.float32,
-                                               is_pure=True, pack=1)
-                act = 0.5 * pre * (1.0 + th)
-            else:
-                act = pre * tl.sigmoid(pre)
+            act = silu(pre, FAST_SILU)
             t = tl.where(d == 1, L - 1 - tau, tau)
             tl.store(dst + t * so_l, act.to(out_ptr.dtype.element_ty), mask=mc & (zc + tau < L))
             back3 = back2
@@ -243,7 +271,7 @@ def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         _conv_fwd_kernel[(triton.cdiv(c, _FWD_BLOCK_C), 2 * s)](
             raw, weight.contiguous(), bias.contiguous(), out, s, l, c, *raw.stride(), *out.stride(),
             K=weight.shape[-1], BLOCK_C=_FWD_BLOCK_C, ROWS=_FWD_ROWS, num_warps=_FWD_WARPS,
-            FAST_SILU=raw.dtype in (torch.bfloat16, torch.float16) and not interpreting())
+            FAST_SILU=fast_silu(raw.dtype))
     return out
 
 

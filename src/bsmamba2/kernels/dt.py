@@ -15,6 +15,15 @@ from torch import Tensor
 
 
 @triton.jit
+def softplus(u):
+    """softplus(u) = max(u, 0) + log1p(exp(−|u|)) in float32; log1p(e) as log(w) − (w − 1 − e)/w with w = 1 + e,
+    which keeps the digits of small e that log(1 + e) loses (F.softplus's threshold 20 changes nothing in float32)."""
+    e = tl.exp(-tl.abs(u))
+    w = 1.0 + e
+    return tl.maximum(u, 0.0) + tl.log(w) - ((w - 1.0) - e) / w
+
+
+@triton.jit
 def _softplus_dt_kernel(raw_ptr, bias_ptr, out_ptr, R, L, H, sr_s, sr_l, sr_d,
                         ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     """ROWS rows r = s·L + l of direction d (program axis 1): out[d, r, :] = softplus(raw[s, l, d, :] + bias[d])."""
@@ -26,13 +35,8 @@ def _softplus_dt_kernel(raw_ptr, bias_ptr, out_ptr, R, L, H, sr_s, sr_l, sr_d,
     src = (r64 // L) * sr_s + (r64 % L) * sr_l + d * sr_d
     u = tl.load(raw_ptr + src[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u += tl.load(bias_ptr + d * H + cols, mask=cols < H, other=0.0).to(tl.float32)[None, :]
-    # softplus(u) = max(u, 0) + log1p(exp(−|u|)); log1p(e) as log(w) − (w − 1 − e)/w with w = 1 + e, which keeps
-    # the digits of small e that log(1 + e) loses (F.softplus's threshold 20 changes nothing in float32)
-    e = tl.exp(-tl.abs(u))
-    w = 1.0 + e
-    sp = tl.maximum(u, 0.0) + tl.log(w) - ((w - 1.0) - e) / w
     dst = (d * R + r64)[:, None] * H + cols[None, :]
-    tl.store(out_ptr + dst, sp, mask=mask)
+    tl.store(out_ptr + dst, softplus(u), mask=mask)
 
 
 def softplus_dt(dt_raw: Tensor, dt_bias: Tensor) -> Tensor:

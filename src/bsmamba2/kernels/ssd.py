@@ -47,6 +47,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bsmamba2.kernels.conv import conv_silu_rows, fast_silu, silu
+from bsmamba2.kernels.dt import softplus
+
 
 @triton.jit
 def _direction(s, seqs_per_dir, DIR_MODE: tl.constexpr):
@@ -79,12 +82,12 @@ def _split_program_id(n):
 
 @triton.jit
 def _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """Of a one-chunk sequence s: its direction d, s as int64, the scan positions, which are in range, and their
-    memory positions t (L−1−τ when scanned from the end)."""
+    """Of a one-chunk sequence s: its direction d, whether it is scanned from its end, s as int64, the scan
+    positions, which are in range, and their memory positions t (L−1−τ when scanned from the end)."""
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     offs_q = tl.arange(0, BLOCK_Q)
     t = tl.where(reverse, L - 1 - offs_q, offs_q)
-    return d, s.to(tl.int64), offs_q, offs_q < L, t
+    return d, reverse, s.to(tl.int64), offs_q, offs_q < L, t
 
 
 @triton.jit
@@ -118,6 +121,54 @@ def _tile_mask(rows_ok, offs, SIZE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p,
+                       CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Of head h in direction d, for the fused options: pointers to x's conv weights (BLOCK_P,) and x's conv bias
+    (float32), and the dt bias; placeholders (0) for options that are off."""
+    if CONV_K > 0:  # x's channels are h·P + p of the conv's CH channels; weights (ndir, CH, CONV_K)
+        ch = d * CH + h * P + offs_p
+        w_x = cw_ptr + ch * CONV_K
+        bias_x = tl.load(cb_ptr + ch, mask=offs_p < P, other=0.0).to(tl.float32)
+    else:
+        w_x = cw_ptr
+        bias_x = 0.0
+    if SOFTPLUS:
+        dtb = tl.load(dtb_ptr + d * nheads + h).to(tl.float32)
+    else:
+        dtb = 0.0
+    return w_x, bias_x, dtb
+
+
+@triton.jit
+def _load_x_dt(x_base, dt_base, tau, t, L, reverse, mq, mqp, offs_p, sx_l, sx_p, sdt_l, P,
+               w_x, bias_x, dtb, CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_SILU: tl.constexpr):
+    """x (rows τ, BLOCK_P) and dt (rows τ,) float32 of one head, zero on rows past the end. CONV_K > 0: x is the raw
+    in-projection, convolved here (taps τ−CONV_K+1 … τ in scan order) and passed through SiLU. SOFTPLUS: dt is raw,
+    the step is softplus(dt + dt bias)."""
+    if CONV_K > 0:
+        x = conv_silu_rows(x_base, offs_p * sx_p, tau, L, reverse, sx_l, offs_p < P, w_x, bias_x, CONV_K, FAST_SILU)
+        x = tl.where(mqp, x, 0.0)
+    else:
+        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(tl.float32)
+    dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = tl.where(mq, softplus(dt + dtb), 0.0)
+    return x, dt
+
+
+@triton.jit
+def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, sz_p, sss_l,
+             GATE: tl.constexpr, FAST_SILU: tl.constexpr):
+    """Store y (rows, BLOCK_P) float32 at memory rows t. GATE: store g = y · silu(z) instead, and each row's Σ g²
+    over the head's channels at ss_base (the gated RMSNorm's statistics, summed over heads by the caller)."""
+    if GATE:
+        z = tl.load(z_base + t[:, None] * sz_l + offs_p[None, :] * sz_p, mask=mqp, other=0.0).to(tl.float32)
+        y = y * silu(z, FAST_SILU)
+        tl.store(ss_base + t * sss_l, tl.sum(y * y, axis=1), mask=mq)
+    tl.store(y_base + t[:, None] * sy_l + offs_p[None, :] * sy_p, y.to(y_base.dtype.element_ty), mask=mqp)
+
+
+@triton.jit
 def _ssd_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
     L, nheads, seqs_per_dir, heads_per_group,
@@ -130,7 +181,9 @@ def _ssd_fwd_kernel(
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
     HEADS_FIRST: tl.constexpr,
 ):
-    """Decays in base 2: log2(e) is folded into A once, so each exponential is one exp2 (no multiply per element)."""
+    """Decays in base 2: log2(e) is folded into A once, so each exponential is one exp2 (no multiply per element).
+    No fused options here: this loop is latency-bound, and each of them cost more inside it than as its own pass
+    (H100, paper size: 3.15 ms per call; +1.5 ms softplus of dt, +1.4 gate, +4.8 conv1d of x)."""
     s, h = _sequence_and_head(HEADS_FIRST)
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     g = h // heads_per_group
@@ -158,15 +211,15 @@ def _ssd_fwd_kernel(
         t = tl.where(reverse, L - 1 - tau, tau)  # position in memory
         mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
         mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
-        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
+        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(tl.float32)
         dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
         Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
         Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
         a = dt * A  # log2 of each step's decay
         acum = tl.cumsum(a, axis=0)
         a_tot = tl.sum(a, axis=0)
-        v = x.to(tl.float32) * dt[:, None]
-        y = Dh * x.to(tl.float32)  # the skip term starts the accumulator, so x is not held to the end of the chunk
+        v = x * dt[:, None]
+        y = Dh * x  # the skip term starts the accumulator, so x is not held to the end of the chunk
         G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j
         decay = tl.where(causal, tl.exp2(acum[:, None] - acum[None, :]), 0.0)
         y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)  # (Q, P)
@@ -312,22 +365,37 @@ def _ssd_bwd_kernel(
 
 @triton.jit
 def _cb_short_kernel(
-    B_ptr, C_ptr, G_ptr,
-    L, ngroups, seqs_per_dir,
+    B_ptr, C_ptr, G_ptr, cw_ptr, cb_ptr,
+    L, ngroups, seqs_per_dir, CH,
     sb_s, sb_l, sb_g, sb_n,
     sc_s, sc_l, sc_g, sc_n,
     sg_s, sg_g,
     N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIR_MODE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
+    DIR_MODE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, CONV_K: tl.constexpr, FAST_SILU: tl.constexpr,
 ):
     """C Bᵀ of a one-chunk sequence in scan order, zero above the diagonal: G (BLOCK_Q × BLOCK_Q) per (sequence,
-    group), computed once for all the group's heads. One program per (sequence, group)."""
+    group), computed once for all the group's heads. One program per (sequence, group). CONV_K > 0: B and C are the
+    raw in-projection, convolved here and passed through SiLU (weights (ndir, CH, CONV_K) in Mamba2's channel order
+    [x, B, C]: B's channels are the last 2·groups·N but groups·N)."""
     s, g = _split_program_id(ngroups)
-    d, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
+    d, reverse, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
     mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
-    Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0)
-    Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0)
+    b_base = B_ptr + s64 * sb_s + g * sb_g
+    c_base = C_ptr + s64 * sc_s + g * sc_g
+    if CONV_K > 0:
+        ch_b = d * CH + (CH - 2 * ngroups * N) + g * N + offs_n
+        ch_c = ch_b + ngroups * N
+        mn = offs_n < N
+        Bm = conv_silu_rows(b_base, offs_n * sb_n, offs_q, L, reverse, sb_l, mn, cw_ptr + ch_b * CONV_K,
+                            tl.load(cb_ptr + ch_b, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
+        Cm = conv_silu_rows(c_base, offs_n * sc_n, offs_q, L, reverse, sc_l, mn, cw_ptr + ch_c * CONV_K,
+                            tl.load(cb_ptr + ch_c, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
+        Bm = tl.where(mqn, Bm, 0.0)
+        Cm = tl.where(mqn, Cm, 0.0)
+    else:
+        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0)
+        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0)
     G = tl.dot(Cm.to(DOT), tl.trans(Bm.to(DOT)), input_precision=PREC)
     G = tl.where(offs_q[:, None] >= offs_q[None, :], G, 0.0)
     tl.store(G_ptr + s64 * sg_s + g * sg_g + offs_q[:, None] * BLOCK_Q + offs_q[None, :], G.to(G_ptr.dtype.element_ty))
@@ -335,15 +403,18 @@ def _cb_short_kernel(
 
 @triton.jit
 def _ssd_fwd_short_kernel(
-    x_ptr, dt_ptr, A_ptr, G_ptr, D_ptr, y_ptr,
-    L, nheads, seqs_per_dir, heads_per_group,
+    x_ptr, dt_ptr, A_ptr, G_ptr, D_ptr, y_ptr, cw_ptr, cb_ptr, dtb_ptr, z_ptr, ss_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, CH,
     sx_s, sx_l, sx_h, sx_p,
     sdt_s, sdt_l, sdt_h,
     sg_s, sg_g,
     sy_s, sy_l, sy_h, sy_p,
+    sz_s, sz_l, sz_h, sz_p,
+    sss_s, sss_l, sss_h,
     P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
+    HEADS_FIRST: tl.constexpr, CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr, GATE: tl.constexpr,
+    FAST_SILU: tl.constexpr,
 ):
     """One chunk (L ≤ BLOCK_Q): y = (G ∘ decay) v + D x with the causal C Bᵀ tile G from `_cb_short_kernel`. One
     small program per (sequence, head); the heads of a sequence are neighbouring programs, so G comes from L2.
@@ -354,24 +425,25 @@ def _ssd_fwd_short_kernel(
         s, h = _sequence_and_head(True)
     else:
         s, h = _split_program_id(nheads)
-    d, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
+    d, reverse, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
     mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
     g = h // heads_per_group
     G = tl.load(G_ptr + s64 * sg_s + g * sg_g + offs_q[:, None] * BLOCK_Q + offs_q[None, :]).to(tl.float32)
-    x = tl.load(x_ptr + s64 * sx_s + h * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
-    dt = tl.load(dt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+    w_x, bias_x, dtb = _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p, CONV_K, SOFTPLUS)
+    x, dt = _load_x_dt(x_ptr + s64 * sx_s + h * sx_h, dt_ptr + s64 * sdt_s + h * sdt_h, offs_q, t, L, reverse, mq,
+                       mqp, offs_p, sx_l, sx_p, sdt_l, P, w_x, bias_x, dtb, CONV_K, SOFTPLUS, FAST_SILU)
     A = tl.load(A_ptr + d * nheads + h).to(tl.float32) * LOG2E
     acum = tl.cumsum(dt * A, axis=0)  # log2 of the decay from the start
     decay = tl.exp2(tl.minimum(acum[:, None] - acum[None, :], 0.0))
-    v = x.to(tl.float32) * dt[:, None]
+    v = x * dt[:, None]
     if HAS_D:  # the skip term starts the accumulator
-        y = tl.load(D_ptr + d * nheads + h).to(tl.float32) * x.to(tl.float32)
+        y = tl.load(D_ptr + d * nheads + h).to(tl.float32) * x
     else:
         y = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
     y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)
-    tl.store(y_ptr + s64 * sy_s + h * sy_h + t[:, None] * sy_l + offs_p[None, :] * sy_p,
-             y.to(y_ptr.dtype.element_ty), mask=mqp)
+    _store_y(y, y_ptr + s64 * sy_s + h * sy_h, z_ptr + s64 * sz_s + h * sz_h, ss_ptr + s64 * sss_s + h * sss_h, t,
+             mq, mqp, offs_p, sy_l, sy_p, sz_l, sz_p, sss_l, GATE, FAST_SILU)
 
 
 @triton.jit
@@ -489,19 +561,28 @@ def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | N
         raise ValueError(f"heads ({h}) must be a multiple of groups ({B.shape[2]})")
 
 
-def causal_cb(B: Tensor, C: Tensor, dir_mode: int = 0) -> Tensor:
+def causal_cb(B: Tensor, C: Tensor, dir_mode: int = 0, conv: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """C Bᵀ of one-chunk sequences, in scan order and zero above the diagonal: B/C (s, l, g, n), l ≤ the chunk →
     G (s, g, Q, Q), Q = `block_q_for(l)`, in B's dtype (rows and columns past l are zero). The forward scan's first
-    stage on the band axis; its twin is `causal_cb_reference`."""
+    stage on the band axis; its twin is `causal_cb_reference`.
+
+    conv = (weight (ndir, c, k), bias (ndir, c)), channels in Mamba2's order [x, B, C]: B and C are raw, and pass
+    through conv1d + SiLU first (direction 1 anti-causal in memory order, as `conv_silu_fwd`)."""
     s, l, g, n = B.shape
     bq = block_q_for(l)
     if l > bq:
         raise ValueError(f"causal_cb takes sequences of one chunk (length <= {bq}), got {l}")
     G = torch.empty(s, g, bq, bq, device=B.device, dtype=B.dtype)
+    cw, cb = (B, B) if conv is None else (conv[0].contiguous(), conv[1].contiguous())
+    if conv is not None and cw.shape[1] < 2 * g * n:
+        raise ValueError(f"causal_cb's conv weight must end with B's and C's {2 * g * n} channels, got "
+                         f"{tuple(cw.shape)}")
     if s:
-        _cb_short_kernel[(s * g,)](B, C, G, l, g, s // 2 if dir_mode == 2 else s, *B.stride(), *C.stride(),
-                                   G.stride(0), G.stride(1), N=n, BLOCK_Q=bq, BLOCK_N=_block(n), DIR_MODE=dir_mode,
-                                   PREC=_prec(B), DOT=_dot_dtype(B), num_warps=4)
+        _cb_short_kernel[(s * g,)](B, C, G, cw, cb, l, g, s // 2 if dir_mode == 2 else s, cw.shape[1], *B.stride(),
+                                   *C.stride(), G.stride(0), G.stride(1), N=n, BLOCK_Q=bq, BLOCK_N=_block(n),
+                                   DIR_MODE=dir_mode, PREC=_prec(B), DOT=_dot_dtype(B),
+                                   CONV_K=0 if conv is None else cw.shape[-1], FAST_SILU=fast_silu(B.dtype),
+                                   num_warps=4)
     return G
 
 
@@ -520,32 +601,70 @@ def causal_cb_reference(B: Tensor, C: Tensor, dir_mode: int = 0) -> Tensor:
     return F.pad(G, (0, bq - l, 0, bq - l)).to(B.dtype)
 
 
-def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int = 0) -> Tensor:
-    """Forward scan. x (s, l, h, p), dt (s, l, h), A/D (ndir, h), B/C (s, l, g, n), any strides → y (s, l, h, p)."""
+def _fused_inputs(x: Tensor, A: Tensor, x_conv, dt_bias, z: Tensor | None, ss: Tensor | None):
+    """The forward kernels' fused-option arguments: pointers (conv weight, conv bias, dt bias, z, Σg²), the conv's
+    channel count, the strides of z and Σg², and the constexprs. Options that are off get placeholders."""
+    s, l, h, p = x.shape
+    ndir = A.shape[0]
+    cw, cb = (A, A) if x_conv is None else (x_conv[0].contiguous(), x_conv[1].contiguous())
+    if x_conv is not None and (cw.shape[0] != ndir or cw.shape[1] < h * p):
+        raise ValueError(f"the conv weight must be ({ndir}, c, k) with x's {h * p} channels first, got "
+                         f"{tuple(cw.shape)}")
+    if dt_bias is not None and dt_bias.shape != (ndir, h):
+        raise ValueError(f"dt_bias must be ({ndir}, {h}), got {tuple(dt_bias.shape)}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"z must be shaped like x {tuple(x.shape)}, got {tuple(z.shape)}")
+    dtb = A if dt_bias is None else dt_bias.float().contiguous()
+    ptrs = (cw, cb, dtb, A if z is None else z, A if ss is None else ss)
+    strides = (*(z.stride() if z is not None else (0,) * 4), *(ss.stride() if ss is not None else (0,) * 3))
+    meta = dict(CONV_K=0 if x_conv is None else cw.shape[-1], SOFTPLUS=dt_bias is not None, GATE=z is not None,
+                FAST_SILU=fast_silu(x.dtype))
+    return ptrs, cw.shape[1] if x_conv is not None else 0, strides, meta
+
+
+def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int = 0, *,
+            x_conv: tuple[Tensor, Tensor] | None = None, bc_conv: tuple[Tensor, Tensor] | None = None,
+            dt_bias: Tensor | None = None, z: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Forward scan. x (s, l, h, p), dt (s, l, h), A/D (ndir, h), B/C (s, l, g, n), any strides → y (s, l, h, p).
+
+    Fused options for inference (no gradients) on one-chunk sequences, which read the in-projection in place:
+      x_conv  (weight (ndir, c, k), bias (ndir, c)), channels in Mamba2's order [x, B, C]: x is raw and passes
+              through conv1d + SiLU in the kernel (direction 1 anti-causal in memory order, as `conv_silu_fwd`).
+      bc_conv the same weights: B and C are raw too, convolved in the C·Bᵀ stage; one-chunk sequences only.
+      dt_bias (ndir, h): dt is raw; the step is softplus(dt + dt_bias).
+      z       (s, l, h, p): returns (y · silu(z), Σ_p (y · silu(z))² per (s, l, h) in float32), the gated RMSNorm's
+              numerator and its per-head statistics.
+    """
     _check(x, dt, A, B, C, D, dir_mode)
     s, l, h, p = x.shape
     g, n = B.shape[2:]
     y = torch.empty(s, l, h, p, device=x.device, dtype=x.dtype)
+    ss = None if z is None else torch.empty(s, l, h, device=x.device, dtype=torch.float32)
+    result = y if z is None else (y, ss)
     if s == 0 or l == 0:
-        return y
+        return result
     bq = block_q_for(l)
+    if l > bq and (x_conv, bc_conv, dt_bias, z) != (None,) * 4:
+        raise ValueError(f"the fused options are for one-chunk sequences (length <= {bq}); on longer ones run "
+                         "conv_silu_fwd, softplus_dt and gated_proj as their own passes")
     A, Dc = A.float().contiguous(), (D.float().contiguous() if D is not None else A)
     seqs_per_dir = s // 2 if dir_mode == 2 else s
     meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), DIR_MODE=dir_mode, HAS_D=D is not None, PREC=_prec(x),
                 DOT=_dot_dtype(x))
+    heads_first = _heads_first(s)
     if l <= bq:
-        G = causal_cb(B, C, dir_mode)  # (s, g, bq, bq)
-        heads_first = _heads_first(s)
+        G = causal_cb(B, C, dir_mode, conv=bc_conv)  # (s, g, bq, bq)
+        ptrs, ch, fstrides, fmeta = _fused_inputs(x, A, x_conv, dt_bias, z, ss)
         _ssd_fwd_short_kernel[(h, s) if heads_first else (s * h,)](
-            x, dt, A, G, Dc, y, l, h, seqs_per_dir, h // g, *x.stride(), *dt.stride(), G.stride(0), G.stride(1),
-            *y.stride(), P=p, **meta, HEADS_FIRST=heads_first, num_stages=1, num_warps=_num_warps("FWD_SHORT", 4))
+            x, dt, A, G, Dc, y, *ptrs, l, h, seqs_per_dir, h // g, ch, *x.stride(), *dt.stride(), G.stride(0),
+            G.stride(1), *y.stride(), *fstrides, P=p, **meta, **fmeta, HEADS_FIRST=heads_first, num_stages=1,
+            num_warps=_num_warps("FWD_SHORT", 4))
     else:
-        heads_first = _heads_first(s)
         grid = (h, s) if heads_first else (s, h)
         _ssd_fwd_kernel[grid](x, dt, A, B, C, Dc, y, l, h, seqs_per_dir, h // g, *x.stride(), *dt.stride(),
                               *B.stride(), *C.stride(), *y.stride(), P=p, N=n, BLOCK_N=_block(n), **meta,
                               HEADS_FIRST=heads_first, num_stages=_num_stages(x), num_warps=_num_warps("FWD", 4))
-    return y
+    return result
 
 
 def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
