@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bsmamba2.kernels.conv import fast_silu, silu
-from bsmamba2.kernels.ssd import _dot_dtype
+from bsmamba2.kernels.ssd import _dot_dtype, _prec
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _gated_proj_kernel(
     y_ptr, z_ptr, w_ptr, p_ptr, ss_ptr, R, E, N,
     sy_d, sy_r, sz_d, sz_r, sw_d, sw_k, sw_n, sp_d, sp_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    FAST_SILU: tl.constexpr, DOT: tl.constexpr,
+    FAST_SILU: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program: BLOCK_M rows of direction d (program axis 2) against BLOCK_N output columns (axis 1), the
     reduction over e in steps of BLOCK_K (EVEN_K: e is a multiple of it, no mask along e). The first column block
@@ -59,7 +59,7 @@ def _gated_proj_kernel(
         g = y * silu(z, FAST_SILU)
         ss += tl.sum(g * g, axis=1)
         w = tl.load(w_cols + k0 * sw_k, mask=mw, other=0.0)
-        acc = tl.dot(g.to(DOT), w.to(DOT), acc)
+        acc = tl.dot(g.to(DOT), w.to(DOT), acc, input_precision=PREC)
     tl.store(p_ptr + d * sp_d + r64[:, None] * sp_r + offs_n[None, :], acc.to(p_ptr.dtype.element_ty),
              mask=mr[:, None] & mn[None, :])
     if pid_n == 0:
@@ -92,7 +92,8 @@ def gated_proj(y: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     if R:
         _gated_proj_kernel[(triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(n, tile["BLOCK_N"]), 2)](
             y, z, w, p, ss, R, e, n, y.stride(0), y.stride(1), z.stride(0), z.stride(1), *w.stride(), p.stride(0),
-            p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=_dot_dtype(y), **tile)
+            p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=_dot_dtype(y), PREC=_prec(y),
+            **tile)
     return p, ss
 
 
