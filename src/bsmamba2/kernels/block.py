@@ -168,24 +168,25 @@ def _fused_inference(block, x: Tensor, out: Tensor | None) -> Tensor:
     w_in, w_out, w_x = in_autocast_dtype(block, "fused", params, (w_in, w_out, w_x), x.device.type)
 
     xn = rms_scale(x, f.norm.eps).view(s * l, d).to(w_in.dtype)  # the pre-norm without its gain (folded into w_in)
-    zx = torch.empty(2, s * l, w_in.shape[1], device=x.device, dtype=w_in.dtype)  # (2, s·l, e + c + h) per direction
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        for k in range(2):
-            torch.mm(xn, w_in[k].t(), out=zx[k])
-    cols = zx.view(2 * s, l, -1)  # (2s, l, e + c + h): the first s sequences forward, the rest backward
-    z, xs, bc, dt = cols.split([e, e, 2 * g * n, h], dim=-1)
-    z = z.unflatten(-1, (h, p))
     if l <= block_q_for(l):  # one chunk: everything up to g in the scan's two kernels
-        B, C = (t.unflatten(-1, (g, n)) for t in bc.split([g * n, g * n], dim=-1))
-        gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B, C, D, dir_mode=2, x_conv=(conv_w, conv_b),
-                            bc_conv=(conv_w, conv_b), dt_bias=dt_bias, z=z)  # (2s, l, h, p), (2s, l, h) float32
+        # the scan reads sequences (2s) with one stride: each direction's in-projection is its own product
+        zx = torch.empty(2, s * l, w_in.shape[1], device=x.device, dtype=w_in.dtype)  # (2, s·l, e + c + h)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for k in range(2):
+                torch.mm(xn, w_in[k].t(), out=zx[k])
+        z, xs, B, C, dt = zx.view(2 * s, l, -1).split([e, e, g * n, g * n, h], dim=-1)  # first s: forward
+        gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D,
+                            dir_mode=2, x_conv=(conv_w, conv_b), bc_conv=(conv_w, conv_b), dt_bias=dt_bias,
+                            z=z.unflatten(-1, (h, p)))  # (2s, l, h, p), (2s, l, h) float32
         parts = torch.bmm(gated.view(2, s * l, e), w_out.to(gated.dtype))  # (2, s·l, d): g_d W'_dᵀ
-    else:
-        xbc = conv_silu_fwd(zx.view(2, s, l, -1).permute(1, 2, 0, 3)[..., e:e + c], conv_w, conv_b)  # (2, s, l, c)
-        dt = softplus_dt(dt.view(2, s, l, h).permute(1, 2, 0, 3), dt_bias)  # (2, s, l, h) float32
+    else:  # one product for both directions (H100: 1.94 ms against 2.04 for two)
+        zx = F.linear(xn, w_in.flatten(0, 1)).view(s, l, 2, -1)  # (s, l, 2, e + c + h)
+        xbc = conv_silu_fwd(zx[..., e:e + c], conv_w, conv_b)  # (2, s, l, c)
+        dt = softplus_dt(zx[..., e + c:], dt_bias)  # (2, s, l, h) float32
         xs, B, C = _scan_inputs(xbc, (e, c, h, p, g, n))
         y = ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)  # (2s, l, h, p)
-        parts, ss = gated_proj(y.view(2, s * l, e), zx[..., :e], w_out.to(y.dtype))  # (2, s·l, d), (2, s·l)
+        z = zx.view(s * l, 2, -1)[..., :e].transpose(0, 1)  # (2, s·l, e)
+        parts, ss = gated_proj(y.view(2, s * l, e), z, w_out.to(y.dtype))  # (2, s·l, d), (2, s·l)
     merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
     return gated_merge_into(parts, ss.view(2, s * l, -1), merged, x, e, mf.norm.eps, out)
 
