@@ -28,7 +28,7 @@ Here, with the same parameters and the same function:
        cuBLAS product on an H200; 2.06 against 2.65 on an H100).
 The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next
 pass's layout are Triton kernels (`norm.py`, `conv.py`, `dt.py`, `ssd.py`, `residual.py`); the matrix products are
-cuBLAS. Nothing is compiled by `torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without
+cuBLAS, but for the inference out-projection of long sequences (`gated_proj.py`). Nothing is compiled by `torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without
 autograd the merged weights are cached between calls (`bsmamba2.derived`).
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
