@@ -15,8 +15,8 @@ Here, with the same parameters and the same function:
        outputs of both directions, which adds the small d × d product on x (and its bias) in its epilogue.
     4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
        gradients of the split views into shared buffers instead of concatenating them.
-    5. Without autograd (`_fused_inference`, when the gated norm spans all of d_inner, as in the paper's model), no
-       normalized tensor goes through memory. The norm's row scale rstd commutes with the out-projection, so the
+    5. Without autograd (`_fused_inference`, when the gated norm spans all of d_inner, as in the paper's model; the
+       environment variable BSMAMBA2_FUSED=0 turns it off, for A/B runs), no normalized tensor goes through memory. The norm's row scale rstd commutes with the out-projection, so the
        products run on g = y·silu(z) (norm gains folded into the weights) and rstd is applied in the residual add:
            y = rstd_f · g_f W'_fᵀ + rstd_b · g_b W'_bᵀ + x W_xᵀ + bm + x.
        One-chunk sequences (the band axis): the scan kernel reads the in-projection in place, applies conv1d + SiLU
