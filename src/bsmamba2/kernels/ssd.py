@@ -16,7 +16,9 @@ to memory in the forward pass:
 Short sequences (L ≤ BLOCK_Q: the band axis, 62 bands; `_ssd_*_short_kernel`): one chunk, the quadratic form only,
 no state. Forward: `_cb_short_kernel` writes C Bᵀ (causal, Q×Q) once per (sequence, group), and one small program
 per (sequence, head) reads it, so no program holds B or C. Backward: one program per (sequence, group) loops over the
-group's heads, so C Bᵀ is computed once for all of them and the group's dB, dC are summed in registers.
+group's heads, so C Bᵀ is computed once for all of them and the group's dB, dC are summed in registers. For inference
+the two forward kernels can read the in-projection in place (`ssd_fwd`'s fused options: conv1d + SiLU of x, B and C,
+softplus of dt, and the gate y·silu(z) with its per-head Σ², the gated RMSNorm's statistics).
 
 Gradients (dy given; M_ij = exp(cum_i − cum_j)(C_i·B_j)(dy_i·v_j) for i ≥ j):
     dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j        forward sweep, carrying S (it also stores S per chunk)   (DO_DC)
