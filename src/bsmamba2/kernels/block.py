@@ -16,8 +16,9 @@ Here, with the same parameters and the same function:
     4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
        gradients of the split views into shared buffers instead of concatenating them.
     5. Without autograd (`_fused_inference`, when the gated norm spans all of d_inner, as in the paper's model; the
-       environment variable BSMAMBA2_FUSED=0 turns it off, for A/B runs), no normalized tensor goes through memory. The norm's row scale rstd commutes with the out-projection, so the
-       products run on g = y·silu(z) (norm gains folded into the weights) and rstd is applied in the residual add:
+       environment variable BSMAMBA2_FUSED=0 turns it off, for A/B runs), no normalized tensor goes through memory.
+       The norm's row scale rstd commutes with the out-projection, so the products run on g = y·silu(z) (norm gains
+       folded into the weights) and rstd is applied in the residual add:
            y = rstd_f · g_f W'_fᵀ + rstd_b · g_b W'_bᵀ + x W_xᵀ + bm + x.
        One-chunk sequences (the band axis): the scan kernel reads the in-projection in place, applies conv1d + SiLU
        to x (and, in the C·Bᵀ stage, to B and C) and the softplus to dt, and writes g and Σg² per head; the conv
@@ -28,8 +29,9 @@ Here, with the same parameters and the same function:
        cuBLAS product on an H200; 2.06 against 2.65 on an H100).
 The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next
 pass's layout are Triton kernels (`norm.py`, `conv.py`, `dt.py`, `ssd.py`, `residual.py`); the matrix products are
-cuBLAS, but for the inference out-projection of long sequences (`gated_proj.py`). Nothing is compiled by `torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without
-autograd the merged weights are cached between calls (`bsmamba2.derived`).
+cuBLAS, but for the inference out-projection of long sequences (`gated_proj.py`). Nothing is compiled by
+`torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without autograd the merged weights are
+cached between calls (`bsmamba2.derived`).
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
 """
@@ -64,16 +66,12 @@ class _MixerCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size):
-        e, c, h, p, g, n = dims
+        e = dims[0]
         s, l = zxbcdt.shape[:2]
-        z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
-        xbc = conv_silu_fwd(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
-        dt = softplus_dt(dt_raw, dt_bias)  # (2, s, l, h) float32
-        xs, B, C = _scan_inputs(xbc, dims)
-        y = ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)  # (2s, l, h, p)
+        xbc, dt, y = _conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)
         ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y)
         ctx.dims, ctx.eps, ctx.group_size = dims, eps, group_size
-        return gated_norm_fwd(y.view(2, s, l, e), z, norm_w, eps, group_size)
+        return gated_norm_fwd(y.view(2, s, l, e), zxbcdt[..., :e], norm_w, eps, group_size)
 
     @staticmethod
     def backward(ctx, dgn):
@@ -97,6 +95,17 @@ class _MixerCore(torch.autograd.Function):
         ddt_raw.copy_(du.permute(1, 2, 0, 3))
         return (dzx, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), du.sum((1, 2)).to(dt_bias.dtype),
                 dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), None, None, None)
+
+
+def _conv_scan(zxbcdt: Tensor, conv_w, conv_b, dt_bias, A, D, dims) -> tuple[Tensor, Tensor, Tensor]:
+    """conv1d + SiLU, softplus of dt and the scan of both directions, each its own pass, from the in-projection
+    `(s, l, 2, e + c + h)` → (xbc (2, s, l, c), dt (2, s, l, h) float32, y (2s, l, h, p))."""
+    e, c, h, p, g, n = dims
+    s, l = zxbcdt.shape[:2]
+    xbc = conv_silu_fwd(zxbcdt[..., e:e + c], conv_w, conv_b)
+    dt = softplus_dt(zxbcdt[..., e + c:], dt_bias)
+    xs, B, C = _scan_inputs(xbc, dims)
+    return xbc, dt, ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)
 
 
 def _scan_inputs(xbc: Tensor, dims) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,10 +190,7 @@ def _fused_inference(block, x: Tensor, out: Tensor | None) -> Tensor:
         parts = torch.bmm(gated.view(2, s * l, e), w_out.to(gated.dtype))  # (2, s·l, d): g_d W'_dᵀ
     else:  # one product for both directions (H100: 1.94 ms against 2.04 for two)
         zx = F.linear(xn, w_in.flatten(0, 1)).view(s, l, 2, -1)  # (s, l, 2, e + c + h)
-        xbc = conv_silu_fwd(zx[..., e:e + c], conv_w, conv_b)  # (2, s, l, c)
-        dt = softplus_dt(zx[..., e + c:], dt_bias)  # (2, s, l, h) float32
-        xs, B, C = _scan_inputs(xbc, (e, c, h, p, g, n))
-        y = ssd_fwd(xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2)  # (2s, l, h, p)
+        _, _, y = _conv_scan(zx, conv_w, conv_b, dt_bias, A, D, (e, c, h, p, g, n))  # y (2s, l, h, p)
         z = zx.view(s * l, 2, -1)[..., :e].transpose(0, 1)  # (2, s·l, e)
         parts, ss = gated_proj(y.view(2, s * l, e), z, w_out.to(y.dtype))  # (2, s·l, d), (2, s·l)
     merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias

@@ -93,8 +93,8 @@ def gated_proj(y: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     if R:
         _gated_proj_kernel[(triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(n, tile["BLOCK_N"]), 2)](
             y, z, w, p, ss, R, e, n, y.stride(0), y.stride(1), z.stride(0), z.stride(1), *w.stride(), p.stride(0),
-            p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=_dot_dtype(y), PREC=_prec(y),
-            **tile)
+            p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=_dot_dtype(y),
+            PREC=_prec(y), **tile)
     return p, ss
 
 
