@@ -93,20 +93,17 @@ def _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE: tl.constexpr, BLOCK_Q: tl.cons
 
 
 @triton.jit
-def _one_chunk_setup(b_base, c_base, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
-                     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
-    """Offsets, memory positions t (scan order τ → t = L−1−τ when reversed), masks, and the B and C tiles
-    (BLOCK_Q × BLOCK_N) of a sequence that is one chunk long."""
-    offs_q = tl.arange(0, BLOCK_Q)
+def _one_chunk_bc(b_base, c_base, t, mq, P, N, sb_l, sb_n, sc_l, sc_n,
+                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """Of a one-chunk sequence with memory rows t (in range: mq, from `_one_chunk_rows`): the column offsets, the
+    (rows, headdim) and (rows, d_state) masks, and its B and C tiles (BLOCK_Q × BLOCK_N)."""
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mq = offs_q < L
-    t = tl.where(reverse, L - 1 - offs_q, offs_q)
     mqp = mq[:, None] & (offs_p < P)[None, :]
     mqn = mq[:, None] & (offs_n < N)[None, :]
     Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
     Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
-    return offs_q, offs_p, offs_n, t, mq, mqp, mqn, Bm, Cm
+    return offs_p, offs_n, mqp, mqn, Bm, Cm
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -467,11 +464,9 @@ def _ssd_bwd_short_kernel(
     group's heads in registers (no atomics)."""
     s = tl.program_id(0)
     g = tl.program_id(1)
-    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    s64 = s.to(tl.int64)
-    offs_q, offs_p, offs_n, t, mq, mqp, mqn, Bm, Cm = _one_chunk_setup(
-        B_ptr + s64 * sb_s + g * sb_g, C_ptr + s64 * sc_s + g * sc_g, reverse, L, P, N, sb_l, sb_n, sc_l, sc_n,
-        BLOCK_Q, BLOCK_P, BLOCK_N, DOT)
+    d, reverse, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
+    offs_p, offs_n, mqp, mqn, Bm, Cm = _one_chunk_bc(B_ptr + s64 * sb_s + g * sb_g, C_ptr + s64 * sc_s + g * sc_g,
+                                                     t, mq, P, N, sb_l, sb_n, sc_l, sc_n, BLOCK_P, BLOCK_N, DOT)
     G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
     causal = offs_q[:, None] >= offs_q[None, :]
     dB_acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
