@@ -221,6 +221,8 @@ def test_folders_templates_and_collisions(tiny_ckpt, short, tmp_path, log):
     base = ["separate", str(tmp_path / "music"), "--checkpoint", str(tiny_ckpt), "--segment", "0"]
     assert main(base + ["-o", str(out)]) == 1
     assert any("song.flac" in e and "{parent}" in e for e in _errors(log))
+    assert not out.exists() or not any(out.rglob("*.wav"))  # caught before anything was separated
+    assert any("nothing separated" in m for m in log.messages)
     log.clear()
     assert main(base + ["-o", str(out), "--template", "{parent}/{track}/{stem}.{ext}"]) == 0, _errors(log)
     assert (out / "a" / "song" / "vocals.wav").exists() and (out / "b" / "song" / "instrumental.wav").exists()

@@ -127,20 +127,27 @@ def _run(args: argparse.Namespace) -> int:
     log.debug("model: %s, stems %s, device %s, %s", separator.checkpoint_path, separator.stems, separator.device,
               separator.dtype)
 
-    claimed: dict[Path, Path] = {}  # output path -> input that writes it
+    # Every input's outputs are known before any work: a bad template, an unknown stem or two inputs that would
+    # write the same file end the run here, not after hours of separating the inputs before them.
+    try:
+        planned = {path: separator.output_paths(path, out_dir, args.template, args.format, stems) for path in files}
+    except ValueError as err:
+        log.error("error: %s", err)
+        return 1
+    clashes = _clashes(planned)
+    for path, other in clashes:
+        log.error("error: %s: its outputs would overwrite those of %s; use a --template with {parent}, e.g. "
+                  "'{parent}/{track}/{stem}.{ext}'", path, other)
+    if clashes:
+        log.warning("nothing separated: %d input(s) share output files with another input", len(clashes))
+        return 1
+
     done = skipped = 0
     failed = len(failures)
     with logging_redirect_tqdm():
         for path in tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2, position=0):
             try:
-                outputs = separator.output_paths(path, out_dir, args.template, args.format, stems)
-                clash = [claimed[p.resolve()] for p in outputs.values() if p.resolve() in claimed]
-                if clash:
-                    raise ValueError(
-                        f"its outputs would overwrite those of {clash[0]}; use a --template with {{parent}}, "
-                        "e.g. '{parent}/{track}/{stem}.{ext}'"
-                    )
-                claimed.update({p.resolve(): path for p in outputs.values()})
+                outputs = planned[path]
                 input_sha256 = manifest.input_sha256(path)
                 if not args.overwrite and all(p.exists() for p in outputs.values()):
                     entry = manifest.get(path)
@@ -183,6 +190,20 @@ def _run(args: argparse.Namespace) -> int:
         log.log(logging.WARNING if failed else logging.INFO,
                 "%d separated, %d skipped, %d failed; manifest: %s", done, skipped, failed, out_dir / MANIFEST_NAME)
     return 1 if failed else 0
+
+
+def _clashes(planned: dict[Path, dict[str, Path]]) -> list[tuple[Path, Path]]:
+    """(input, earlier input) for each input with an output path that an earlier input already writes."""
+    claimed: dict[Path, Path] = {}  # output path -> the input that writes it
+    clashes = []
+    for path, outputs in planned.items():
+        keys = [p.resolve() for p in outputs.values()]
+        taken = [claimed[k] for k in keys if k in claimed]
+        if taken:
+            clashes.append((path, taken[0]))
+        else:
+            claimed.update(dict.fromkeys(keys, path))
+    return clashes
 
 
 def _common_folder(paths: list[Path]) -> Path:
