@@ -89,6 +89,50 @@ def test_format_errors():
         resolve_format("a.flac", subtype="FLOAT")
     with pytest.raises(ValueError, match="cannot write 'mp4'"):
         resolve_format("a.mp4")
+    assert resolve_format("a.mp3") == ("MP3", "MPEG_LAYER_III")
+    assert resolve_format("a.ogg") == ("OGG", "VORBIS")
+    with pytest.raises(ValueError, match="mp3 is a lossy format.*leave --subtype out"):
+        resolve_format("a.mp3", subtype="PCM_24")
+    with pytest.raises(ValueError, match="bitrate applies to mp3 output only"):
+        AudioWriter("a.flac", 44100, 2, bitrate=192)
+    with pytest.raises(ValueError, match="not an MPEG-1 Layer III rate"):
+        AudioWriter("a.mp3", 44100, 2, bitrate=150)
+    with pytest.raises(ValueError, match="not 96000 Hz; pass --sample-rate 44100"):
+        AudioWriter("a.mp3", 96000, 2)
+
+
+def _music(seconds: float, sr: int) -> torch.Tensor:
+    """Stereo test signal with content across the spectrum: two tones and low noise."""
+    g = torch.Generator().manual_seed(0)
+    return (0.7 * _sine(440.0, seconds, sr) + 0.2 * _sine(3000.0, seconds, sr)
+            + 0.02 * torch.randn(2, int(seconds * sr), generator=g))
+
+
+@pytest.mark.parametrize("bitrate", [64, 128, 320])
+def test_mp3_output_at_its_bitrate(tmp_path, bitrate):
+    wave = _music(4.0, 44100)
+    path = write_audio(tmp_path / "a.mp3", wave, 44100, bitrate=bitrate)
+    info = audio_info(path)
+    assert (info.format, info.subtype, info.sample_rate, info.channels) == ("MP3", "MPEG_LAYER_III", 44100, 2)
+    assert info.frames == wave.shape[1]  # libsndfile trims the encoder's delay and padding
+    kbps = path.stat().st_size * 8 / 4.0 / 1000
+    assert bitrate * 0.95 < kbps < bitrate * 1.1  # constant bitrate, a few header bytes over
+    back = read_audio(path)[0]
+    snr = 10 * math.log10(wave.pow(2).sum() / (back - wave).pow(2).sum())
+    assert snr > (20 if bitrate >= 128 else 10)  # a faithful encoding, not just a file of the right size
+    assert [p.name for p in tmp_path.iterdir()] == ["a.mp3"]
+
+
+def test_ogg_output_and_lossy_clipping(tmp_path, caplog):
+    wave = _music(2.0, 48000)
+    path = write_audio(tmp_path / "a.ogg", wave, 48000)
+    info = audio_info(path)
+    assert (info.format, info.subtype, info.sample_rate, info.frames) == ("OGG", "VORBIS", 48000, wave.shape[1])
+    back = read_audio(path)[0]
+    assert 10 * math.log10(wave.pow(2).sum() / (back - wave).pow(2).sum()) > 15
+    with caplog.at_level(logging.WARNING, logger="bsmamba2"):
+        write_audio(tmp_path / "loud.mp3", 2 * wave, 48000)
+    assert any("clipped" in r.message and "wav or flac with --subtype FLOAT" in r.message for r in caplog.records)
 
 
 def test_resample_lengths_and_quality():

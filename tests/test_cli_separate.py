@@ -105,6 +105,20 @@ def test_resampled_mono_input(tiny_ckpt, excerpt, tmp_path, log):
     assert sorted(p.name for p in (tmp_path / "o44" / "low").iterdir()) == ["vocals.flac"]
     info = audio_info(tmp_path / "o44" / "low" / "vocals.flac")
     assert (info.sample_rate, info.channels, info.frames, info.subtype) == (44100, 1, 2 * len(low), "PCM_24")
+    # mp3 at a chosen bitrate; a 22.05 kHz output cannot be mp3, and that is told before a model is loaded
+    rc = main(["separate", str(src), "-o", str(tmp_path / "mp3"), "--checkpoint", str(tiny_ckpt), "--segment", "0.5",
+               "--sample-rate", "44100", "--format", "mp3", "--bitrate", "192", "-q"])  # fmt: skip
+    assert rc == 0, _errors(log)
+    info = audio_info(tmp_path / "mp3" / "low" / "vocals.mp3")
+    assert (info.format, info.sample_rate, info.frames) == ("MP3", 44100, 2 * len(low))
+    settings = json.loads((tmp_path / "mp3" / "manifest.json").read_text())["files"].popitem()[1]["settings"]
+    assert settings["bitrate"] == 192 and settings["subtype"] == "MPEG_LAYER_III"
+    for extra, message in [(["--sample-rate", "22050"], "not 22050 Hz"), (["--subtype", "PCM_24"], "lossy"),
+                           (["--bitrate", "100"], "not an MPEG-1")]:
+        log.clear()
+        assert main(["separate", str(src), "-o", str(tmp_path / "bad"), "--format", "mp3", *extra]) == 1
+        assert any(message in e for e in _errors(log)), _errors(log)
+        assert not (tmp_path / "bad").exists() and not any("bundled demo model" in m for m in log.messages)
 
 
 def test_every_error_case_names_the_file_and_others_still_run(tiny_ckpt, short, tmp_path, log):

@@ -32,9 +32,15 @@ AUDIO_EXTENSIONS = (
     ".w64", ".rf64", ".voc",
 )  # fmt: skip
 
-# Output containers we write, with their file endings and allowed sample formats.
-WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC", "aiff": "AIFF"}
+# Output containers we write, by file ending, and the sample formats of the lossless ones.
+WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC", "aiff": "AIFF", "mp3": "MP3", "ogg": "OGG"}
 SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")
+# The lossy containers' one sample format each (ogg: Vorbis at libsndfile's default quality).
+LOSSY = {"MP3": "MPEG_LAYER_III", "OGG": "VORBIS"}
+# mp3 is written as MPEG-1 Layer III at a constant bitrate: these bitrates (kbit/s) and sample rates.
+MP3_BITRATES = (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+MP3_SAMPLE_RATES = (32000, 44100, 48000)
+DEFAULT_MP3_BITRATE = 320
 
 
 class AudioError(ValueError):
@@ -185,13 +191,22 @@ def _to_numpy(wave: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def resolve_format(path: str | os.PathLike, format: str | None = None, subtype: str | None = None) -> tuple[str, str]:
-    """(libsndfile format, subtype) for writing `path`: format from `format` or the file ending; subtype checked."""
+    """(libsndfile format, subtype) for writing `path`: format from `format` or the file ending; subtype checked
+    (PCM_16 by default; the lossy formats have their own and take none)."""
     ext = (format or Path(path).suffix.lstrip(".")).lower()
     if ext in ("aif",):
         ext = "aiff"
     if ext not in WRITE_FORMATS:
         raise ValueError(f"cannot write {ext!r} files; choose one of {sorted(WRITE_FORMATS)}")
     fmt = WRITE_FORMATS[ext]
+    if fmt in LOSSY:
+        if subtype is not None and subtype.upper() != LOSSY[fmt]:
+            raise ValueError(f"{ext} is a lossy format: a sample format ({subtype}) applies to wav, flac and aiff only; "
+                             "leave --subtype out")
+        if not sf.check_format(fmt, LOSSY[fmt]):
+            raise ValueError(f"this libsndfile ({sf.__libsndfile_version__}) cannot write {ext}; it needs libsndfile "
+                             ">= 1.1 (`pip install -U soundfile`), or write flac")
+        return fmt, LOSSY[fmt]
     subtype = (subtype or "PCM_16").upper()
     if subtype not in SUBTYPES or not sf.check_format(fmt, subtype):
         allowed = [s for s in SUBTYPES if sf.check_format(fmt, s)]
@@ -199,20 +214,41 @@ def resolve_format(path: str | os.PathLike, format: str | None = None, subtype: 
     return fmt, subtype
 
 
+def encoder_options(fmt: str, bitrate: int | None = None, sample_rate: int | None = None) -> dict:
+    """`soundfile.SoundFile` keywords for libsndfile format `fmt` (from `resolve_format`), checking that a bitrate
+    is only asked of mp3 and, when given, that mp3 can hold `sample_rate`. mp3: constant `bitrate` kbit/s (320 by
+    default)."""
+    if fmt != "MP3":
+        if bitrate is not None:
+            raise ValueError(f"a bitrate applies to mp3 output only, not {fmt.lower()}; leave --bitrate out")
+        return {}
+    if sample_rate is not None and int(sample_rate) not in MP3_SAMPLE_RATES:
+        raise ValueError(f"mp3 holds 32, 44.1 or 48 kHz audio, not {sample_rate} Hz; pass --sample-rate 44100 (or "
+                         "write flac)")
+    kbps = DEFAULT_MP3_BITRATE if bitrate is None else int(bitrate)
+    if kbps not in MP3_BITRATES:
+        raise ValueError(f"mp3 bitrate {bitrate} kbit/s is not an MPEG-1 Layer III rate; choose one of "
+                         f"{list(MP3_BITRATES)}")
+    # libsndfile maps its compression level 0…1 linearly onto 320…32 kbit/s and takes the nearest MPEG bitrate;
+    # level 1.0 itself is refused, and 0.99 lands on 32
+    return dict(compression_level=min((320 - kbps) / (320 - 32), 0.99), bitrate_mode="CONSTANT")
+
+
 class AudioWriter:
     """Write (channels, n) blocks to a temporary file next to `path`; `commit()` renames it into place.
 
     If the writer is closed without `commit()` (an error, Ctrl-C), the temporary file is deleted, so a partial output
-    never appears under the final name. Integer subtypes clip samples beyond ±1 and count them (`clipped`, `peak`);
-    FLOAT keeps them.
+    never appears under the final name. Integer subtypes and the lossy formats clip samples beyond ±1 and count them
+    (`clipped`, `peak`); FLOAT keeps them. `bitrate`: mp3 only, kbit/s (`encoder_options`).
     """
 
     def __init__(
         self, path: str | os.PathLike, sample_rate: int, channels: int, subtype: str | None = None,
-        format: str | None = None,
+        format: str | None = None, bitrate: int | None = None,
     ):  # fmt: skip
         self.path = Path(path)
         self.format, self.subtype = resolve_format(self.path, format, subtype)
+        options = encoder_options(self.format, bitrate, sample_rate)
         self.sample_rate = int(sample_rate)
         self.channels = int(channels)
         self.clipped = 0
@@ -224,15 +260,16 @@ class AudioWriter:
         try:
             self._file = sf.SoundFile(
                 str(self._tmp), "w", samplerate=self.sample_rate, channels=self.channels, format=self.format,
-                subtype=self.subtype,
+                subtype=self.subtype, **options,
             )  # fmt: skip
         except Exception:
             self._tmp.unlink(missing_ok=True)
             raise
 
     @property
-    def integer(self) -> bool:
-        return self.subtype.startswith("PCM")
+    def clips(self) -> bool:
+        """Whether samples beyond ±1 are clipped: all but FLOAT (integers would wrap; lossy decoders clip anyway)."""
+        return self.subtype != "FLOAT"
 
     def write(self, block: torch.Tensor | np.ndarray) -> None:
         """Append a (channels, n) block."""
@@ -243,7 +280,7 @@ class AudioWriter:
             return
         peak = float(np.abs(data).max())
         self.peak = max(self.peak, peak)
-        if self.integer and peak > 1.0:
+        if self.clips and peak > 1.0:
             # libsndfile would wrap around on overflow; clip explicitly and count what was lost.
             self.clipped += int((np.abs(data) > 1.0).sum())
             data = np.clip(data, -1.0, 1.0)
@@ -257,8 +294,9 @@ class AudioWriter:
         if self.clipped:
             total = max(1, self.frames * self.channels)
             log.warning(
-                "%s: %d samples (%.3f%%) beyond ±1 clipped (peak %.3f); write --subtype FLOAT to keep them",
+                "%s: %d samples (%.3f%%) beyond ±1 clipped (peak %.3f); write %s--subtype FLOAT to keep them",
                 self.path, self.clipped, 100.0 * self.clipped / total, self.peak,
+                "wav or flac with " if self.format in LOSSY else "",
             )  # fmt: skip
         return self.path
 
@@ -280,14 +318,16 @@ class AudioWriter:
 
 def write_audio(
     path: str | os.PathLike, wave: torch.Tensor | np.ndarray, sample_rate: int, subtype: str | None = None,
-    format: str | None = None,
+    format: str | None = None, bitrate: int | None = None,
 ) -> Path:  # fmt: skip
     """Write a whole (channels, time) waveform atomically (temporary file, then rename).
 
     Args:
-        path: output file; its ending picks the container (wav, flac, aiff) unless `format` is given.
+        path: output file; its ending picks the container (wav, flac, aiff, mp3, ogg) unless `format` is given.
         wave: (channels, time) float waveform.
-        subtype: PCM_16 (default), PCM_24, PCM_32 or FLOAT. Integer subtypes clip beyond ±1 with a warning.
+        subtype: PCM_16 (default), PCM_24, PCM_32 or FLOAT, for wav, flac and aiff. Integer subtypes and the lossy
+            formats clip beyond ±1 with a warning.
+        bitrate: mp3 only: constant bitrate in kbit/s (default 320).
     Returns:
         the final path.
     """
@@ -296,7 +336,7 @@ def write_audio(
         data = data[None]
     if data.ndim != 2:
         raise ValueError(f"write_audio expects a (channels, time) waveform, got shape {tuple(data.shape)}")
-    writer = AudioWriter(path, sample_rate, data.shape[0], subtype=subtype, format=format)
+    writer = AudioWriter(path, sample_rate, data.shape[0], subtype=subtype, format=format, bitrate=bitrate)
     try:
         writer.write(data)
     except BaseException:

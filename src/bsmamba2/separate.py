@@ -36,6 +36,7 @@ from bsmamba2.audio import (
     StreamResampler,
     check_finite,
     downmix_to_stereo,
+    encoder_options,
     resampled_length,
     resolve_format,
 )
@@ -569,25 +570,30 @@ class Separator:
         self, path: str | os.PathLike, out_dir: str | os.PathLike, template: str = DEFAULT_TEMPLATE,
         format: str = "wav", subtype: str | None = None, sample_rate: int | None = None, downmix: bool = False,
         stems: Iterable[str] | None = None, progress: Callable[[float], None] | None = None,
+        bitrate: int | None = None,
     ) -> dict[str, Path]:  # fmt: skip
         """Separate an audio file block by block and write each stem; returns {stem: output path}.
 
         Memory does not grow with the file's length (except with segment=0). Outputs are written to temporary files
-        and renamed only when all are complete, so an error or interruption leaves no partial file.
+        and renamed only when all are complete, so an error or interruption leaves no partial file. `format`: wav,
+        flac, aiff, mp3 or ogg; `subtype` (wav, flac, aiff): PCM_16 by default, PCM_24, PCM_32 or FLOAT; `bitrate`
+        (mp3): kbit/s, 320 by default.
         """
         return self.separate_file_result(
-            path, out_dir, template, format, subtype, sample_rate, downmix, stems, progress
+            path, out_dir, template, format, subtype, sample_rate, downmix, stems, progress, bitrate
         ).outputs
 
     def separate_file_result(
         self, path: str | os.PathLike, out_dir: str | os.PathLike, template: str = DEFAULT_TEMPLATE,
         format: str = "wav", subtype: str | None = None, sample_rate: int | None = None, downmix: bool = False,
         stems: Iterable[str] | None = None, progress: Callable[[float], None] | None = None,
+        bitrate: int | None = None,
     ) -> FileResult:  # fmt: skip
         """`separate_file`, also returning duration, time taken and real-time factor."""
         path = Path(path)
         start = time.perf_counter()
         fmt, subtype = resolve_format(f"x.{format}", format, subtype)
+        encoder_options(fmt, bitrate)  # a bad bitrate fails before the input is read
         targets = self.output_paths(path, out_dir, template, format.lower(), stems)
         with AudioReader(path, check=False) as reader:  # `stream` checks every block for NaN/Inf
             info = reader.info
@@ -603,7 +609,8 @@ class Separator:
             new_dirs = _missing_parents(targets.values(), Path(out_dir))
             try:
                 for stem, target in targets.items():
-                    writers[stem] = AudioWriter(target, out_sr, channels, subtype=subtype, format=format)
+                    writers[stem] = AudioWriter(target, out_sr, channels, subtype=subtype, format=format,
+                                                bitrate=bitrate)
                 for out in self.stream(blocks, info.sample_rate, channels, out_sr, name=str(path), progress=progress):
                     for stem, writer in writers.items():
                         writer.write(out[stem])

@@ -10,7 +10,16 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from bsmamba2.audio import AUDIO_EXTENSIONS, SUBTYPES, WRITE_FORMATS, AudioError, audio_info
+from bsmamba2.audio import (
+    AUDIO_EXTENSIONS,
+    DEFAULT_MP3_BITRATE,
+    SUBTYPES,
+    WRITE_FORMATS,
+    AudioError,
+    audio_info,
+    encoder_options,
+    resolve_format,
+)
 from bsmamba2.separate import DEFAULT_TEMPLATE, MANIFEST_NAME, MODES, Manifest, Separator
 
 HELP = "separate songs into vocals and instrumental"
@@ -40,8 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model precision (autocast); fp16 needs a GPU (default fp32)")
     g = p.add_argument_group("output")
     g.add_argument("--format", "-f", choices=sorted(WRITE_FORMATS), default="wav", help="output format (default wav)")
-    g.add_argument("--subtype", type=str.upper, choices=SUBTYPES, default="PCM_16",
-                   help="sample format (default PCM_16); FLOAT keeps values beyond ±1, integer formats clip them")
+    g.add_argument("--subtype", type=str.upper, choices=SUBTYPES, default=None,
+                   help="sample format of wav, flac and aiff (default PCM_16); FLOAT keeps values beyond ±1, the "
+                        "others clip them")
+    g.add_argument("--bitrate", type=int, default=None, metavar="KBPS",
+                   help=f"mp3 constant bitrate in kbit/s, 32 to 320 (default {DEFAULT_MP3_BITRATE})")
     g.add_argument("--sample-rate", type=int, default=None, help="output sample rate (default: the input's)")
     g.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="output path under OUT_DIR with {track} {stem} {ext} {parent} (default: %(default)s)")
@@ -113,15 +125,21 @@ def _run(args: argparse.Namespace) -> int:
                     len(args.inputs))
         return 1
 
-    # Checkpoint and settings errors concern every input: they end the run (cli.py turns them into exit 1).
+    # Output format, checkpoint and settings errors concern every input: they end the run (cli.py turns them into
+    # exit 1), before a model is loaded where they can be told without one.
+    fmt, subtype = resolve_format(f"x.{args.format}", args.format, args.subtype)
+    encoder_options(fmt, args.bitrate, args.sample_rate)
+    bitrate = (args.bitrate or DEFAULT_MP3_BITRATE) if fmt == "MP3" else None
     separator = Separator(
         args.checkpoint, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
         batch_size=args.batch_size, mode=args.mode,
     )  # fmt: skip
     settings = separator.settings() | {
-        "sample_rate": args.sample_rate, "format": args.format, "subtype": args.subtype, "downmix": args.downmix,
+        "sample_rate": args.sample_rate, "format": args.format, "subtype": subtype, "downmix": args.downmix,
         "template": args.template, "stems": list(separator._select(stems)),
     }  # fmt: skip
+    if bitrate is not None:  # only for mp3, so the manifests of other formats keep their settings
+        settings["bitrate"] = bitrate
     checkpoint_sha256 = separator.checkpoint_sha256
     manifest = Manifest(out_dir)
     log.debug("model: %s, stems %s, device %s, %s", separator.checkpoint_path, separator.stems, separator.device,
@@ -166,8 +184,8 @@ def _run(args: argparse.Namespace) -> int:
                 with tqdm(total=round(info.duration, 2), desc=path.name[:40], unit="s", leave=False, position=1,
                           disable=quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
                     result = separator.separate_file_result(
-                        path, out_dir, template=args.template, format=args.format, subtype=args.subtype,
-                        sample_rate=args.sample_rate, downmix=args.downmix, stems=stems,
+                        path, out_dir, template=args.template, format=args.format, subtype=subtype,
+                        sample_rate=args.sample_rate, downmix=args.downmix, stems=stems, bitrate=bitrate,
                         progress=lambda sec: bar.update(min(sec, bar.total - bar.n)),
                     )  # fmt: skip
                 manifest.update(
