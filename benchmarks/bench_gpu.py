@@ -200,7 +200,7 @@ def scan_sweep() -> list[dict]:
         variants = [(w, "1") for w in (4, 8)] + ([] if l <= 64 else [(None, "0")])
         for warps, heads_first in variants:
             os.environ["BSMAMBA2_SSD_HEADS_FIRST"] = heads_first
-            for kern in ("FWD", "BWD", "FWD_SHORT", "BWD_SHORT"):
+            for kern in ("FWD", "FWD_SHORT", "BWD", "BWD_STATES"):
                 if warps is None:
                     os.environ.pop(f"BSMAMBA2_SSD_WARPS_{kern}", None)  # the tuned defaults
                 else:

@@ -13,29 +13,31 @@ to memory in the forward pass:
     inter-chunk   y += exp(acum) · C Sᵀ                        S: the state entering the chunk
     state         S  = exp(Σa) S + (v · exp(Σa − acum))ᵀ B
 
-Short sequences (L ≤ BLOCK_Q: the band axis, 62 bands; `_ssd_*_short_kernel`): one chunk, the quadratic form only,
-no state. Forward: `_cb_short_kernel` writes C Bᵀ (causal, Q×Q) once per (sequence, group), and one small program
-per (sequence, head) reads it, so no program holds B or C. Backward: one program per (sequence, group) loops over the
-group's heads, so C Bᵀ is computed once for all of them and the group's dB, dC are summed in registers. For inference
-the two forward kernels can read the in-projection in place (`ssd_fwd`'s fused options: conv1d + SiLU of x, B and C,
-softplus of dt, and the gate y·silu(z) with its per-head Σ², the gated RMSNorm's statistics).
+Short sequences (L ≤ BLOCK_Q: the band axis, 62 bands; `_ssd_fwd_short_kernel`): one chunk, the quadratic form
+only, no state. `_cb_short_kernel` writes C Bᵀ (causal, Q×Q) once per (sequence, group), and one small program per
+(sequence, head) reads it, so no program holds B or C. For inference the two forward kernels can read the
+in-projection in place (`ssd_fwd`'s fused options: conv1d + SiLU of x, B and C, softplus of dt, and the gate
+y·silu(z) with its per-head Σ², the gated RMSNorm's statistics).
 
 Gradients (dy given; M_ij = exp(cum_i − cum_j)(C_i·B_j)(dy_i·v_j) for i ≥ j):
-    dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j        forward sweep, carrying S (it also stores S per chunk)   (DO_DC)
-    dv_j = Σ_{i≥j} exp(·)(C_i·B_j) dy_i        backward sweep, carrying dS = Σ exp(·) dy_i ⊗ C_i
-    dB_j = Σ_{i≥j} exp(·)(dy_i·v_j) C_i        same sweep
-    da_k = Σ_{i ≥ k > j} M_ij                  same sweep; by pair sets on long sequences (no cancellation), as
-                                               Σ_{t≥k}(C_t·dC_t − B_t·dB_t) within one short chunk
+    dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j
+    dv_j = Σ_{i≥j} exp(·)(C_i·B_j) dy_i
+    dB_j = Σ_{i≥j} exp(·)(dy_i·v_j) C_i
+    da_k = Σ_{i ≥ k > j} M_ij                  by pair sets (no C·dC − B·dB cancellation)
     dx = dt·dv + D·dy,  ddt = x·dv + A·da,  dA = Σ da·dt,  dD = Σ dy·x
-On long sequences dB and dC go to per-head buffers that are summed over each group's heads afterwards (float32
-atomics over 16 heads were 5× slower).
+The only sequential part is the chunk-boundary states: `_ssd_bwd_states_kernel` walks each (sequence, head) once
+forward for the states S_c entering each chunk and once backward for their gradients dS_c, one product per chunk,
+and stores both. Then `_ssd_bwd_chunk_kernel`, one program per (sequence, head, chunk), computes every gradient of
+its chunk from its own tiles and those two states, in parallel over chunks. One-chunk sequences skip the states.
+dB and dC go to per-head buffers that are summed over each group's heads afterwards (float32 atomics over 16 heads
+were 5× slower).
 
 Directions: DIR_MODE 0 scans every sequence forward, 1 every sequence backward (position t read as L−1−t: the
 backward half of a bidirectional block without flip copies), 2 the first `seqs_per_dir` sequences forward and the
 rest backward (both directions of a block in one launch). A and D are `(ndir, heads)`.
 
 Decay arithmetic (cumsum, exp) and accumulation are float32; matrix products take the inputs' dtype (bf16 on the
-fast path, float32 with IEEE products otherwise). The forward kernels keep cumulative decays in base 2 (log2(e)
+fast path, float32 with IEEE products otherwise). All kernels keep cumulative decays in base 2 (log2(e)
 folded into A), so each exponential is a single exp2.
 """
 
@@ -83,27 +85,21 @@ def _split_program_id(n):
 
 
 @triton.jit
+def _chunk_rows(c, L, reverse, BLOCK_Q: tl.constexpr):
+    """Of chunk c: the scan positions' offsets in the chunk, which are in range, and their memory positions t."""
+    offs_q = tl.arange(0, BLOCK_Q)
+    tau = c * BLOCK_Q + offs_q  # position in scan order
+    mq = tau < L
+    return offs_q, mq, tl.where(reverse, L - 1 - tau, tau)
+
+
+@triton.jit
 def _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE: tl.constexpr, BLOCK_Q: tl.constexpr):
     """Of a one-chunk sequence s: its direction d, whether it is scanned from its end, s as int64, the scan
     positions, which are in range, and their memory positions t (L−1−τ when scanned from the end)."""
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    offs_q = tl.arange(0, BLOCK_Q)
-    t = tl.where(reverse, L - 1 - offs_q, offs_q)
-    return d, reverse, s.to(tl.int64), offs_q, offs_q < L, t
-
-
-@triton.jit
-def _one_chunk_bc(b_base, c_base, t, mq, P, N, sb_l, sb_n, sc_l, sc_n,
-                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr):
-    """Of a one-chunk sequence with memory rows t (in range: mq, from `_one_chunk_rows`): the column offsets, the
-    (rows, headdim) and (rows, d_state) masks, and its B and C tiles (BLOCK_Q × BLOCK_N)."""
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mqp = mq[:, None] & (offs_p < P)[None, :]
-    mqn = mq[:, None] & (offs_n < N)[None, :]
-    Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
-    Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
-    return offs_p, offs_n, mqp, mqn, Bm, Cm
+    offs_q, mq, t = _chunk_rows(0, L, reverse, BLOCK_Q)
+    return d, reverse, s.to(tl.int64), offs_q, mq, t
 
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -205,9 +201,7 @@ def _ssd_fwd_kernel(
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     n_chunks = tl.cdiv(L, BLOCK_Q)
     for c in range(0, n_chunks):
-        tau = c * BLOCK_Q + offs_q  # position in scan order
-        mq = tau < L
-        t = tl.where(reverse, L - 1 - tau, tau)  # position in memory
+        offs_q, mq, t = _chunk_rows(c, L, reverse, BLOCK_Q)
         mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
         mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
         x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(tl.float32)
@@ -235,131 +229,159 @@ def _ssd_fwd_kernel(
 
 
 @triton.jit
-def _ssd_bwd_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, st_ptr,
-    L, nheads, seqs_per_dir, heads_per_group, P, N,
+def _ssd_bwd_states_kernel(
+    u_ptr, dt_ptr, A_ptr, k_ptr, st_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, P: tl.constexpr, N: tl.constexpr,
+    su_s, su_l, su_h, su_p,
+    sdt_s, sdt_l, sdt_h,
+    sk_s, sk_l, sk_g, sk_n,
+    sst_s, sst_h, sst_c, sst_p, sst_n,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIR_MODE: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, BACKWARD: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
+):
+    """The chunk-boundary states of one (sequence, head), for `_ssd_bwd_chunk_kernel`. The only sequential part of
+    the backward pass: one product per chunk.
+
+    BACKWARD=False (u = x, k = B): S_c, the state entering chunk c, into slot c for c ≥ 1,
+        S_{c+1} = exp(Σa) S_c + Σ_j exp(Σa − acum_j) dt_j x_j ⊗ B_j.
+    BACKWARD=True (u = dy, k = C): dS_{c+1}, the gradient of the state leaving chunk c, into slot c for c < last,
+        dS_c = exp(Σa) dS_{c+1} + Σ_i exp(acum_i) dy_i ⊗ C_i."""
+    s, h = _sequence_and_head(HEADS_FIRST)
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
+    s64 = s.to(tl.int64)
+    u_base = u_ptr + s64 * su_s + h * su_h
+    dt_base = dt_ptr + s64 * sdt_s + h * sdt_h
+    k_base = k_ptr + s64 * sk_s + (h // heads_per_group) * sk_g
+    st_base = st_ptr + s64 * sst_s + h * sst_h
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    st_offs = offs_p[:, None] * sst_p + offs_n[None, :] * sst_n
+    mpn = _tile_mask(offs_p < P, offs_n, N, BLOCK_N)
+    A = tl.load(A_ptr + d * nheads + h).to(tl.float32) * LOG2E
+    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    n_chunks = tl.cdiv(L, BLOCK_Q)
+    for i in range(0, n_chunks - 1):
+        c = n_chunks - 1 - i if BACKWARD else i
+        offs_q, mq, t = _chunk_rows(c, L, reverse, BLOCK_Q)
+        u = tl.load(u_base + t[:, None] * su_l + offs_p[None, :] * su_p, mask=_tile_mask(mq, offs_p, P, BLOCK_P),
+                    other=0.0).to(tl.float32)
+        dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+        km = tl.load(k_base + t[:, None] * sk_l + offs_n[None, :] * sk_n, mask=_tile_mask(mq, offs_n, N, BLOCK_N),
+                     other=0.0).to(DOT)
+        a = dt * A  # log2 of each step's decay
+        acum = tl.cumsum(a, axis=0)
+        a_tot = tl.sum(a, axis=0)
+        if BACKWARD:
+            wu = u * tl.exp2(acum)[:, None]  # dy_i · exp(acum_i)
+            slot = c - 1
+        else:
+            wu = u * (dt * tl.exp2(a_tot - acum))[:, None]  # v_j · exp(Σa − acum_j)
+            slot = c + 1
+        state = tl.dot(tl.trans(wu.to(DOT)), km, state * tl.exp2(a_tot), input_precision=PREC)
+        tl.store(st_base + slot * sst_c + st_offs, state.to(st_ptr.dtype.element_ty), mask=mpn)
+
+
+@triton.jit
+def _ssd_bwd_chunk_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, st_ptr, dst_ptr,
+    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
+    L, nheads, seqs_per_dir, heads_per_group, P: tl.constexpr, N: tl.constexpr,
     sx_s, sx_l, sx_h, sx_p,
     sdt_s, sdt_l, sdt_h,
     sb_s, sb_l, sb_g, sb_n,
     sc_s, sc_l, sc_g, sc_n,
     sdy_s, sdy_l, sdy_h, sdy_p,
     sdx_s, sdx_l, sdx_h, sdx_p,
-    sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC per-head buffers (s, l, h, n) share one layout
-    sst_s, sst_h, sst_c, sst_p, sst_n,  # states entering each chunk (s, h, chunks, p, n)
+    sdb_s, sdb_l, sdb_h, sdb_n,  # dB and dC per-head buffers (s, l, h, n) share one layout
+    sst_s, sst_h, sst_c, sst_p, sst_n,  # states and state gradients (s, h, chunks, p, n) share one layout
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-    DO_DC: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, STATES: tl.constexpr,
 ):
-    """Gradients of a multi-chunk sequence in two sweeps. DO_DC: forward sweep carrying S; writes dC and the state
-    entering each chunk. Else: backward sweep carrying dS; writes dx, dB, ddt and adds dA, dD.
+    """All gradients of one chunk of one (sequence, head): one program each, on a flat grid with the heads of a
+    chunk neighbouring (they share its B and C tiles through L2). STATES: the sequence has several chunks; the
+    state entering the chunk, S_c, and the gradient of the state leaving it, dS_{c+1}, come from
+    `_ssd_bwd_states_kernel` (slots 0 and the last are never read: zero).
 
-    da_k = Σ_{i ≥ k > j} M_ij (the pairs whose decay contains step k) is summed directly, without the
-    C·dC − B·dB cancellation that bf16 products make inaccurate over long sequences: for k in chunk c, the pairs
-    inside the chunk (a masked 2-D prefix sum of M), i in c and j before it (Σ_{i≥k} dy_i·y_inter_i), i after c
-    and j in it (Σ_{j<k} v_j·dv_inter_j), and i after c, j before it (exp(Σa)·⟨dS_c, S_c⟩, equal for all k)."""
-    s, h = _sequence_and_head(HEADS_FIRST)
+    da_k = Σ_{i ≥ k > j} M_ij (the pairs whose decay contains step k) is summed pair set by pair set, without the
+    C·dC − B·dB cancellation that bf16 products make inaccurate over long sequences: i and j in the chunk (a masked
+    2-D prefix sum of M), i in it and j before (Σ_{i≥k} dy_i·y_inter_i = Σ_{i≥k} C_i·dC_inter_i), i after it and j
+    in it (Σ_{j<k} v_j·dv_inter_j), and i after, j before (exp(Σa)·⟨dS_{c+1}, S_c⟩, the same for every k)."""
+    pid = tl.program_id(0)
+    h = pid % nheads
+    sc = pid // nheads
+    n_chunks = tl.cdiv(L, BLOCK_Q)
+    c = sc % n_chunks
+    s = sc // n_chunks
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     g = h // heads_per_group
     s64 = s.to(tl.int64)
-    x_base = x_ptr + s64 * sx_s + h * sx_h
-    dt_base = dt_ptr + s64 * sdt_s + h * sdt_h
-    b_base = B_ptr + s64 * sb_s + g * sb_g
-    c_base = C_ptr + s64 * sc_s + g * sc_g
-    dy_base = dy_ptr + s64 * sdy_s + h * sdy_h
-    dx_base = dx_ptr + s64 * sdx_s + h * sdx_h
-    db_base = dB_ptr + s64 * sdb_s + h * sdb_g  # per-head buffers, summed over each group's heads afterwards
-    dc_base = dC_ptr + s64 * sdb_s + h * sdb_g
-    ddt_base = ddt_ptr + s64 * sdt_s + h * sdt_h
-    st_base = st_ptr + s64 * sst_s + h * sst_h
-
-    offs_q = tl.arange(0, BLOCK_Q)
+    offs_q, mq, t = _chunk_rows(c, L, reverse, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mp = offs_p < P
-    mn = offs_n < N
-    mpn = mp[:, None] & mn[None, :]
-    st_offs = offs_p[:, None] * sst_p + offs_n[None, :] * sst_n
+    mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
+    mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
+    # tiles are held in the products' dtype and widened where used: the kernel is at the register limit
+    x = tl.load(x_ptr + s64 * sx_s + h * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp,
+                other=0.0).to(DOT)
+    dy = tl.load(dy_ptr + s64 * sdy_s + h * sdy_h + t[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mqp,
+                 other=0.0).to(DOT)
+    dt = tl.load(dt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+    Bm = tl.load(B_ptr + s64 * sb_s + g * sb_g + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn,
+                 other=0.0).to(DOT)
+    Cm = tl.load(C_ptr + s64 * sc_s + g * sc_g + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn,
+                 other=0.0).to(DOT)
     A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
-    if HAS_D:
-        Dh = tl.load(D_ptr + d * nheads + h).to(tl.float32)
-    else:
-        Dh = 0.0
+    a = dt * (A * LOG2E)  # log2 of each step's decay
+    acum = tl.cumsum(a, axis=0)
+    v = (x.to(tl.float32) * dt[:, None]).to(DOT)
     causal = offs_q[:, None] >= offs_q[None, :]
+    decay = tl.exp2(tl.where(causal, acum[:, None] - acum[None, :], -float("inf")))
+    G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC) * decay  # (Q, Q): exp(·) C_i·B_j, i ≥ j
+    Gd_raw = tl.dot(dy, tl.trans(v), input_precision=PREC)  # (Q, Q): dy_i·v_j
+    # pairs inside the chunk: Σ_{i ≥ k} Σ_{j < k} M_ij, M kept in float32
     before = (offs_q[:, None] < offs_q[None, :]).to(tl.float32)  # U[j, k] = 1 if j < k
-    state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # S (forward sweep) or dS (backward sweep)
-    zero = tl.sum(tl.zeros((BLOCK_Q,), dtype=tl.float32), axis=0)
-    dA_part = zero
-    dD_part = zero
-    n_chunks = tl.cdiv(L, BLOCK_Q)
-    for i in range(0, n_chunks):
-        if DO_DC:
-            c = i
-        else:
-            c = n_chunks - 1 - i
-        tau = c * BLOCK_Q + offs_q
-        mq = tau < L
-        t = tl.where(reverse, L - 1 - tau, tau)
-        mqp = mq[:, None] & mp[None, :]
-        mqn = mq[:, None] & mn[None, :]
-        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
-        dy = tl.load(dy_base + t[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mqp, other=0.0).to(DOT)
-        dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
-        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
-        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
-        a = dt * A
-        acum = tl.cumsum(a, axis=0)
+    da = tl.sum(tl.where(causal, tl.dot(G * Gd_raw, before, input_precision=PREC), 0.0), axis=0)
+    Gd = (Gd_raw * decay).to(DOT)
+    G = G.to(DOT)
+    if STATES:  # S_c (zero entering chunk 0) and dS_{c+1} (zero leaving the last chunk)
+        st_offs = s64 * sst_s + h * sst_h + c * sst_c + offs_p[:, None] * sst_p + offs_n[None, :] * sst_n
+        mpn = _tile_mask(offs_p < P, offs_n, N, BLOCK_N)
+        c_p = tl.zeros_like(offs_p) + c  # the chunk as a (BLOCK_P,) vector, to mask whole tiles
+        dS = tl.load(dst_ptr + st_offs, mask=mpn & (c_p < n_chunks - 1)[:, None], other=0.0).to(DOT)
         a_tot = tl.sum(a, axis=0)
-        w = tl.exp(a_tot - acum)  # decay from each step to the chunk's end
-        v = x.to(tl.float32) * dt[:, None]
-        decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
-        Gd_raw = tl.dot(dy, tl.trans(v.to(DOT)), input_precision=PREC)  # (Q, Q): dy_i·v_j
-        Gd = Gd_raw * decay
-        if DO_DC:
-            dC = tl.dot(Gd.to(DOT), Bm, input_precision=PREC)  # (Q, N)
-            if c > 0:
-                dC += tl.exp(acum)[:, None] * tl.dot(dy, state.to(DOT), input_precision=PREC)
-                tl.store(st_base + c * sst_c + st_offs, state.to(st_ptr.dtype.element_ty), mask=mpn)
-            if c < n_chunks - 1:
-                state = state * tl.exp(a_tot) + tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm,
-                                                       input_precision=PREC)
-            tl.store(dc_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC.to(dC_ptr.dtype.element_ty), mask=mqn)
-        else:
-            G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC) * decay  # (Q, Q): C_i·B_j, masked
-            dv = tl.dot(tl.trans(G.to(DOT)), dy, input_precision=PREC)  # (Q, P)
-            dB = tl.dot(tl.trans(Gd.to(DOT)), Cm, input_precision=PREC)  # (Q, N)
-            # pairs inside the chunk: Σ_{i ≥ k} Σ_{j < k} M_ij, M kept in float32
-            M = G * Gd_raw
-            da = tl.sum(tl.where(causal, tl.dot(M, before, input_precision=PREC), 0.0), axis=0)
-            if c < n_chunks - 1:
-                dv_inter = w[:, None] * tl.dot(Bm, tl.trans(state).to(DOT), input_precision=PREC)
-                dv += dv_inter
-                dB += w[:, None] * tl.dot(v.to(DOT), state.to(DOT), input_precision=PREC)
-                pj = tl.sum(v * dv_inter, axis=1)
-                da += tl.cumsum(pj, axis=0) - pj  # Σ_{j < k}
-            if c > 0:
-                s_in = tl.load(st_base + c * sst_c + st_offs, mask=mpn, other=0.0)
-                y_inter = tl.exp(acum)[:, None] * tl.dot(Cm, tl.trans(s_in.to(DOT)), input_precision=PREC)
-                qi = tl.sum(dy.to(tl.float32) * y_inter, axis=1)
-                da += tl.sum(qi, axis=0) - tl.cumsum(qi, axis=0) + qi  # Σ_{i ≥ k}
-                if c < n_chunks - 1:
-                    da += tl.exp(a_tot) * tl.sum(tl.sum(state * s_in.to(tl.float32), axis=1), axis=0)
-                state = state * tl.exp(a_tot) + tl.dot(tl.trans((dy.to(tl.float32) * tl.exp(acum)[:, None])
-                                                                .to(DOT)), Cm, input_precision=PREC)
-            xf = x.to(tl.float32)
-            dyf = dy.to(tl.float32)
-            dx = dv * dt[:, None] + Dh * dyf
-            da = tl.where(mq, da, 0.0)
-            ddt = tl.sum(dv * xf, axis=1) + da * A
-            dA_part += tl.sum(da * dt, axis=0)
-            dD_part += tl.sum(tl.sum(dyf * xf, axis=1), axis=0)
-            tl.store(dx_base + t[:, None] * sdx_l + offs_p[None, :] * sdx_p, dx.to(dx_ptr.dtype.element_ty), mask=mqp)
-            tl.store(ddt_base + t * sdt_l, ddt, mask=mq)
-            tl.store(db_base + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB.to(dB_ptr.dtype.element_ty), mask=mqn)
-    if not DO_DC:
-        tl.atomic_add(dA_ptr + d * nheads + h, dA_part)
-        if HAS_D:
-            tl.atomic_add(dD_ptr + d * nheads + h, dD_part)
+        w = tl.exp2(a_tot - acum)  # decay from each step to the chunk's end
+    # dx first, then dB, then dC, each stored before the next product
+    dv = tl.dot(tl.trans(G), dy, input_precision=PREC)  # (Q, P)
+    if STATES:  # i after the chunk, j in it
+        dv_inter = w[:, None] * tl.dot(Bm, tl.trans(dS), input_precision=PREC)
+        dv += dv_inter
+        pj = tl.sum(v.to(tl.float32) * dv_inter, axis=1)
+        da += tl.cumsum(pj, axis=0) - pj  # Σ_{j < k}
+    dvx = tl.sum(dv * x.to(tl.float32), axis=1)
+    dx = dv * dt[:, None]
+    if HAS_D:
+        dx += tl.load(D_ptr + d * nheads + h).to(tl.float32) * dy.to(tl.float32)
+        tl.atomic_add(dD_ptr + d * nheads + h, tl.sum(tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=1), axis=0))
+    tl.store(dx_ptr + s64 * sdx_s + h * sdx_h + t[:, None] * sdx_l + offs_p[None, :] * sdx_p,
+             dx.to(dx_ptr.dtype.element_ty), mask=mqp)
+    db_offs = s64 * sdb_s + h * sdb_h + t[:, None] * sdb_l + offs_n[None, :] * sdb_n
+    dB = tl.dot(tl.trans(Gd), Cm, input_precision=PREC)  # (Q, N)
+    if STATES:
+        dB = tl.dot((v.to(tl.float32) * w[:, None]).to(DOT), dS, dB, input_precision=PREC)
+    tl.store(dB_ptr + db_offs, dB.to(dB_ptr.dtype.element_ty), mask=mqn)
+    dC = tl.dot(Gd, Bm, input_precision=PREC)  # (Q, N)
+    if STATES:  # i in the chunk, j before it; then i after the chunk, j before it
+        S = tl.load(st_ptr + st_offs, mask=mpn & (c_p > 0)[:, None], other=0.0).to(DOT)
+        dC_inter = tl.exp2(acum)[:, None] * tl.dot(dy, S, input_precision=PREC)
+        qi = tl.sum(Cm.to(tl.float32) * dC_inter, axis=1)
+        da += tl.sum(qi, axis=0) - tl.cumsum(qi, axis=0) + qi  # Σ_{i ≥ k}
+        da += tl.exp2(a_tot) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1), axis=0)
+        dC += dC_inter
+    tl.store(dC_ptr + db_offs, dC.to(dC_ptr.dtype.element_ty), mask=mqn)
+    da = tl.where(mq, da, 0.0)
+    tl.atomic_add(dA_ptr + d * nheads + h, tl.sum(da * dt, axis=0))
+    tl.store(ddt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, dvx + da * A, mask=mq)
 
 
 @triton.jit
@@ -445,65 +467,6 @@ def _ssd_fwd_short_kernel(
              mq, mqp, offs_p, sy_l, sy_p, sz_l, sz_p, sss_l, GATE, FAST_SILU)
 
 
-@triton.jit
-def _ssd_bwd_short_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr,
-    dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
-    L, nheads, seqs_per_dir, heads_per_group, P, N,
-    sx_s, sx_l, sx_h, sx_p,
-    sdt_s, sdt_l, sdt_h,
-    sb_s, sb_l, sb_g, sb_n,
-    sc_s, sc_l, sc_g, sc_n,
-    sdy_s, sdy_l, sdy_h, sdy_p,
-    sdx_s, sdx_l, sdx_h, sdx_p,
-    sdb_s, sdb_l, sdb_g, sdb_n,  # dB and dC (s, l, g, n) float32, written once per program
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-):
-    """Gradients for one chunk (L ≤ BLOCK_Q): one program per (sequence, group); dB and dC are summed over the
-    group's heads in registers (no atomics)."""
-    s = tl.program_id(0)
-    g = tl.program_id(1)
-    d, reverse, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
-    offs_p, offs_n, mqp, mqn, Bm, Cm = _one_chunk_bc(B_ptr + s64 * sb_s + g * sb_g, C_ptr + s64 * sc_s + g * sc_g,
-                                                     t, mq, P, N, sb_l, sb_n, sc_l, sc_n, BLOCK_P, BLOCK_N, DOT)
-    G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    dB_acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    dC_acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for hh in range(0, heads_per_group):
-        h = g * heads_per_group + hh
-        x = tl.load(x_ptr + s64 * sx_s + h * sx_h + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0)
-        dy = tl.load(dy_ptr + s64 * sdy_s + h * sdy_h + t[:, None] * sdy_l + offs_p[None, :] * sdy_p, mask=mqp,
-                     other=0.0).to(DOT)
-        dt = tl.load(dt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
-        A = tl.load(A_ptr + d * nheads + h).to(tl.float32)
-        acum = tl.cumsum(dt * A, axis=0)
-        decay = tl.where(causal, tl.exp(acum[:, None] - acum[None, :]), 0.0)
-        xf = x.to(tl.float32)
-        v = xf * dt[:, None]
-        Gd = tl.dot(dy, tl.trans(v.to(DOT)), input_precision=PREC) * decay  # dy_i·v_j
-        dC = tl.dot(Gd.to(DOT), Bm, input_precision=PREC)
-        dB = tl.dot(tl.trans(Gd.to(DOT)), Cm, input_precision=PREC)
-        dv = tl.dot(tl.trans((G * decay).to(DOT)), dy, input_precision=PREC)
-        dcum = tl.sum(Cm.to(tl.float32) * dC, axis=1) - tl.sum(Bm.to(tl.float32) * dB, axis=1)
-        da = tl.sum(dcum, axis=0) - tl.cumsum(dcum, axis=0) + dcum  # Σ_{k ≥ τ} dcum_k
-        dyf = dy.to(tl.float32)
-        if HAS_D:
-            dx = dv * dt[:, None] + tl.load(D_ptr + d * nheads + h).to(tl.float32) * dyf
-            tl.atomic_add(dD_ptr + d * nheads + h, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
-        else:
-            dx = dv * dt[:, None]
-        tl.store(dx_ptr + s64 * sdx_s + h * sdx_h + t[:, None] * sdx_l + offs_p[None, :] * sdx_p,
-                 dx.to(dx_ptr.dtype.element_ty), mask=mqp)
-        tl.store(ddt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, tl.sum(dv * xf, axis=1) + da * A, mask=mq)
-        tl.atomic_add(dA_ptr + d * nheads + h, tl.sum(da * dt, axis=0))
-        dB_acc += dB
-        dC_acc += dC
-    tl.store(dB_ptr + s64 * sdb_s + g * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dB_acc, mask=mqn)
-    tl.store(dC_ptr + s64 * sdb_s + g * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n, dC_acc, mask=mqn)
-
-
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -522,7 +485,8 @@ def _heads_first(seqs: int) -> bool:
 
 
 def _num_warps(kernel: str, default: int) -> int:
-    """Warps per program: BSMAMBA2_SSD_WARPS_<kernel> (FWD, BWD, FWD_SHORT, BWD_SHORT), else the tuned default."""
+    """Warps per program: BSMAMBA2_SSD_WARPS_<kernel> (FWD, FWD_SHORT, BWD for the chunk kernel, BWD_STATES), else
+    the tuned default."""
     return int(os.environ.get(f"BSMAMBA2_SSD_WARPS_{kernel}", default))
 
 
@@ -678,40 +642,43 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         dx = torch.empty(s, l, h, p, device=dev, dtype=x.dtype)
     elif dx.shape != x.shape:
         raise ValueError(f"dx must be shaped like x {tuple(x.shape)}, got {tuple(dx.shape)}")
-    ddt = torch.zeros(s, l, h, device=dev, dtype=torch.float32)
+    ddt = torch.empty(s, l, h, device=dev, dtype=torch.float32)
     dA = torch.zeros_like(A, dtype=torch.float32)
     dD = torch.zeros_like(A, dtype=torch.float32)
-    if dt.stride() != ddt.stride():
-        dt = dt.contiguous()  # ddt and the r1 buffer are indexed with dt's strides
-    bq = block_q_for(l)
-    A_, D_ = A.float().contiguous(), (D.float().contiguous() if D is not None else A.float().contiguous())
-    meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, HAS_D=D is not None,
-                PREC=_prec(x), DOT=_dot_dtype(x), num_stages=_num_stages(x))
-    head = (l, h, s // 2 if dir_mode == 2 else s, h // g, p, n,
-            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride())
     if s == 0 or l == 0:
         dB = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
         return dx.zero_(), ddt, dA, dB, dB.clone(), (dD if D is not None else None)
-    if l <= bq:
-        dB = torch.empty(s, l, g, n, device=dev, dtype=torch.float32)
-        dC = torch.empty_like(dB)
-        _ssd_bwd_short_kernel[(s, g)](x, dt, A_, B, C, D_, dy, dx, ddt, dA, dB, dC, dD, *head, *dB.stride(),
-                                      **meta, num_warps=_num_warps("BWD_SHORT", 8))
-    else:
-        # per-head buffers (no atomics), summed over each group's heads below
-        buf_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
-        dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
-        dCh = torch.empty_like(dBh)
-        n_chunks = triton.cdiv(l, bq)
-        states = torch.empty(s, h, n_chunks, p, n, device=dev, dtype=buf_dtype)  # state entering each chunk
-        args = (x, dt, A_, B, C, D_, dy, dx, ddt, dA, dBh, dCh, dD, states, *head, *dBh.stride(), *states.stride())
+    if dt.stride() != ddt.stride():
+        dt = dt.contiguous()  # ddt is indexed with dt's strides
+    bq = block_q_for(l)
+    n_chunks = triton.cdiv(l, bq)
+    A_, D_ = A.float().contiguous(), (D.float().contiguous() if D is not None else A.float().contiguous())
+    meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), BLOCK_N=_block(n), DIR_MODE=dir_mode, PREC=_prec(x),
+                DOT=_dot_dtype(x))
+    sizes = (l, h, s // 2 if dir_mode == 2 else s, h // g, p, n)
+    # per-head dB and dC (no atomics), summed over each group's heads below
+    buf_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
+    dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
+    dCh = torch.empty_like(dBh)
+    if n_chunks > 1:  # the states entering each chunk and their gradients: (s, h, chunks, p, n)
+        states = torch.empty(s, h, n_chunks, p, n, device=dev, dtype=buf_dtype)
+        dstates = torch.empty_like(states)
         heads_first = _heads_first(s)
         grid = (h, s) if heads_first else (s, h)
-        for do_dc in (True, False):
-            _ssd_bwd_kernel[grid](*args, DO_DC=do_dc, HEADS_FIRST=heads_first, **meta,
-                                  num_warps=_num_warps("BWD", 8))
-        dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
-        dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
+        for u, k, out, backward in ((x, B, states, False), (dy, C, dstates, True)):
+            _ssd_bwd_states_kernel[grid](u, dt, A_, k, out, *sizes, *u.stride(), *dt.stride(), *k.stride(),
+                                         *out.stride(), **meta, BACKWARD=backward, HEADS_FIRST=heads_first,
+                                         num_stages=_num_stages(x), num_warps=_num_warps("BWD_STATES", 4))
+        st_strides = states.stride()
+    else:
+        states = dstates = dBh  # placeholders: one chunk has no states
+        st_strides = (0,) * 5
+    _ssd_bwd_chunk_kernel[(s * n_chunks * h,)](
+        x, dt, A_, B, C, D_, dy, states, dstates, dx, ddt, dA, dBh, dCh, dD, *sizes, *x.stride(), *dt.stride(),
+        *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dBh.stride(), *st_strides, **meta,
+        HAS_D=D is not None, STATES=n_chunks > 1, num_stages=1, num_warps=_num_warps("BWD", 4))
+    dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
+    dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
     return dx, ddt, dA, dB, dC, (dD if D is not None else None)
 
 
