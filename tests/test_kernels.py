@@ -21,7 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from bsmamba2 import kernels, mamba2  # noqa: E402
 from bsmamba2.config import BSMamba2Config, Mamba2Config  # noqa: E402
 from bsmamba2.kernels.block import bimamba2_block_forward  # noqa: E402
-from bsmamba2.kernels.ssd import SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_scan  # noqa: E402
+from bsmamba2.kernels.ssd import SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_bwd, ssd_scan  # noqa: E402
 from bsmamba2.mamba2 import BiMamba2Block  # noqa: E402
 from bsmamba2.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -111,6 +111,22 @@ def test_scan_sequence_major_grid(monkeypatch, one_chunk):
     monkeypatch.setenv("BSMAMBA2_SSD_HEADS_FIRST", "0")
     length = (13 if one_chunk else 70) if DEV == "cpu" else (50 if one_chunk else 700)
     check_scan(2, length, 2, 16, 1, 16, 2, torch.float32, seed=4, tol=1e-3 if DEV == "cuda" else 1e-4)
+
+
+def test_scan_backward_writes_head_sums_into_strided_outputs():
+    """ssd_bwd's dB/dC outputs: the head sums land in strided views of another dtype, as the mixer's buffer holds
+    them, equal to the float32 sums it returns otherwise; nothing outside the views is touched."""
+    x, dt, A, B, C, D = random_scan_inputs(2, 45, 4, 8, 2, 16, 2, seed=9)
+    dy = torch.randn_like(x)
+    ref = ssd_bwd(dy, x, dt, A, B, C, D, 2)
+    buf = torch.zeros(2, 45, 3 * 2 * 16, device=DEV, dtype=torch.float64)  # [dB, dC, untouched] per row
+    dB, dC = (buf[..., k * 32:(k + 1) * 32].unflatten(-1, (2, 16)) for k in range(2))
+    got = ssd_bwd(dy, x, dt, A, B, C, D, 2, dB=dB, dC=dC)
+    assert got[3].data_ptr() == dB.data_ptr() and got[4].data_ptr() == dC.data_ptr()
+    assert rel(dB, ref[3]) < 1e-6 and rel(dC, ref[4]) < 1e-6
+    assert (buf[..., 64:] == 0).all()
+    with pytest.raises(ValueError, match="shaped like B"):
+        ssd_bwd(dy, x, dt, A, B, C, D, 2, dB=dB[:, :44])
 
 
 def test_ssd_scan_entry_point_matches_sequential():

@@ -85,10 +85,8 @@ class _MixerCore(torch.autograd.Function):
         dxbc = torch.empty_like(xbc)  # (2, s, l, c)
         dxs, dB, dC = _scan_inputs(dxbc, ctx.dims)
         xs, B, C = _scan_inputs(xbc, ctx.dims)
-        _, ddt, dA, dB32, dC32, dD = ssd_bwd(dy.view(2 * s, l, h, p), xs, dt.view(2 * s, l, h), A, B, C, D,
-                                              dir_mode=2, dx=dxs)
-        dB.copy_(dB32.view(dB.shape))
-        dC.copy_(dC32.view(dC.shape))
+        _, ddt, dA, _, _, dD = ssd_bwd(dy.view(2 * s, l, h, p), xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2,
+                                        dx=dxs, dB=dB, dC=dC)
         _, dconv_w, dconv_b = conv_silu_bwd(dxbc, xbc_raw, conv_w, conv_b, draw=draw)
         # dt = softplus(u), u = dt_raw + dt_bias: du = ddt · sigmoid(u), and sigmoid(u) = 1 − exp(−dt)
         du = ddt.view(2, s, l, h) * -torch.expm1(-dt)  # (2, s, l, h) float32

@@ -629,11 +629,13 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
 
 
 def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-            dir_mode: int = 0, dx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+            dir_mode: int = 0, dx: Tensor | None = None, dB: Tensor | None = None,
+            dC: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Gradients (dx, ddt, dA, dB, dC, dD) of the scan for the output gradient dy `(s, l, h, p)`.
 
     dx has x's dtype (or is written into `dx`, any (s, l, h, p) tensor, if given); ddt, dA, dD are float32; dB and
-    dC are float32 `(s, l, g, n)` (accumulated over heads).
+    dC are float32 `(s, l, g, n)`, summed over each group's heads (or written into `dB`, `dC`, any (s, l, g, n)
+    tensors of any dtype and strides, if given: the head sum goes straight there).
     """
     s, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -645,9 +647,12 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     ddt = torch.empty(s, l, h, device=dev, dtype=torch.float32)
     dA = torch.zeros_like(A, dtype=torch.float32)
     dD = torch.zeros_like(A, dtype=torch.float32)
+    for out in (dB, dC):
+        if out is not None and out.shape != (s, l, g, n):
+            raise ValueError(f"dB and dC must be shaped like B {(s, l, g, n)}, got {tuple(out.shape)}")
     if s == 0 or l == 0:
-        dB = torch.zeros(s, l, g, n, device=dev, dtype=torch.float32)
-        return dx.zero_(), ddt, dA, dB, dB.clone(), (dD if D is not None else None)
+        dB, dC = (torch.zeros(s, l, g, n, device=dev) if t is None else t.zero_() for t in (dB, dC))
+        return dx.zero_(), ddt, dA, dB, dC, (dD if D is not None else None)
     if dt.stride() != ddt.stride():
         dt = dt.contiguous()  # ddt is indexed with dt's strides
     bq = block_q_for(l)
@@ -677,9 +682,18 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         x, dt, A_, B, C, D_, dy, states, dstates, dx, ddt, dA, dBh, dCh, dD, *sizes, *x.stride(), *dt.stride(),
         *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dBh.stride(), *st_strides, **meta,
         HAS_D=D is not None, STATES=n_chunks > 1, num_stages=1, num_warps=_num_warps("BWD", 4))
-    dB = dBh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
-    dC = dCh.view(s, l, g, h // g, n).sum(3, dtype=torch.float32)
+    dB, dC = (_sum_heads(per_head, g, out) for per_head, out in ((dBh, dB), (dCh, dC)))
     return dx, ddt, dA, dB, dC, (dD if D is not None else None)
+
+
+def _sum_heads(per_head: Tensor, g: int, out: Tensor | None) -> Tensor:
+    """(s, l, h, n) per-head gradients summed over each group's heads (float32 accumulation) → (s, l, g, n): into
+    `out` in its dtype if given, else a new float32 tensor."""
+    s, l, h, n = per_head.shape
+    groups = per_head.view(s, l, g, h // g, n)
+    if out is None:
+        return groups.sum(3, dtype=torch.float32)
+    return torch.sum(groups, 3, dtype=out.dtype, out=out)
 
 
 class SSDScan(torch.autograd.Function):
