@@ -160,22 +160,19 @@ def conv_sweep() -> list[dict]:
     w = 0.5 * torch.randn(2, c, k, device="cuda")
     b = 0.1 * torch.randn(2, c, device="cuda")
     dout = torch.randn(2, s, l, c, device="cuda", dtype=torch.bfloat16)
-    saved = {name: getattr(conv, name) for name in ("_FWD_BLOCK_C", "_FWD_ROWS", "_FWD_WARPS", "_DPRE_BLOCK_T",
-                                                    "_DPRE_WARPS", "_SEQS_PER_PROGRAM", "_DRAW_BLOCK_T", "_DRAW_WARPS")}
+    saved = {name: getattr(conv, name) for name in ("_FWD_BLOCK_C", "_FWD_ROWS", "_FWD_WARPS", "_BWD_BLOCK_C",
+                                                    "_BWD_ROWS", "_BWD_WARPS", "_BWD_MIN_ROWS")}
     rows = []
     for bc, per_step, warps in ((256, 8, 1), (256, 4, 1), (256, 4, 2), (128, 4, 1), (512, 4, 2)):
         conv._FWD_BLOCK_C, conv._FWD_ROWS, conv._FWD_WARPS = bc, per_step, warps
         f = statistics.median(_time_cuda(lambda: conv.conv_silu_fwd(raw, w, b), 10, 2))
         rows.append({"kernel": "conv_fwd", "block_c": bc, "rows": per_step, "warps": warps, "ms": f * 1e3})
         print(f"conv fwd block_c {bc} rows {per_step} warps {warps}: {f * 1e3:.2f} ms", flush=True)
-    for name, value in saved.items():
-        setattr(conv, name, value)
-    for dbt, dw, seqs, rbt, rw in ((16, 8, 8, 32, 4), (16, 8, 16, 32, 4), (32, 8, 8, 64, 4), (8, 4, 8, 32, 8)):
-        conv._DPRE_BLOCK_T, conv._DPRE_WARPS, conv._SEQS_PER_PROGRAM = dbt, dw, seqs
-        conv._DRAW_BLOCK_T, conv._DRAW_WARPS = rbt, rw
+    for bc, per_step, warps in ((256, 4, 1), (128, 4, 1), (256, 8, 1), (256, 4, 2)):
+        conv._BWD_BLOCK_C, conv._BWD_ROWS, conv._BWD_WARPS = bc, per_step, warps
         bw = statistics.median(_time_cuda(lambda: conv.conv_silu_bwd(dout, raw, w, b), 10, 2))
-        rows.append({"kernel": "conv_bwd", "dpre": [dbt, dw, seqs], "draw": [rbt, rw], "ms": bw * 1e3})
-        print(f"conv bwd dpre ({dbt}, {dw} warps, {seqs} seqs) draw ({rbt}, {rw} warps): {bw * 1e3:.2f} ms", flush=True)
+        rows.append({"kernel": "conv_bwd", "block_c": bc, "rows": per_step, "warps": warps, "ms": bw * 1e3})
+        print(f"conv bwd block_c {bc} rows {per_step} warps {warps}: {bw * 1e3:.2f} ms", flush=True)
     for name, value in saved.items():
         setattr(conv, name, value)
     return rows

@@ -1,4 +1,4 @@
-"""Two-direction depthwise conv1d + SiLU kernels (forward and the two-pass backward) against the plain twin:
+"""Two-direction depthwise conv1d + SiLU kernels (forward and backward) against the plain twin:
 `F.conv1d` on the sequence (direction 0) and on the flipped sequence, flipped back (direction 1), then SiLU, in
 float64 on fresh random inputs.
 
@@ -48,7 +48,7 @@ def strided_raw(s, l, c, gen, dtype=torch.float32):
     return zx[..., 3:3 + 2 * c].unflatten(-1, (2, c))
 
 
-# (s, l, c, k): l < k, l not a multiple of BLOCK_T, c not a multiple of BLOCK_C, s not a multiple of SEQS
+# (s, l, c, k): l < k, c not a multiple of the channel block, s not a multiple of the sequences per program
 CASES = [
     (3, 2, 5, 4),
     (1, 1, 3, 2),
@@ -93,8 +93,11 @@ def test_conv_silu_bwd_matches_plain(s, l, c, k):
 
 
 def test_conv_silu_bwd_many_sequence_blocks(monkeypatch):
-    """Weight-gradient atomics from several programs along the sequence and channel axes."""
-    monkeypatch.setattr(conv, "_SEQS_PER_PROGRAM", 2)
+    """Weight-gradient atomics from several programs along the sequence and channel axes: programs of 2 sequences,
+    the last one short, and channel blocks of 8."""
+    monkeypatch.setattr(conv, "_BWD_MIN_ROWS", 80)
+    monkeypatch.setattr(conv, "_BWD_BLOCK_C", 8)
+    assert conv._bwd_seqs_per_program(40) == 2
     s, l, c, k = 5, 40, 20, 4
     gen = torch.Generator().manual_seed(7)
     raw = strided_raw(s, l, c, gen)
