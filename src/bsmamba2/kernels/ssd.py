@@ -230,7 +230,7 @@ def _ssd_fwd_kernel(
 
 @triton.jit
 def _ssd_bwd_states_kernel(
-    u_ptr, dt_ptr, A_ptr, k_ptr, st_ptr,
+    u_ptr, dt_ptr, A_ptr, k_ptr, st_ptr, fst_ptr, cross_ptr,
     L, nheads, seqs_per_dir, heads_per_group, P: tl.constexpr, N: tl.constexpr,
     su_s, su_l, su_h, su_p,
     sdt_s, sdt_l, sdt_h,
@@ -246,7 +246,10 @@ def _ssd_bwd_states_kernel(
     BACKWARD=False (u = x, k = B): S_c, the state entering chunk c, into slot c for c ≥ 1,
         S_{c+1} = exp(Σa) S_c + Σ_j exp(Σa − acum_j) dt_j x_j ⊗ B_j.
     BACKWARD=True (u = dy, k = C): dS_{c+1}, the gradient of the state leaving chunk c, into slot c for c < last,
-        dS_c = exp(Σa) dS_{c+1} + Σ_i exp(acum_i) dy_i ⊗ C_i."""
+        dS_c = exp(Σa) dS_{c+1} + Σ_i exp(acum_i) dy_i ⊗ C_i,
+    and, with the forward sweep's states fst, the chunk's da term for the pairs i after it and j before it,
+    exp(Σa)·⟨dS_{c+1}, S_c⟩, into cross (s, h, chunks) for c ≥ 1 (held in the chunk kernel, the two state tiles
+    cost it spills). A load and a sum beside the sweep's product, off its chain."""
     s, h = _sequence_and_head(HEADS_FIRST)
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
     s64 = s.to(tl.int64)
@@ -273,6 +276,9 @@ def _ssd_bwd_states_kernel(
         acum = tl.cumsum(a, axis=0)
         a_tot = tl.sum(a, axis=0)
         if BACKWARD:
+            S_c = tl.load(fst_ptr + s64 * sst_s + h * sst_h + c * sst_c + st_offs, mask=mpn, other=0.0)
+            tl.store(cross_ptr + (s64 * nheads + h) * n_chunks + c,
+                     tl.exp2(a_tot) * tl.sum(tl.sum(state * S_c.to(tl.float32), axis=1), axis=0))  # state: dS_{c+1}
             wu = u * tl.exp2(acum)[:, None]  # dy_i · exp(acum_i)
             slot = c - 1
         else:
@@ -284,7 +290,7 @@ def _ssd_bwd_states_kernel(
 
 @triton.jit
 def _ssd_bwd_chunk_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, st_ptr, dst_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, st_ptr, dst_ptr, cross_ptr,
     dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
     L, nheads, seqs_per_dir, heads_per_group, P: tl.constexpr, N: tl.constexpr,
     sx_s, sx_l, sx_h, sx_p,
@@ -301,12 +307,13 @@ def _ssd_bwd_chunk_kernel(
     """All gradients of one chunk of one (sequence, head): one program each, on a flat grid with the heads of a
     chunk neighbouring (they share its B and C tiles through L2). STATES: the sequence has several chunks; the
     state entering the chunk, S_c, and the gradient of the state leaving it, dS_{c+1}, come from
-    `_ssd_bwd_states_kernel` (slots 0 and the last are never read: zero).
+    `_ssd_bwd_states_kernel` (slots 0 and the last are never read: zero), with the da term exp(Σa)·⟨dS_{c+1}, S_c⟩.
 
     da_k = Σ_{i ≥ k > j} M_ij (the pairs whose decay contains step k) is summed pair set by pair set, without the
     C·dC − B·dB cancellation that bf16 products make inaccurate over long sequences: i and j in the chunk (a masked
     2-D prefix sum of M), i in it and j before (Σ_{i≥k} dy_i·y_inter_i = Σ_{i≥k} C_i·dC_inter_i), i after it and j
-    in it (Σ_{j<k} v_j·dv_inter_j), and i after, j before (exp(Σa)·⟨dS_{c+1}, S_c⟩, the same for every k)."""
+    in it (Σ_{j<k} v_j·dv_inter_j), and i after, j before (exp(Σa)·⟨dS_{c+1}, S_c⟩, the same for every k, from
+    the state sweep)."""
     pid = tl.program_id(0)
     h = pid % nheads
     sc = pid // nheads
@@ -339,9 +346,10 @@ def _ssd_bwd_chunk_kernel(
     decay = tl.exp2(tl.where(causal, acum[:, None] - acum[None, :], -float("inf")))
     G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC) * decay  # (Q, Q): exp(·) C_i·B_j, i ≥ j
     Gd_raw = tl.dot(dy, tl.trans(v), input_precision=PREC)  # (Q, Q): dy_i·v_j
-    # pairs inside the chunk: Σ_{i ≥ k} Σ_{j < k} M_ij, M kept in float32
-    before = (offs_q[:, None] < offs_q[None, :]).to(tl.float32)  # U[j, k] = 1 if j < k
-    da = tl.sum(tl.where(causal, tl.dot(G * Gd_raw, before, input_precision=PREC), 0.0), axis=0)
+    # pairs inside the chunk: Σ_{i ≥ k} Σ_{j < k} M_ij, M in float32, the inner sum a row-wise exclusive prefix sum
+    # (a float32 scan in registers: a product with a 0/1 matrix took 32 more registers and rounded M to tf32)
+    M = G * Gd_raw
+    da = tl.sum(tl.where(causal, tl.cumsum(M, axis=1) - M, 0.0), axis=0)
     Gd = (Gd_raw * decay).to(DOT)
     G = G.to(DOT)
     if STATES:  # S_c (zero entering chunk 0) and dS_{c+1} (zero leaving the last chunk)
@@ -376,7 +384,7 @@ def _ssd_bwd_chunk_kernel(
         dC_inter = tl.exp2(acum)[:, None] * tl.dot(dy, S, input_precision=PREC)
         qi = tl.sum(Cm.to(tl.float32) * dC_inter, axis=1)
         da += tl.sum(qi, axis=0) - tl.cumsum(qi, axis=0) + qi  # Σ_{i ≥ k}
-        da += tl.exp2(a_tot) * tl.sum(tl.sum(S.to(tl.float32) * dS.to(tl.float32), axis=1), axis=0)
+        da += tl.load(cross_ptr + (s64 * nheads + h) * n_chunks + c)  # i after, j before: from the state sweep
         dC += dC_inter
     tl.store(dC_ptr + db_offs, dC.to(dC_ptr.dtype.element_ty), mask=mqn)
     da = tl.where(mq, da, 0.0)
@@ -668,18 +676,19 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     if n_chunks > 1:  # the states entering each chunk and their gradients: (s, h, chunks, p, n)
         states = torch.empty(s, h, n_chunks, p, n, device=dev, dtype=buf_dtype)
         dstates = torch.empty_like(states)
+        cross = torch.zeros(s, h, n_chunks, device=dev, dtype=torch.float32)  # exp(Σa)·⟨dS_{c+1}, S_c⟩
         heads_first = _heads_first(s)
         grid = (h, s) if heads_first else (s, h)
         for u, k, out, backward in ((x, B, states, False), (dy, C, dstates, True)):
-            _ssd_bwd_states_kernel[grid](u, dt, A_, k, out, *sizes, *u.stride(), *dt.stride(), *k.stride(),
-                                         *out.stride(), **meta, BACKWARD=backward, HEADS_FIRST=heads_first,
+            _ssd_bwd_states_kernel[grid](u, dt, A_, k, out, states, cross, *sizes, *u.stride(), *dt.stride(),
+                                         *k.stride(), *out.stride(), **meta, BACKWARD=backward, HEADS_FIRST=heads_first,
                                          num_stages=_num_stages(x), num_warps=_num_warps("BWD_STATES", 4))
         st_strides = states.stride()
     else:
-        states = dstates = dBh  # placeholders: one chunk has no states
+        states = dstates = cross = dBh  # placeholders: one chunk has no states
         st_strides = (0,) * 5
     _ssd_bwd_chunk_kernel[(s * n_chunks * h,)](
-        x, dt, A_, B, C, D_, dy, states, dstates, dx, ddt, dA, dBh, dCh, dD, *sizes, *x.stride(), *dt.stride(),
+        x, dt, A_, B, C, D_, dy, states, dstates, cross, dx, ddt, dA, dBh, dCh, dD, *sizes, *x.stride(), *dt.stride(),
         *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dBh.stride(), *st_strides, **meta,
         HAS_D=D is not None, STATES=n_chunks > 1, num_stages=1, num_warps=_num_warps("BWD", 4))
     dB, dC = (_sum_heads(per_head, g, out) for per_head, out in ((dBh, dB), (dCh, dC)))
