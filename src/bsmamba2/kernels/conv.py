@@ -67,6 +67,43 @@ def _conv_raw_row(src, tau, L, d, sr_l, mc, zc):
 
 
 @triton.jit
+def _conv_channels(w_ptr, b_ptr, d, CH, K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Of a walk over direction d: its BLOCK_C channels (program id 0), their mask, the channels' zero vector, the
+    four tap weights (taps past K: zero; tap 0 multiplies raw[τ − (K−1)]) and the bias, float32. Weights (2, CH, K)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = offs_c < CH
+    wrow = w_ptr + (d * CH + offs_c) * K
+    w0 = tl.load(wrow, mask=mc, other=0.0).to(tl.float32)
+    w1 = tl.load(wrow + 1, mask=mc & (K > 1), other=0.0).to(tl.float32)
+    w2 = tl.load(wrow + 2, mask=mc & (K > 2), other=0.0).to(tl.float32)
+    w3 = tl.load(wrow + 3, mask=mc & (K > 3), other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
+    return offs_c, mc, offs_c * 0, w0, w1, w2, w3, bias
+
+
+@triton.jit
+def _conv_window(src, L, d, s_l, mc, zc):
+    """The start of a walk: rows 0 … 4 (scan order), the current row and the four held ahead."""
+    return (_conv_raw_row(src, 0, L, d, s_l, mc, zc), _conv_raw_row(src, 1, L, d, s_l, mc, zc),
+            _conv_raw_row(src, 2, L, d, s_l, mc, zc), _conv_raw_row(src, 3, L, d, s_l, mc, zc),
+            _conv_raw_row(src, 4, L, d, s_l, mc, zc))
+
+
+@triton.jit
+def _conv_pre(bias, w0, w1, w2, w3, back3, back2, back1, cur, K: tl.constexpr):
+    """pre[τ] = b + Σ_i w[i] · raw[τ − (K−1) + i] from raw[τ − 3 … τ]."""
+    if K == 1:
+        pre = bias + w0 * cur
+    elif K == 2:
+        pre = bias + w0 * back1 + w1 * cur
+    elif K == 3:
+        pre = bias + w0 * back2 + w1 * back1 + w2 * cur
+    else:
+        pre = bias + w0 * back3 + w1 * back2 + w2 * back1 + w3 * cur
+    return pre
+
+
+@triton.jit
 def _conv_fwd_kernel(
     raw_ptr, w_ptr, b_ptr, out_ptr, S, L, CH,
     sr_s, sr_l, sr_d, sr_c,
@@ -82,55 +119,25 @@ def _conv_fwd_kernel(
     is stored: the compiler cannot move a load above a store that might alias it, so with the loads in program
     order each warp had one row in flight (1.46–1.52 ms per call at the paper's size; 1.10–1.19 ms four rows ahead,
     which measured better than two, six or eight)."""
-    pid_c = tl.program_id(0)
     pid_sd = tl.program_id(1)
     d = pid_sd // S
     s = pid_sd % S
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = offs_c < CH
-    zc = offs_c * 0
-    wrow = w_ptr + (d * CH + offs_c) * K
-    w0 = tl.load(wrow + 0, mask=mc, other=0.0).to(tl.float32)  # tap 0 multiplies raw[τ − (K−1)]
-    if K > 1:
-        w1 = tl.load(wrow + 1, mask=mc, other=0.0).to(tl.float32)
-    if K > 2:
-        w2 = tl.load(wrow + 2, mask=mc, other=0.0).to(tl.float32)
-    if K > 3:
-        w3 = tl.load(wrow + 3, mask=mc, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
+    offs_c, mc, zc, w0, w1, w2, w3, bias = _conv_channels(w_ptr, b_ptr, d, CH, K, BLOCK_C)
     src = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d + offs_c * sr_c
     dst = out_ptr + d * so_d + s.to(tl.int64) * so_s + offs_c * so_c
     back1 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # raw[τ − 1], raw[τ − 2], raw[τ − 3]: zeros before the start
-    back2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    back3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    cur = _conv_raw_row(src, 0, L, d, sr_l, mc, zc)
-    ahead1 = _conv_raw_row(src, 1, L, d, sr_l, mc, zc)
-    ahead2 = _conv_raw_row(src, 2, L, d, sr_l, mc, zc)
-    ahead3 = _conv_raw_row(src, 3, L, d, sr_l, mc, zc)
-    ahead4 = _conv_raw_row(src, 4, L, d, sr_l, mc, zc)
+    back2 = back1
+    back3 = back1
+    cur, ahead1, ahead2, ahead3, ahead4 = _conv_window(src, L, d, sr_l, mc, zc)
     for tau0 in range(0, L, ROWS):
         for r in tl.static_range(ROWS):
             tau = tau0 + r
             ahead5 = _conv_raw_row(src, tau + 5, L, d, sr_l, mc, zc)  # issued before this row's store
-            if K == 1:
-                pre = bias + w0 * cur
-            elif K == 2:
-                pre = bias + w0 * back1 + w1 * cur
-            elif K == 3:
-                pre = bias + w0 * back2 + w1 * back1 + w2 * cur
-            else:
-                pre = bias + w0 * back3 + w1 * back2 + w2 * back1 + w3 * cur
-            act = silu(pre, FAST_SILU)
+            act = silu(_conv_pre(bias, w0, w1, w2, w3, back3, back2, back1, cur, K), FAST_SILU)
             t = tl.where(d == 1, L - 1 - tau, tau)
             tl.store(dst + t * so_l, act.to(out_ptr.dtype.element_ty), mask=mc & (zc + tau < L))
-            back3 = back2
-            back2 = back1
-            back1 = cur
-            cur = ahead1
-            ahead1 = ahead2
-            ahead2 = ahead3
-            ahead3 = ahead4
-            ahead4 = ahead5
+            back3, back2, back1, cur, ahead1, ahead2, ahead3, ahead4 = (back2, back1, cur, ahead1, ahead2, ahead3,
+                                                                        ahead4, ahead5)
 
 
 @triton.jit
@@ -153,102 +160,60 @@ def _conv_bwd_kernel(
     so raw and dout are read once and draw written once, with no dpre buffer in memory. The walk runs K−1 steps past
     the end (rows past the end are zeros, so their dpre is zero) to finish the last draw rows. Rows τ+1 … τ+4 of raw
     and dout are held ahead and row τ+5 loaded before row τ's store, for the reason `_conv_fwd_kernel` gives."""
-    pid_c = tl.program_id(0)
     pid_sd = tl.program_id(1)
     n_sblocks = tl.cdiv(S, SEQS)
     d = pid_sd // n_sblocks
     s0 = (pid_sd % n_sblocks) * SEQS
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = offs_c < CH
-    zc = offs_c * 0
-    wrow = w_ptr + (d * CH + offs_c) * K
-    w0 = tl.load(wrow + 0, mask=mc, other=0.0).to(tl.float32)  # tap 0 multiplies raw[τ − (K−1)]
-    if K > 1:
-        w1 = tl.load(wrow + 1, mask=mc, other=0.0).to(tl.float32)
-    if K > 2:
-        w2 = tl.load(wrow + 2, mask=mc, other=0.0).to(tl.float32)
-    if K > 3:
-        w3 = tl.load(wrow + 3, mask=mc, other=0.0).to(tl.float32)
-    bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
+    offs_c, mc, zc, w0, w1, w2, w3, bias = _conv_channels(w_ptr, b_ptr, d, CH, K, BLOCK_C)
     acc0 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # Σ dpre · raw through tap i, and Σ dpre
-    acc1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    accb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    accb = acc0
     for si in tl.range(0, tl.minimum(SEQS, S - s0), loop_unroll_factor=1):
         s64 = (s0 + si).to(tl.int64)
         src = raw_ptr + s64 * sr_s + d * sr_d + offs_c * sr_c
         gsrc = dout_ptr + d * so_d + s64 * so_s + offs_c * so_c
         dst = draw_ptr + s64 * sdr_s + d * sdr_d + offs_c * sdr_c
-        back1 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # raw[τ − 1], raw[τ − 2], raw[τ − 3]: zeros before the start
-        back2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        back3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        dp1 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # dpre[τ − 1], dpre[τ − 2], dpre[τ − 3]
-        dp2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        dp3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        cur = _conv_raw_row(src, 0, L, d, sr_l, mc, zc)
-        ahead1 = _conv_raw_row(src, 1, L, d, sr_l, mc, zc)
-        ahead2 = _conv_raw_row(src, 2, L, d, sr_l, mc, zc)
-        ahead3 = _conv_raw_row(src, 3, L, d, sr_l, mc, zc)
-        ahead4 = _conv_raw_row(src, 4, L, d, sr_l, mc, zc)
-        gcur = _conv_raw_row(gsrc, 0, L, d, so_l, mc, zc)
-        gahead1 = _conv_raw_row(gsrc, 1, L, d, so_l, mc, zc)
-        gahead2 = _conv_raw_row(gsrc, 2, L, d, so_l, mc, zc)
-        gahead3 = _conv_raw_row(gsrc, 3, L, d, so_l, mc, zc)
-        gahead4 = _conv_raw_row(gsrc, 4, L, d, so_l, mc, zc)
+        back1 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # raw[τ − 1 … τ − 3] and dpre[τ − 1 … τ − 3]: zeros before
+        back2 = back1  # the start
+        back3 = back1
+        dp1 = back1
+        dp2 = back1
+        dp3 = back1
+        cur, ahead1, ahead2, ahead3, ahead4 = _conv_window(src, L, d, sr_l, mc, zc)
+        gcur, gahead1, gahead2, gahead3, gahead4 = _conv_window(gsrc, L, d, so_l, mc, zc)
         for tau0 in range(0, L + K - 1, ROWS):
             for r in tl.static_range(ROWS):
                 tau = tau0 + r
                 ahead5 = _conv_raw_row(src, tau + 5, L, d, sr_l, mc, zc)  # issued before this row's store
                 gahead5 = _conv_raw_row(gsrc, tau + 5, L, d, so_l, mc, zc)
-                if K == 1:
-                    pre = bias + w0 * cur
-                elif K == 2:
-                    pre = bias + w0 * back1 + w1 * cur
-                elif K == 3:
-                    pre = bias + w0 * back2 + w1 * back1 + w2 * cur
-                else:
-                    pre = bias + w0 * back3 + w1 * back2 + w2 * back1 + w3 * cur
+                pre = _conv_pre(bias, w0, w1, w2, w3, back3, back2, back1, cur, K)
                 sig = tl.sigmoid(pre)
                 dp = gcur * sig * (1 + pre * (1 - sig))  # dout · d silu(pre) / d pre; zero past the end
                 accb += dp
                 if K == 1:
                     acc0 += dp * cur
-                    dr = w0 * dp
                 elif K == 2:
                     acc0 += dp * back1
                     acc1 += dp * cur
-                    dr = w0 * dp + w1 * dp1
                 elif K == 3:
                     acc0 += dp * back2
                     acc1 += dp * back1
                     acc2 += dp * cur
-                    dr = w0 * dp + w1 * dp1 + w2 * dp2
                 else:
                     acc0 += dp * back3
                     acc1 += dp * back2
                     acc2 += dp * back1
                     acc3 += dp * cur
-                    dr = w0 * dp + w1 * dp1 + w2 * dp2 + w3 * dp3
+                dr = w0 * dp + w1 * dp1 + w2 * dp2 + w3 * dp3  # taps past K have zero weights
                 u = tau - (K - 1)  # the raw row whose gradient is complete
                 t = tl.where(d == 1, L - 1 - u, u)
                 tl.store(dst + t * sdr_l, dr.to(draw_ptr.dtype.element_ty), mask=mc & (zc + u >= 0) & (zc + u < L))
-                dp3 = dp2
-                dp2 = dp1
-                dp1 = dp
-                back3 = back2
-                back2 = back1
-                back1 = cur
-                cur = ahead1
-                ahead1 = ahead2
-                ahead2 = ahead3
-                ahead3 = ahead4
-                ahead4 = ahead5
-                gcur = gahead1
-                gahead1 = gahead2
-                gahead2 = gahead3
-                gahead3 = gahead4
-                gahead4 = gahead5
+                dp3, dp2, dp1 = dp2, dp1, dp
+                back3, back2, back1, cur, ahead1, ahead2, ahead3, ahead4 = (back2, back1, cur, ahead1, ahead2,
+                                                                            ahead3, ahead4, ahead5)
+                gcur, gahead1, gahead2, gahead3, gahead4 = gahead1, gahead2, gahead3, gahead4, gahead5
     dwp = dw_ptr + (d * CH + offs_c) * K  # dw (2, c, K) float32
     tl.atomic_add(dwp, acc0, mask=mc)
     if K > 1:
