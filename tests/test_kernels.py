@@ -178,6 +178,60 @@ def test_rms_scale_matches_reference(shape):
     assert rel(out, ref) < 1e-5 and rel(gx, gr) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 24), (2, 5, 256)])
+def test_final_norm_kernel_matches_plain_norm(shape, monkeypatch):
+    """The band-split models' final norm as one kernel (no autograd, Triton backend) against its plain form: the
+    same values in float32; under autocast written in the autocast dtype; a zero row stays zero."""
+    from bsmamba2.kernels.norm import l2_scale
+    from bsmamba2.spectral import RMSNorm
+
+    norm = RMSNorm(shape[-1]).to(DEV)
+    with torch.no_grad():
+        norm.gamma.add_(0.5 * torch.randn_like(norm.gamma))
+    x = 3 * torch.randn(shape, device=DEV)
+    x[0, 0] = 0
+    ref = norm(x).detach()  # autograd on: the plain form
+    out = l2_scale(x, norm.gamma, norm.scale, 1e-12, torch.float32)
+    assert out.shape == x.shape and rel(out, ref) < 1e-6 and not out[0, 0].any()
+    if DEV == "cpu":  # the kernel through the interpreter
+        monkeypatch.setattr(mamba2, "resolve_backend", lambda device: "triton")
+    with torch.no_grad():
+        assert rel(norm(x), ref) < 1e-6
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            y = norm(x)
+    assert y.dtype == torch.bfloat16 and rel(y.float(), ref) < 1e-2
+
+
+def test_band_split_kernel_path_matches_loop(monkeypatch):
+    """Without autograd on the Triton backend the grouped band split normalizes each group in one kernel that also
+    writes a column of ones, and the product takes the bias as a weight column: against the per-band loop, float32
+    and under bf16 autocast; and the kernel's per-band form alone, zero padding included."""
+    from bsmamba2.config import PAPER_BAND_WIDTHS
+    from bsmamba2.kernels.norm import l2_scale
+    from bsmamba2.spectral import BandSplit, band_feature_sizes
+
+    torch.manual_seed(0)
+    split = BandSplit(16, band_feature_sizes(PAPER_BAND_WIDTHS, 2)).to(DEV)
+    with torch.no_grad():
+        for p in split.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(2, 5, sum(split.feature_sizes), device=DEV)
+    if DEV == "cpu":  # the kernel through the interpreter
+        monkeypatch.setattr(mamba2, "resolve_backend", lambda device: "triton")
+    with torch.no_grad():
+        ref = split.forward_reference(x)
+        assert rel(split.forward_grouped(x), ref) < 1e-5
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            y16 = split.forward_grouped(x)
+    assert y16.dtype == torch.bfloat16 and rel(y16.float(), ref) < 1e-2
+    xg = torch.randn(6, 40, device=DEV)[:, 4:34].view(6, 3, 10)  # (m, g, n) strided, as a group's slice
+    gamma = torch.randn(3, 10, device=DEV)
+    out = l2_scale(xg, gamma, 2.0, 1e-12, torch.float32, ones=True)
+    expect = torch.nn.functional.normalize(xg, dim=-1) * 2.0 * gamma
+    assert out.shape == (6, 3, 16) and rel(out[..., :10], expect) < 1e-6
+    assert torch.equal(out[..., 10], torch.ones(6, 3, device=DEV)) and not out[..., 11:].any()
+
+
 @pytest.mark.parametrize("length", [13, 45])  # one chunk; several chunks
 def test_mixer_core_node_matches_chained_functions(length):
     """The block's one-node conv → scan → gated norm (gradients written into shared buffers) vs the chain of the
@@ -352,21 +406,51 @@ def test_gated_proj_matches_reference(e, n, block_n, monkeypatch):
 
 
 def test_gated_merge_matches_reference():
-    """The residual add with the gated norm's row scale, written into a strided out, against its plain twin."""
+    """The residual add with the gated norm's row scale, written into a strided out, and the next pre-norm written
+    beside it, against the plain twin."""
     from bsmamba2.kernels.residual import gated_merge_into, gated_merge_reference
 
     s, l, n, h, e = 6, 5, 24, 3, 40
     parts = torch.randn(2, s * l, n, device=DEV, dtype=torch.bfloat16)
     ss = torch.rand(2, s * l, h, device=DEV) * 50
     merged, x = torch.randn(s, l, n, device=DEV), torch.randn(s, l, n, device=DEV)
-    expect = gated_merge_reference(parts, ss, merged, x, e, 1e-5)
+    expect, expect_xn = gated_merge_reference(parts, ss, merged, x, e, 1e-5, scaled_eps=1e-3)
     assert torch.allclose(gated_merge_into(parts, ss, merged, x, e, 1e-5), expect, atol=1e-5)
-    buf = torch.empty(l, 2, 3, n, device=DEV)
-    out = buf.movedim(0, -2)  # (2, 3, l, n) strided view
-    assert gated_merge_into(parts, ss, merged, x, e, 1e-5, out=out).data_ptr() == buf.data_ptr()
+    buf, xn_buf = torch.empty(l, 2, 3, n, device=DEV), torch.empty(l, 2, 3, n, device=DEV)
+    out, xn = buf.movedim(0, -2), xn_buf.movedim(0, -2)  # (2, 3, l, n) strided views
+    assert gated_merge_into(parts, ss, merged, x, e, 1e-5, out=out, scaled=(xn, 1e-3)).data_ptr() == buf.data_ptr()
     assert torch.allclose(out.reshape(s, l, n), expect, atol=1e-5)
+    assert torch.allclose(xn.reshape(s, l, n), expect_xn, atol=1e-5)
     with pytest.raises(ValueError, match="disagree"):
         gated_merge_into(parts[:, 1:], ss, merged, x, e, 1e-5)
+    with pytest.raises(ValueError, match="strided like out"):
+        gated_merge_into(parts, ss, merged, x, e, 1e-5, out=out, scaled=(xn.contiguous(), 1e-3))
+
+
+def test_fused_blocks_chain_the_prenorm(monkeypatch):
+    """In a model's inference loop each fused block's merge writes the next block's pre-norm, which that block reads
+    instead of normalizing (one norm pass for the whole stack): same output as without the chaining, and as the
+    plain path."""
+    from bsmamba2.kernels import block as fast
+    from bsmamba2.model import build_model
+
+    torch.manual_seed(0)
+    cfg = BSMamba2Config.tiny(depth=2, band_widths=(8,) * 4 + (993,))  # few bands: quick in the interpreter
+    model = build_model(cfg).to(DEV).eval()
+    spec = torch.randn(1, 2, cfg.stft.n_fft // 2 + 1, 20, dtype=torch.complex64, device=DEV)  # two time chunks
+    with torch.no_grad():
+        plain = model(spec)  # plain PyTorch without CUDA
+        if DEV == "cpu":  # the kernels through the interpreter
+            monkeypatch.setattr(mamba2, "resolve_backend", lambda device: "triton")
+        norms, orig = [], fast.rms_scale
+        monkeypatch.setattr(fast, "rms_scale", lambda *a: norms.append(1) or orig(*a))
+        chained = model(spec)
+        assert len(norms) == 1  # the first block's only
+        monkeypatch.setattr(BiMamba2Block, "fuses_prenorm", lambda self, x: False)
+        unchained = model(spec)
+        assert len(norms) == 1 + 2 * cfg.depth
+    chained, unchained, plain = (torch.view_as_real(t) for t in (chained, unchained, plain))
+    assert rel(chained, unchained) < 1e-5 and rel(chained, plain) < 1e-4
 
 
 def test_available_reports_interpreter_or_cuda():

@@ -79,6 +79,12 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Ten
     return out if bias is None else out + bias
 
 
+def rms_scale(x: Tensor, eps: float) -> Tensor:
+    """x · rsqrt(mean(x²) + eps) over the last dimension in float32, in x's dtype: `RMSNorm` without its gain."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     """mamba_ssm's RMSNorm: x · rsqrt(mean(x²) + eps) · weight, computed in float32."""
 
@@ -199,16 +205,43 @@ class BiMamba2Block(nn.Module):
         self.backward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
         self.linear = nn.ConvTranspose1d(2 * dim, dim, kernel_size=1)
 
-    def forward(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+    @property
+    def prenorm_eps(self) -> float:
+        """eps of the pre-norm (RMSNorm) in front of both directions' mixers."""
+        return self.forward_blocks[0].norm.eps
+
+    def fuses_prenorm(self, x: Tensor) -> bool:
+        """Whether `forward(x, scaled=...)` writes the next block's pre-norm in its own last pass (the fused
+        inference path on the GPU), so that a caller gains by asking for it. Elsewhere it costs a pass."""
+        if torch.is_grad_enabled() or resolve_backend(x.device) != "triton":
+            return False
+        from bsmamba2.kernels import block as fast  # noqa: PLC0415
+
+        return fast.supports(self) and fast.fused_inference_applies(self)
+
+    def forward(self, x: Tensor, out: Tensor | None = None, *, x_scaled: Tensor | None = None,
+                scaled: tuple[Tensor, float] | None = None) -> Tensor:
+        """x `(s, l, d)` → `(s, l, d)`, or written into `out`. Two hints for a chain of blocks without autograd:
+        x_scaled, x · rsqrt(mean(x²) + eps) as a previous block wrote it (used by the fused GPU path, which then
+        skips its own norm pass; ignored elsewhere); scaled = (xn, eps'): also write that scale of the result,
+        with the next block's eps', into xn (shaped like out)."""
         if out is not None and (torch.is_grad_enabled() or out.shape[-2:] != x.shape[1:]
                                 or math.prod(out.shape[:-2]) != x.shape[0]):
             raise ValueError(f"out= needs torch.no_grad() and a shape (*lead, {x.shape[1]}, {x.shape[2]}) with "
                              f"{x.shape[0]} sequences over lead, got {tuple(out.shape)}")
+        if (x_scaled is not None or scaled is not None) and torch.is_grad_enabled():
+            raise ValueError("x_scaled= and scaled= are for inference: call under torch.no_grad()")
         if resolve_backend(x.device) == "triton":
             from bsmamba2.kernels import block as fast  # noqa: PLC0415
 
-            if fast.supports(self):
-                return fast.bimamba2_block_forward(self, x, out)  # same function, both directions in shared launches
+            if fast.supports(self):  # same function, both directions in shared launches
+                return fast.bimamba2_block_forward(self, x, out, x_scaled, scaled)
+        y = self._cpu_or_plain(x, out)
+        if scaled is not None:
+            scaled[0].copy_(rms_scale(y, scaled[1]).view(scaled[0].shape))
+        return y
+
+    def _cpu_or_plain(self, x: Tensor, out: Tensor | None) -> Tensor:
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU inference: a few sequences at a time keeps every temporary small enough to stay in the
             # allocator's heap and the caches, instead of page-faulting hundreds of MB per elementwise op

@@ -13,8 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bsmamba2.config import BSMamba2Config, ModelConfig, RoFormerConfig
 from bsmamba2.mamba2 import BiMamba2Block
-from bsmamba2.spectral import (BandSplit, MaskEstimator, RMSNorm, band_feature_sizes, features_to_spec, istft,
-                               spec_to_features, stft)
+from bsmamba2.spectral import BandSplit, MaskEstimator, RMSNorm, band_feature_sizes, istft, spec_to_features, stft
 
 
 class BandSplitModel(nn.Module):
@@ -62,14 +61,30 @@ class BandSplitModel(nn.Module):
         layout (`out=`), so the two transposes per layer of `_along_time` become strided writes of adds that run
         anyway. Same function, inference only."""
         b, t, k, d = x.shape
-        x_bk = x.transpose(1, 2).contiguous()  # (b, k, t, d)
+        # Where every block's last pass can also write the next block's pre-norm (`fuses_prenorm`), each block
+        # writes it beside its output (same layout), and the next block reads it instead of normalizing again.
+        prenorm = all(getattr(m, "fuses_prenorm", lambda _: False)(x) for layer in self.layers for m in layer)
+
+        def new(*shape: int) -> Tensor:
+            return torch.empty(*shape, device=x.device, dtype=x.dtype)
+
+        def hints(xn: Tensor | None, shape: tuple[int, ...], xn_next: Tensor | None, next_module) -> dict:
+            if not prenorm:
+                return {}
+            return dict(x_scaled=None if xn is None else xn.view(shape),
+                        scaled=None if xn_next is None else (xn_next, next_module.prenorm_eps))
+
+        x_bk, xn_bk = x.transpose(1, 2).contiguous(), None  # (b, k, t, d)
         for i, (time_module, band_module) in enumerate(self.layers):
-            x_bt = torch.empty(b, t, k, d, device=x.device, dtype=x_bk.dtype)
-            time_module(x_bk.view(b * k, t, d), out=x_bt.transpose(1, 2))  # (b, k, t, d) view of x_bt
+            x_bt, xn_bt = new(b, t, k, d), new(b, t, k, d) if prenorm else None
+            time_module(x_bk.view(b * k, t, d), out=x_bt.transpose(1, 2),  # (b, k, t, d) view of x_bt
+                        **hints(xn_bk, (b * k, t, d), None if xn_bt is None else xn_bt.transpose(1, 2), band_module))
             if i == len(self.layers) - 1:
-                return band_module(x_bt.view(b * t, k, d)).view(b, t, k, d)
-            x_bk = torch.empty(b, k, t, d, device=x.device, dtype=x_bt.dtype)
-            band_module(x_bt.view(b * t, k, d), out=x_bk.transpose(1, 2))  # (b, t, k, d) view of x_bk
+                return band_module(x_bt.view(b * t, k, d), **hints(xn_bt, (b * t, k, d), None, None)).view(b, t, k, d)
+            x_bk, xn_bk = new(b, k, t, d), new(b, k, t, d) if prenorm else None
+            next_time = self.layers[i + 1][0]
+            band_module(x_bt.view(b * t, k, d), out=x_bk.transpose(1, 2),  # (b, t, k, d) view of x_bk
+                        **hints(xn_bt, (b * t, k, d), None if xn_bk is None else xn_bk.transpose(1, 2), next_time))
         return x  # no layers
 
     def _run(self, fn, x: Tensor, module: nn.Module) -> Tensor:
@@ -92,8 +107,9 @@ class BandSplitModel(nn.Module):
                 x = self._run(self._along_time, x, time_module)
                 x = self._run(self._along_bands, x, band_module)
         x = self.final_norm(x)
-        masks = torch.stack([est(x) for est in self.mask_estimators], dim=1)  # (b, n, t, f·c·2)
-        masks = features_to_spec(masks, self.audio_channels)  # (b, n, c, f, t) complex
+        masks = [est.forward_spec(x, self.audio_channels) for est in self.mask_estimators]  # n × (b, c, f, t)
+        # stacked in their own memory order (frequency fastest on the grouped path, as the mixture's spectrum)
+        masks = torch.stack([m.transpose(-1, -2) for m in masks], dim=1).transpose(-1, -2)  # (b, n, c, f, t)
         return spec.unsqueeze(1) * masks
 
     def stft(self, wave: Tensor) -> Tensor:

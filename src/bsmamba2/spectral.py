@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bsmamba2 import mamba2
 from bsmamba2.config import STFTConfig
 from bsmamba2.derived import derived, in_autocast_dtype
 
@@ -54,7 +55,11 @@ def istft(spec: Tensor, cfg: STFTConfig | None = None, length: int | None = None
 
 
 class RMSNorm(nn.Module):
-    """The official band-split RMSNorm: L2-normalize, times sqrt(dim), times a learned gain `gamma`."""
+    """The official band-split RMSNorm: L2-normalize, times sqrt(dim), times a learned gain `gamma`.
+
+    Without autograd on a GPU with the Triton backend, one kernel (`kernels.norm.l2_scale`) computes the same in
+    float32 and writes it once, in the autocast dtype under autocast (where the next product would cast it to
+    anyway); the plain form below is its twin and runs everywhere else."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -62,7 +67,23 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _inference_kernels(x):
+            from bsmamba2.kernels.norm import l2_scale  # noqa: PLC0415
+
+            return l2_scale(x, self.gamma, self.scale, 1e-12, _product_dtype(x, self.gamma))  # F.normalize's eps
         return F.normalize(x, dim=-1) * self.scale * self.gamma
+
+
+def _inference_kernels(x: Tensor) -> bool:
+    """Whether the inference-only Triton kernels apply to x: no autograd, and the Triton backend for its device."""
+    return not torch.is_grad_enabled() and mamba2.resolve_backend(x.device) == "triton"
+
+
+def _product_dtype(x: Tensor, param: Tensor) -> torch.dtype:
+    """The dtype the next product computes in: the autocast dtype under autocast, else x's and param's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, param.dtype)
 
 
 def band_feature_sizes(band_widths: tuple[int, ...], audio_channels: int) -> tuple[int, ...]:
@@ -127,22 +148,57 @@ def _use_grouped(grouped: bool | None, x: Tensor) -> bool:
     return grouped if grouped is not None else x.device.type != "cpu"
 
 
-def _grouped_linear(x_t: Tensor, linears: list[nn.Linear], owner: nn.Module, name: str) -> Tensor:
-    """One batched matmul for a group of same-shaped Linears, feature-major: `(g, in, m)` → `(g, out, m)`.
-
-    The weights are stacked here, inside the forward, so their gradients flow back to each band's own parameters.
-    Feature-major (W·xᵀ rather than x·Wᵀ) makes the weight gradient `(g, out, in)`-contiguous, so each band's slice
-    becomes its `.grad` without a copy. Under autocast the stacks are cast to the autocast dtype, as `F.linear`
-    casts its weight. Without autograd the stacks and their casts are cached on `owner` under `name` (`derived`).
-    """
+def _stacks(linears: list[nn.Linear], owner: nn.Module, name: str, device_type: str) -> tuple[Tensor, Tensor]:
+    """The weights `(g, out, in)` and biases `(g, out, 1)` of a group of same-shaped Linears, stacked here, inside the
+    forward, so their gradients flow back to each band's own parameters. Under autocast they are cast to the
+    autocast dtype, as `F.linear` casts its weight. Without autograd the stacks and their casts are cached on
+    `owner` under `name` (`derived`)."""
     def stack() -> tuple[Tensor, Tensor]:
         return (torch.stack([lin.weight for lin in linears]),  # (g, out, in)
                 torch.stack([lin.bias for lin in linears]).unsqueeze(-1))  # (g, out, 1)
 
     sources = [t for lin in linears for t in (lin.weight, lin.bias)]
     weight, bias = derived(owner, name, sources, stack)
-    weight, bias = in_autocast_dtype(owner, name, sources, (weight, bias), x_t.device.type)
+    return in_autocast_dtype(owner, name, sources, (weight, bias), device_type)
+
+
+def _grouped_linear(x_t: Tensor, linears: list[nn.Linear], owner: nn.Module, name: str,
+                    token_major: bool = False) -> Tensor:
+    """One batched matmul for a group of same-shaped Linears, feature-major: `(g, in, m)` → `(g, out, m)`, or with
+    `token_major` → `(g, m, out)` (the same product with the operands' roles swapped; no copy of either).
+
+    Feature-major (W·xᵀ rather than x·Wᵀ) makes the weight gradient `(g, out, in)`-contiguous, so each band's slice
+    becomes its `.grad` without a copy. The stacks come from `_stacks`.
+    """
+    weight, bias = _stacks(linears, owner, name, x_t.device.type)
+    if token_major:
+        return torch.baddbmm(bias.transpose(1, 2), x_t.transpose(1, 2), weight.transpose(1, 2))
     return torch.baddbmm(bias, weight, x_t)
+
+
+def _bias_column_weights(linears: list[nn.Linear], owner: nn.Module, name: str, device_type: str) -> Tensor:
+    """`_stacks` with the bias as one more input column of the weight, then zero columns up to a multiple of 8:
+    `(g, out, w)`, against inputs with a column of ones after their `in` values (`kernels.norm.l2_scale(ones=True)`
+    writes that form). No autograd; cached like the stacks."""
+    weight, bias = _stacks(linears, owner, name, device_type)
+    g, out, n = weight.shape
+    width = (n + 8) // 8 * 8
+    sources = [t for lin in linears for t in (lin.weight, lin.bias)]
+    return derived(owner, f"{name}+bias/{weight.dtype}", sources,
+                   lambda: torch.cat([weight, bias, bias.new_zeros(g, out, width - n - 1)], dim=2))
+
+
+def _bias_in_product(x_t: Tensor, linears: list[nn.Linear], owner: nn.Module, name: str) -> Tensor:
+    """`_grouped_linear` without autograd, with the bias inside the product: `baddbmm` first copies the broadcast
+    bias into its whole output and reads it back; here the bias is a column of the weight, against a row of ones
+    appended to x. `(g, in, m)` → `(g, out, m)`."""
+    wb = _bias_column_weights(linears, owner, name, x_t.device.type)  # (g, out, w)
+    n = x_t.shape[1]
+    xb = torch.empty(x_t.shape[0], wb.shape[-1], x_t.shape[-1], device=x_t.device, dtype=wb.dtype)  # (g, w, m)
+    xb[:, :n].copy_(x_t)
+    xb[:, n].fill_(1)
+    xb[:, n + 1:].zero_()
+    return torch.bmm(wb, xb)
 
 
 class _PerBand(nn.Module):
@@ -188,22 +244,49 @@ class BandSplit(_PerBand):
         return torch.stack([net(band) for band, net in zip(bands, self.to_features)], dim=-2)
 
     def forward_grouped(self, x: Tensor) -> Tensor:
-        """`forward_reference` with one vectorized RMSNorm and one `baddbmm` per group of equal feature size."""
-        lead = x.shape[:-1]
+        """`forward_reference` with one vectorized RMSNorm and one batched product per group of equal feature size.
+
+        x `(b, t, Σfeat)` → `(b, t, k, d)` with bands before frames in memory (a `(b, k, t, d)` tensor, transposed):
+        the time pass that follows reads it as `(b·k, t, d)` sequences without a copy. Each group's product runs
+        token-major, and its bias add writes the group's bands in place (without autograd; with it, one `cat`)."""
+        b, t = x.shape[:-1].numel() // x.shape[-2], x.shape[-2]
+        k = len(self.feature_sizes)
         inputs = _split_groups(x, -1, self.feature_sizes, self._groups, self._in_order)
-        outs = []
+        in_place = not torch.is_grad_enabled() and self._in_order
+        kernel = in_place and _inference_kernels(x)
+        y, pieces, k0 = None, [], 0
         for (n, idx), xg in zip(self._groups, inputs):
-            xg = xg.reshape(-1, len(idx), n)  # (m, g, n), m = b·t
+            g = len(idx)
+            xg = xg.reshape(b * t, g, n)  # (m, g, n), m = b·t
             norms = [self.to_features[i][0] for i in idx]
+            linears = [self.to_features[i][1] for i in idx]
             gamma = derived(self, f"gamma{n}", [norm.gamma for norm in norms],
                             lambda: torch.stack([norm.gamma for norm in norms]))  # (g, n)
-            xg = F.normalize(xg, dim=-1) * norms[0].scale * gamma  # RMSNorm.forward, same ops in the same order
-            y = _grouped_linear(xg.permute(1, 2, 0), [self.to_features[i][1] for i in idx], self,
-                                f"linear{n}")  # (g, d, m)
-            outs.append(y.permute(2, 0, 1))  # (m, g, d)
-        y = torch.cat(outs, dim=1)  # (m, k, d), bands in group order
-        y = _band_order(y, 1, (1,) * len(self.feature_sizes), self._groups, self._in_order)
-        return y.reshape(*lead, *y.shape[1:])  # (b, t, k, d)
+            if kernel:  # the norm in one pass, with a column of ones that takes the bias into the product
+                from bsmamba2.kernels.norm import l2_scale  # noqa: PLC0415
+
+                xa = l2_scale(xg, gamma, norms[0].scale, 1e-12, _product_dtype(x, gamma), ones=True)  # (m, g, w)
+                weight = _bias_column_weights(linears, self, f"linear{n}", x.device.type)  # (g, d, w)
+                yg = torch.bmm(xa.transpose(0, 1), weight.transpose(1, 2))  # (g, m, d)
+                bias = None
+            else:
+                xg = F.normalize(xg, dim=-1) * norms[0].scale * gamma  # RMSNorm.forward, same ops in the same order
+                weight, bias = _stacks(linears, self, f"linear{n}", x.device.type)
+                yg = torch.bmm(xg.transpose(0, 1), weight.transpose(1, 2))  # (g, m, d)
+            d = yg.shape[-1]
+            yg = yg.view(g, b, t, d).transpose(0, 1)  # (b, g, t, d)
+            if in_place and y is None:
+                y = torch.empty(b, k, t, d, device=x.device, dtype=yg.dtype)
+            if bias is None:
+                y[:, k0:k0 + g].copy_(yg)
+            elif in_place:
+                torch.add(yg, bias.view(1, g, 1, d), out=y[:, k0:k0 + g])
+            else:
+                pieces.append(yg + bias.view(1, g, 1, d))
+            k0 += g
+        if y is None:  # (b, k, t, d), bands in group order, then in band order
+            y = _band_order(torch.cat(pieces, dim=1), 1, (1,) * k, self._groups, self._in_order)
+        return y.transpose(1, 2).reshape(*x.shape[:-1], k, y.shape[-1])  # (b, t, k, d), a view for 3-D x
 
 
 def _mlp(dim_in: int, dim_hidden: int, dim_out: int, depth: int) -> nn.Sequential:
@@ -239,22 +322,51 @@ class MaskEstimator(_PerBand):
         """The plain per-band loop."""
         return torch.cat([net(band) for band, net in zip(x.unbind(dim=-2), self.to_freqs)], dim=-1)
 
-    def forward_grouped(self, x: Tensor) -> Tensor:
-        """`forward_reference` with one `baddbmm` per hidden layer, then one per group for the last layer."""
-        lead, k = x.shape[:-2], x.shape[-2]
+    def _hidden_grouped(self, x: Tensor) -> tuple[Tensor, list[nn.Sequential]]:
+        """The MLP's hidden layers, the same shapes in every band, as one `baddbmm` each over all bands:
+        x `(..., k, D)` → `(k, hidden, m)` feature-major, m = the positions (b·t); and the bands' MLPs."""
+        k = x.shape[-2]
         mlps = [net[0] for net in self.to_freqs]
-        h = x.reshape(-1, k, x.shape[-1]).permute(1, 2, 0)  # (k, D, m), m = b·t: feature-major
-        for j, layer in enumerate(mlps[0][:-1]):  # all but the last Linear: same shapes in every band
+        h = x.reshape(-1, k, x.shape[-1]).permute(1, 2, 0)  # (k, D, m): feature-major
+        for j, layer in enumerate(mlps[0][:-1]):  # all but the last Linear
             if isinstance(layer, nn.Linear):
-                h = _grouped_linear(h, [mlp[j] for mlp in mlps], self, f"hidden{j}")  # (k, hidden, m)
+                linear = _grouped_linear if torch.is_grad_enabled() else _bias_in_product
+                h = linear(h, [mlp[j] for mlp in mlps], self, f"hidden{j}")  # (k, hidden, m)
             else:
                 assert isinstance(layer, nn.Tanh), layer
                 h = h.tanh_()  # in place on the matmul's output, which backward does not need
-        bands = (1,) * k
+        return h, mlps
+
+    def forward_grouped(self, x: Tensor) -> Tensor:
+        """`forward_reference` with one `baddbmm` per hidden layer, then one per group for the last layer."""
+        h, mlps = self._hidden_grouped(x)
         outs = []
-        for (n, idx), hg in zip(self._groups, _split_groups(h, 0, bands, self._groups, self._in_order)):
+        for (n, idx), hg in zip(self._groups, _split_groups(h, 0, (1,) * len(mlps), self._groups, self._in_order)):
             y = F.glu(_grouped_linear(hg, [mlps[i][-1] for i in idx], self, f"last{n}"), dim=1)  # (g, n, m)
             outs.append(y.permute(2, 0, 1).reshape(y.shape[-1], len(idx) * n))  # (m, g·n)
         y = torch.cat(outs, dim=-1)  # (m, Σfeat), bands in group order
         y = _band_order(y, -1, self.feature_sizes, self._groups, self._in_order)
-        return y.reshape(*lead, y.shape[-1])
+        return y.reshape(*x.shape[:-2], y.shape[-1])
+
+    def forward_spec(self, x: Tensor, audio_channels: int) -> Tensor:
+        """The masks as a complex spectrum: latents `(b, t, k, D)` → `(b, c, f, t)` complex64, the same function as
+        `features_to_spec(self(x), audio_channels)`.
+
+        On the grouped path (bands in order) each group's last Linear runs token-major and its GLU output is
+        written straight to the bins it covers, in the memory order of `stft`'s output (frequency fastest, then
+        frames). So the masks cost no concatenation, and their product with the mixture's spectrum and the iSTFT
+        read both operands in one order."""
+        if not (_use_grouped(self.grouped, x) and self._in_order):
+            return features_to_spec(self(x), audio_channels)
+        b, t = x.shape[:2]
+        h, mlps = self._hidden_grouped(x)
+        bins = sum(self.feature_sizes) // (2 * audio_channels)
+        out = torch.empty(b, audio_channels, t, bins, 2, device=x.device, dtype=torch.float32)  # (b, c, t, f, re/im)
+        f0 = 0
+        for (n, idx), hg in zip(self._groups, _split_groups(h, 0, (1,) * len(mlps), self._groups, True)):
+            g, w = len(idx), n // (2 * audio_channels)  # bands in the group, bins per band
+            y = F.glu(_grouped_linear(hg, [mlps[i][-1] for i in idx], self, f"last{n}", token_major=True), dim=-1)
+            y = y.view(g, b, t, w, audio_channels, 2).permute(1, 4, 2, 0, 3, 5)  # (b, c, t, g, w, 2)
+            out[:, :, :, f0:f0 + g * w].unflatten(3, (g, w)).copy_(y)
+            f0 += g * w
+        return torch.view_as_complex(out).transpose(-1, -2)  # (b, c, f, t), frequency fastest in memory

@@ -163,8 +163,10 @@ def _fused_weights(block, e: int, d: int) -> tuple[Tensor, ...]:
     return w_in.view(2, -1, d), w_out, w_x, conv_w, conv_b, dt_bias, A, D
 
 
-def _fused_inference(block, x: Tensor, out: Tensor | None) -> Tensor:
-    """`bimamba2_block_forward` without autograd, as item 5 of the module docstring: x `(s, l, d)`."""
+def _fused_inference(block, x: Tensor, out: Tensor | None, x_scaled: Tensor | None,
+                     scaled: tuple[Tensor, float] | None) -> Tensor:
+    """`bimamba2_block_forward` without autograd, as item 5 of the module docstring: x `(s, l, d)`; x_scaled and
+    scaled as in `bimamba2_block_forward`."""
     f, b = block.forward_blocks[0], block.backward_blocks[0]
     mf = f.mixer
     s, l, d = x.shape
@@ -174,7 +176,9 @@ def _fused_inference(block, x: Tensor, out: Tensor | None) -> Tensor:
                                                                lambda: _fused_weights(block, e, d))
     w_in, w_out, w_x = in_autocast_dtype(block, "fused", params, (w_in, w_out, w_x), x.device.type)
 
-    xn = rms_scale(x, f.norm.eps).view(s * l, d).to(w_in.dtype)  # the pre-norm without its gain (folded into w_in)
+    if x_scaled is None:
+        x_scaled = rms_scale(x, f.norm.eps)  # the pre-norm without its gain (folded into w_in)
+    xn = x_scaled.reshape(s * l, d).to(w_in.dtype)
     if l <= block_q_for(l):  # one chunk: everything up to g in the scan's two kernels
         # the scan reads sequences (2s) with one stride: each direction's in-projection is its own product
         zx = torch.empty(2, s * l, w_in.shape[1], device=x.device, dtype=w_in.dtype)  # (2, s·l, e + c + h)
@@ -192,19 +196,30 @@ def _fused_inference(block, x: Tensor, out: Tensor | None) -> Tensor:
         z = zx.view(s * l, 2, -1)[..., :e].transpose(0, 1)  # (2, s·l, e)
         parts, ss = gated_proj(y.view(2, s * l, e), z, w_out.to(y.dtype))  # (2, s·l, d), (2, s·l)
     merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
-    return gated_merge_into(parts, ss.view(2, s * l, -1), merged, x, e, mf.norm.eps, out)
+    return gated_merge_into(parts, ss.view(2, s * l, -1), merged, x, e, mf.norm.eps, out, scaled)
 
 
-def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tensor:
+def fused_inference_applies(block) -> bool:
+    """Whether `bimamba2_block_forward` takes the fused inference path (item 5): no autograd, a gated norm over all
+    of d_inner, and BSMAMBA2_FUSED not 0 (for A/B runs)."""
+    mf = block.forward_blocks[0].mixer
+    return (not torch.is_grad_enabled() and mf.norm.group_size == mf.d_inner
+            and os.environ.get("BSMAMBA2_FUSED", "1") != "0")
+
+
+def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None, x_scaled: Tensor | None = None,
+                           scaled: tuple[Tensor, float] | None = None) -> Tensor:
     """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`, or written into `out` (see
-    `BiMamba2Block`)."""
+    `BiMamba2Block`). On the fused inference path, x_scaled (shaped like x), when given, is taken as rms_scale(x)
+    instead of computing it, and scaled = (xn, eps) has the merge write rms_scale(result, eps) into xn (shaped
+    and strided like out); the other paths ignore x_scaled and write xn in a pass of their own."""
     f, b = block.forward_blocks[0], block.backward_blocks[0]
     mf, mb = f.mixer, b.mixer
     s, l, d = x.shape
     e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
     width = e + c + h  # one direction's in-projection: [z, xBC, dt]
-    if not torch.is_grad_enabled() and mf.norm.group_size == e and os.environ.get("BSMAMBA2_FUSED", "1") != "0":
-        return _fused_inference(block, x, out)
+    if fused_inference_applies(block):
+        return _fused_inference(block, x, out, x_scaled, scaled)
 
     params = list(block.parameters())
     w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", params,
@@ -217,4 +232,7 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None) -> Tenso
                           mf.norm.group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
     merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
     merged.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
-    return merged + x if out is None else add_into(merged, x, out)
+    y = merged + x if out is None else add_into(merged, x, out)
+    if scaled is not None:
+        scaled[0].copy_(rms_scale(y, scaled[1]).view(scaled[0].shape))
+    return y

@@ -17,6 +17,13 @@ folds the gains of both directions into their in-projections):
     out = x · rstd,   rstd = rsqrt(mean(x²) + eps),   dx = rstd · (dout − out · mean(dout · out))
 
 over the last dimension, float32 arithmetic, rows of any length up to 16384.
+
+L2 scale (inference). Plain twin: `bsmamba2.spectral.RMSNorm` (the band-split models' final norm), one pass:
+
+    out = x / max(‖x‖₂, eps) · scale · γ
+
+read once and written once, in the dtype the next product takes (the four elementwise passes and the cast it
+replaces wrote float32 three times).
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from bsmamba2 import mamba2
 
 
 @triton.jit
@@ -191,6 +200,55 @@ def _rms_bwd_kernel(x_ptr, rstd_ptr, dout_ptr, dx_ptr, R, N, ROWS: tl.constexpr,
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _l2_scale_kernel(x_ptr, g_ptr, out_ptr, R, G, N, W, sx_m, sx_g, sg_g, scale, eps,
+                     ROWS: tl.constexpr, BLOCK: tl.constexpr, ONES: tl.constexpr):
+    """ROWS rows r = i·G + j of x (M, G, N) (strides sx_m, sx_g, 1) per program: out[r, :N] = x[i, j] / max(‖x‖₂,
+    eps) · scale · γ[j] (γ (G, N), stride sg_g; 0 when shared), out (R, W) row-major; ONES: out[r, N] = 1 and
+    out[r, N+1:W] = 0 (a bias column for the next product), else W = N."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    mr = rows < R
+    r64 = rows.to(tl.int64)
+    i, j = r64 // G, r64 % G
+    mx = mr[:, None] & (cols < N)[None, :]
+    x = tl.load(x_ptr + (i * sx_m + j * sx_g)[:, None] + cols[None, :], mask=mx, other=0.0).to(tl.float32)
+    gamma = tl.load(g_ptr + (j * sg_g)[:, None] + cols[None, :], mask=mx, other=0.0).to(tl.float32)
+    inv = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), eps)  # (ROWS,)
+    out = x * inv[:, None] * gamma
+    if ONES:
+        out = tl.where((cols == N)[None, :], 1.0, out)
+    tl.store(out_ptr + r64[:, None] * W + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mr[:, None] & (cols < W)[None, :])
+
+
+def l2_scale(x: Tensor, gamma: Tensor, scale: float, eps: float, dtype: torch.dtype, ones: bool = False) -> Tensor:
+    """x / max(‖x‖₂, eps) · scale · γ over the last dimension (float32 arithmetic), in `dtype`; no autograd.
+
+    x (..., n) → (..., n) with γ (n,); or x (m, g, n) with any strides but unit stride along n, γ (g, n) (one gain
+    per band) → (m, g, n). ones: (m, g, w) instead, w = n + 1 rounded up to a multiple of 8, with a column of ones
+    after the n values, then zeros: the input of a product whose weight carries its bias as one more column."""
+    if gamma.dim() == 2:
+        if x.dim() != 3 or x.shape[1:] != gamma.shape or x.stride(-1) != 1:
+            raise ValueError(f"l2_scale with per-group gains takes x (m, g, n) with γ (g, n), got x "
+                             f"{tuple(x.shape)}, γ {tuple(gamma.shape)}")
+        x3, lead = x, x.shape[:-1]
+    else:
+        x3 = x.reshape(-1, 1, x.shape[-1])
+        if x3.stride(-1) != 1:
+            x3 = x3.contiguous()
+        lead = x.shape[:-1]
+    m, g, n = x3.shape
+    w = (n + 8) // 8 * 8 if ones else n
+    out = torch.empty(m * g, w, device=x.device, dtype=dtype)
+    if m * g:
+        meta = _rms_launch(w)
+        _l2_scale_kernel[(triton.cdiv(m * g, meta["ROWS"]),)](
+            x3, gamma, out, m * g, g, n, w, x3.stride(0), x3.stride(1), gamma.stride(0) if gamma.dim() == 2 else 0,
+            scale, eps, **meta, ONES=ones)
+    return out.view(*lead, w)
+
+
 def _rms_launch(n: int) -> dict:
     """Tile of one program: up to 8 rows, at most ~4096 elements."""
     if n > 16384:
@@ -202,8 +260,7 @@ def _rms_launch(n: int) -> dict:
 
 def rms_scale_reference(x: Tensor, eps: float) -> Tensor:
     """Plain twin of `rms_scale`: x · rsqrt(mean(x²) + eps) over the last dimension in float32, in x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return mamba2.rms_scale(x, eps)
 
 
 class RMSScale(torch.autograd.Function):

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bsmamba2 import mamba2
+
 
 @triton.jit
 def _add_rows_kernel(a_ptr, b_ptr, out_ptr, R, N, N1, N2, so0, so1, so2,
@@ -51,9 +53,11 @@ def _rstd(ss_ptr, r64, R, H, inv_e, eps, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _gated_merge_kernel(p_ptr, ss_ptr, m_ptr, x_ptr, out_ptr, R, N, H, inv_e, eps, N1, N2, so0, so1, so2,
-                        ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr):
-    """out[row r] = rstd₀[r]·P[0, r] + rstd₁[r]·P[1, r] + m[r] + x[r]; P (2, R, N), ss (2, R, H), m and x (R, N)."""
+def _gated_merge_kernel(p_ptr, ss_ptr, m_ptr, x_ptr, out_ptr, xn_ptr, R, N, H, inv_e, eps, eps_next,
+                        N1, N2, so0, so1, so2,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_H: tl.constexpr, SCALED: tl.constexpr):
+    """out[row r] = rstd₀[r]·P[0, r] + rstd₁[r]·P[1, r] + m[r] + x[r]; P (2, R, N), ss (2, R, H), m and x (R, N).
+    SCALED: also xn[r] = o · rsqrt(mean(o²) + eps_next) of the rounded output o, at out's offsets in xn."""
     r64, mask, src, dst = _rows(R, N, N1, N2, so0, so1, so2, ROWS, BLOCK)
     rstd0 = _rstd(ss_ptr, r64, R, H, inv_e, eps, BLOCK_H)
     rstd1 = _rstd(ss_ptr + R * H, r64, R, H, inv_e, eps, BLOCK_H)
@@ -61,7 +65,12 @@ def _gated_merge_kernel(p_ptr, ss_ptr, m_ptr, x_ptr, out_ptr, R, N, H, inv_e, ep
     total += tl.load(x_ptr + src, mask=mask, other=0.0).to(tl.float32)
     total += rstd0[:, None] * tl.load(p_ptr + src, mask=mask, other=0.0).to(tl.float32)
     total += rstd1[:, None] * tl.load(p_ptr + R * N + src, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + dst, total.to(out_ptr.dtype.element_ty), mask=mask)
+    o = total.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + dst, o, mask=mask)
+    if SCALED:
+        of = o.to(tl.float32)
+        tl.store(xn_ptr + dst, (of * tl.rsqrt(tl.sum(of * of, axis=1) / N + eps_next)[:, None]).to(
+            xn_ptr.dtype.element_ty), mask=mask)
 
 
 def _out_rows(a: Tensor, out: Tensor, what: str):
@@ -87,11 +96,12 @@ def add_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
 
 
 def gated_merge_into(parts: Tensor, ss: Tensor, merged: Tensor, x: Tensor, e: int, eps: float,
-                     out: Tensor | None = None) -> Tensor:
+                     out: Tensor | None = None, scaled: tuple[Tensor, float] | None = None) -> Tensor:
     """out = rstd₀·parts[0] + rstd₁·parts[1] + merged + x (float32 arithmetic), rstd_d = rsqrt(Σ_h ss[d] / e + eps).
 
     parts (2, s·l, n), ss (2, s·l, h) float32, merged and x (s, l, n); out as in `add_into`, or a new (s, l, n) in
-    x's dtype."""
+    x's dtype. scaled = (xn, eps'): xn, shaped and strided like out, also receives rms_scale(out, eps'), the next
+    block's pre-norm, written from the rows in registers so that block need not read out again."""
     s, l, n = x.shape
     if parts.shape != (2, s * l, n) or ss.shape[:2] != (2, s * l) or merged.shape != x.shape:
         raise ValueError(f"gated_merge_into shapes disagree: parts {tuple(parts.shape)}, ss {tuple(ss.shape)}, "
@@ -99,16 +109,24 @@ def gated_merge_into(parts: Tensor, ss: Tensor, merged: Tensor, x: Tensor, e: in
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     out4, where, rows, tile = _out_rows(x, out, "gated_merge_into")
+    xn, eps_next = scaled if scaled is not None else (out, 0.0)
+    if xn.shape != out.shape or xn.stride() != out.stride():
+        raise ValueError(f"the scaled output must be shaped and strided like out {tuple(out.shape)} "
+                         f"{out.stride()}, got {tuple(xn.shape)} {xn.stride()}")
     h = ss.shape[-1]
     if rows:
         _gated_merge_kernel[(triton.cdiv(rows, tile["ROWS"]),)](
-            parts.contiguous(), ss.contiguous(), merged.contiguous(), x.contiguous(), out4, rows, n, h, 1.0 / e,
-            eps, *where, **tile, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
+            parts.contiguous(), ss.contiguous(), merged.contiguous(), x.contiguous(), out4, xn.view(out4.shape),
+            rows, n, h, 1.0 / e, eps, eps_next, *where, **tile, BLOCK_H=triton.next_power_of_2(h),
+            SCALED=scaled is not None, num_warps=4)
     return out
 
 
-def gated_merge_reference(parts: Tensor, ss: Tensor, merged: Tensor, x: Tensor, e: int, eps: float) -> Tensor:
-    """Plain twin of `gated_merge_into` (new output)."""
+def gated_merge_reference(parts: Tensor, ss: Tensor, merged: Tensor, x: Tensor, e: int, eps: float,
+                          scaled_eps: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Plain twin of `gated_merge_into` (new output); with scaled_eps, (out, its rms scale) as the kernel writes
+    them."""
     rstd = torch.rsqrt(ss.float().sum(-1, keepdim=True) / e + eps)  # (2, s·l, 1)
     total = (rstd * parts.float()).sum(0).view(x.shape) + merged.float() + x.float()
-    return total.to(x.dtype)
+    out = total.to(x.dtype)
+    return out if scaled_eps is None else (out, mamba2.rms_scale(out, scaled_eps))
