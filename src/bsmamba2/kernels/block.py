@@ -27,6 +27,8 @@ Here, with the same parameters and the same function:
        +4.8 conv of x), so conv, softplus and scan run as in training, and g is formed inside the out-projection
        (`gated_proj`), a Triton product that also sums g² (1.58-1.64 ms against 1.91 for the gated-norm pass and
        the cuBLAS product on an H200; 1.89-1.93 against 2.65 on an H100).
+       In a model's inference loop the merge also writes the next block's pre-norm rms_scale(out) beside out, from
+       the rows it holds, and that block reads it instead of normalizing again (`x_scaled=`, `scaled=`).
 The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next
 pass's layout are Triton kernels (`norm.py`, `conv.py`, `dt.py`, `ssd.py`, `residual.py`); the matrix products are
 cuBLAS, but for the inference out-projection of long sequences (`gated_proj.py`). Nothing is compiled by
