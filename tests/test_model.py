@@ -186,6 +186,22 @@ def test_block_out_argument_checks():
         blk(x, out=torch.empty(4, 5, 16))
 
 
+def test_block_writes_the_next_prenorm_on_any_path():
+    """`scaled=(xn, eps)`: a block whose path does not fuse it (here the plain CPU one) writes rms_scale of its
+    output into xn itself, into a strided view too; `x_scaled=` changes nothing there; both need no_grad."""
+    from bsmamba2.mamba2 import rms_scale
+
+    blk = BiMamba2Block(16, BSMamba2Config.tiny().mamba)
+    x = torch.randn(6, 5, 16)
+    buf = torch.empty(5, 6, 16)
+    with torch.no_grad():
+        y = blk(x, scaled=(buf.transpose(0, 1), 1e-3), x_scaled=torch.zeros_like(x))
+        torch.testing.assert_close(y, blk(x))
+    torch.testing.assert_close(buf.transpose(0, 1), rms_scale(y, 1e-3))
+    with pytest.raises(ValueError, match="no_grad"):
+        blk(x, scaled=(buf.transpose(0, 1), 1e-3))
+
+
 @pytest.mark.parametrize("arch", ["bsmamba2", "bsroformer"])
 def test_inference_layer_loop_without_copies_matches_training_loop(arch):
     """Under no_grad BSMamba2 keeps the latent in the layout each pass reads and lets each block's residual add

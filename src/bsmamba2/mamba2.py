@@ -231,13 +231,15 @@ class BiMamba2Block(nn.Module):
                              f"{x.shape[0]} sequences over lead, got {tuple(out.shape)}")
         if (x_scaled is not None or scaled is not None) and torch.is_grad_enabled():
             raise ValueError("x_scaled= and scaled= are for inference: call under torch.no_grad()")
+        y = None
         if resolve_backend(x.device) == "triton":
             from bsmamba2.kernels import block as fast  # noqa: PLC0415
 
             if fast.supports(self):  # same function, both directions in shared launches
-                return fast.bimamba2_block_forward(self, x, out, x_scaled, scaled)
-        y = self._cpu_or_plain(x, out)
-        if scaled is not None:
+                y = fast.bimamba2_block_forward(self, x, out, x_scaled, scaled)
+        if y is None:
+            y = self._cpu_or_plain(x, out)
+        if scaled is not None and not self.fuses_prenorm(x):  # the fused path's merge wrote it already
             scaled[0].copy_(rms_scale(y, scaled[1]).view(scaled[0].shape))
         return y
 

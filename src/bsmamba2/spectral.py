@@ -248,12 +248,13 @@ class BandSplit(_PerBand):
 
         x `(b, t, Σfeat)` → `(b, t, k, d)` with bands before frames in memory (a `(b, k, t, d)` tensor, transposed):
         the time pass that follows reads it as `(b·k, t, d)` sequences without a copy. Each group's product runs
-        token-major, and its bias add writes the group's bands in place (without autograd; with it, one `cat`)."""
+        token-major. Without autograd on the Triton backend, the norm is one kernel that also writes a column of
+        ones, the product takes the bias as a weight column, and each group is copied into its bands; elsewhere the
+        norm is the plain one, the bias is added, and one `cat` joins the groups."""
         b, t = x.shape[:-1].numel() // x.shape[-2], x.shape[-2]
         k = len(self.feature_sizes)
         inputs = _split_groups(x, -1, self.feature_sizes, self._groups, self._in_order)
-        in_place = not torch.is_grad_enabled() and self._in_order
-        kernel = in_place and _inference_kernels(x)
+        kernel = self._in_order and _inference_kernels(x)
         y, pieces, k0 = None, [], 0
         for (n, idx), xg in zip(self._groups, inputs):
             g = len(idx)
@@ -268,19 +269,16 @@ class BandSplit(_PerBand):
                 xa = l2_scale(xg, gamma, norms[0].scale, 1e-12, _product_dtype(x, gamma), ones=True)  # (m, g, w)
                 weight = _bias_column_weights(linears, self, f"linear{n}", x.device.type)  # (g, d, w)
                 yg = torch.bmm(xa.transpose(0, 1), weight.transpose(1, 2))  # (g, m, d)
-                bias = None
             else:
                 xg = F.normalize(xg, dim=-1) * norms[0].scale * gamma  # RMSNorm.forward, same ops in the same order
                 weight, bias = _stacks(linears, self, f"linear{n}", x.device.type)
                 yg = torch.bmm(xg.transpose(0, 1), weight.transpose(1, 2))  # (g, m, d)
             d = yg.shape[-1]
             yg = yg.view(g, b, t, d).transpose(0, 1)  # (b, g, t, d)
-            if in_place and y is None:
-                y = torch.empty(b, k, t, d, device=x.device, dtype=yg.dtype)
-            if bias is None:
+            if kernel:  # straight into the group's bands
+                if y is None:
+                    y = torch.empty(b, k, t, d, device=x.device, dtype=yg.dtype)
                 y[:, k0:k0 + g].copy_(yg)
-            elif in_place:
-                torch.add(yg, bias.view(1, g, 1, d), out=y[:, k0:k0 + g])
             else:
                 pieces.append(yg + bias.view(1, g, 1, d))
             k0 += g
@@ -323,8 +321,9 @@ class MaskEstimator(_PerBand):
         return torch.cat([net(band) for band, net in zip(x.unbind(dim=-2), self.to_freqs)], dim=-1)
 
     def _hidden_grouped(self, x: Tensor) -> tuple[Tensor, list[nn.Sequential]]:
-        """The MLP's hidden layers, the same shapes in every band, as one `baddbmm` each over all bands:
-        x `(..., k, D)` → `(k, hidden, m)` feature-major, m = the positions (b·t); and the bands' MLPs."""
+        """The MLP's hidden layers, the same shapes in every band, as one batched product each over all bands (the
+        bias inside the product without autograd, `_bias_in_product`): x `(..., k, D)` → `(k, hidden, m)`
+        feature-major, m = the positions (b·t); and the bands' MLPs."""
         k = x.shape[-2]
         mlps = [net[0] for net in self.to_freqs]
         h = x.reshape(-1, k, x.shape[-1]).permute(1, 2, 0)  # (k, D, m): feature-major

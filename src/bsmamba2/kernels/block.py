@@ -214,7 +214,7 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None, x_scaled
     """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`, or written into `out` (see
     `BiMamba2Block`). On the fused inference path, x_scaled (shaped like x), when given, is taken as rms_scale(x)
     instead of computing it, and scaled = (xn, eps) has the merge write rms_scale(result, eps) into xn (shaped
-    and strided like out); the other paths ignore x_scaled and write xn in a pass of their own."""
+    and strided like out). The other path ignores both (`BiMamba2Block.forward` writes xn for it)."""
     f, b = block.forward_blocks[0], block.backward_blocks[0]
     mf, mb = f.mixer, b.mixer
     s, l, d = x.shape
@@ -234,7 +234,4 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None, x_scaled
                           mf.norm.group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
     merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
     merged.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
-    y = merged + x if out is None else add_into(merged, x, out)
-    if scaled is not None:
-        scaled[0].copy_(rms_scale(y, scaled[1]).view(scaled[0].shape))
-    return y
+    return merged + x if out is None else add_into(merged, x, out)

@@ -180,11 +180,18 @@ def _row_tile(R, N, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def rms_rstd(x, N, eps):
+    """rsqrt(mean(x²) + eps) of each row of a float32 (rows, BLOCK) tile whose first N columns are the row (the rest
+    zero): (rows,)."""
+    return tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+
+
+@triton.jit
 def _rms_fwd_kernel(x_ptr, out_ptr, rstd_ptr, R, N, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """A (ROWS × N) tile of x (R, N) per program: out = x · rstd, rstd (R,) float32 kept for the backward."""
     rows, mask, offs = _row_tile(R, N, ROWS, BLOCK)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # (ROWS,)
+    rstd = rms_rstd(x, N, eps)  # (ROWS,)
     tl.store(rstd_ptr + rows, rstd, mask=rows < R)
     tl.store(out_ptr + offs, (x * rstd[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -239,6 +246,7 @@ def l2_scale(x: Tensor, gamma: Tensor, scale: float, eps: float, dtype: torch.dt
             x3 = x3.contiguous()
         lead = x.shape[:-1]
     m, g, n = x3.shape
+    gamma = gamma.contiguous()
     w = (n + 8) // 8 * 8 if ones else n
     out = torch.empty(m * g, w, device=x.device, dtype=dtype)
     if m * g:

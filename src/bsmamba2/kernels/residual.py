@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bsmamba2 import mamba2
+from bsmamba2.kernels.norm import rms_rstd
 
 
 @triton.jit
@@ -69,8 +70,7 @@ def _gated_merge_kernel(p_ptr, ss_ptr, m_ptr, x_ptr, out_ptr, xn_ptr, R, N, H, i
     tl.store(out_ptr + dst, o, mask=mask)
     if SCALED:
         of = o.to(tl.float32)
-        tl.store(xn_ptr + dst, (of * tl.rsqrt(tl.sum(of * of, axis=1) / N + eps_next)[:, None]).to(
-            xn_ptr.dtype.element_ty), mask=mask)
+        tl.store(xn_ptr + dst, (of * rms_rstd(of, N, eps_next)[:, None]).to(xn_ptr.dtype.element_ty), mask=mask)
 
 
 def _out_rows(a: Tensor, out: Tensor, what: str):
