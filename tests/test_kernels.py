@@ -334,12 +334,13 @@ def _fused_scan_reference(zx, cw, cb, dt_bias, A, D, dims):
     return gated, gated.pow(2).sum(-1)
 
 
+@pytest.mark.parametrize("taps_major", [False, True])  # the conv weight channel-major, or as the fused block keeps it
 @pytest.mark.parametrize("length", [1, 13, 16])  # one chunk: shorter than the conv, partial, full
-def test_fused_scan_options_match_chained_reference(length):
+def test_fused_scan_options_match_chained_reference(length, taps_major):
     """ssd_fwd reading the in-projection in place (conv1d + SiLU of x and of B, C, softplus of dt, gate by silu(z),
     Σg² per head) against the separate plain steps, float32: two groups, headdim and d_state narrower than the
-    kernels' tiles. Longer sequences refuse the options."""
-    from bsmamba2.kernels.ssd import ssd_fwd
+    kernels' tiles, the conv weight in either memory order. Longer sequences refuse the options."""
+    from bsmamba2.kernels.ssd import conv_taps_major, ssd_fwd
 
     torch.manual_seed(length)
     s, h, p, g, n, k = 3, 4, 6, 2, 5, 4
@@ -352,8 +353,10 @@ def test_fused_scan_options_match_chained_reference(length):
     cols = zx.view(2 * s, length, w)
     z, xs, bc, dt = cols.split([e, e, 2 * g * n, h], dim=-1)
     B, C = (t.unflatten(-1, (g, n)) for t in bc.split([g * n, g * n], dim=-1))
-    gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B, C, D, dir_mode=2, x_conv=(cw, cb),
-                        bc_conv=(cw, cb), dt_bias=dt_bias, z=z.unflatten(-1, (h, p)))
+    cw_in = conv_taps_major(cw) if taps_major else cw
+    assert torch.equal(cw_in, cw) and (cw_in.stride(1) == 1) == taps_major
+    gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B, C, D, dir_mode=2, x_conv=(cw_in, cb),
+                        bc_conv=(cw_in, cb), dt_bias=dt_bias, z=z.unflatten(-1, (h, p)))
     ref, ref_ss = _fused_scan_reference(zx, cw, cb, dt_bias, A, D, (e, h, p, g, n))
     assert gated.shape == (2 * s, length, h, p) and ss.shape == (2 * s, length, h) and ss.dtype == torch.float32
     assert rel(gated, ref) < 1e-5 and rel(ss, ref_ss) < 1e-5

@@ -43,18 +43,21 @@ def fast_silu(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def conv_silu_rows(base, cols, tau, L, reverse, s_l, mask_c, w_ch, bias, K: tl.constexpr, FAST: tl.constexpr):
+def conv_silu_rows(base, cols, tau, L, reverse, s_l, mask_c, w_ch, sw_k, bias, K: tl.constexpr,
+                   FAST: tl.constexpr):
     """conv1d + SiLU of one sequence at the scan positions τ (rows) of a tile: out[τ] = silu(b + Σ_i w[i] ·
     raw[τ − (K−1) + i]) in scan order, raw row τ' at memory position τ' or L−1−τ' (reverse), zeros outside [0, L).
     base + cols: the raw channels of position 0; mask_c (cols,) those in range; w_ch (cols,): pointers to the
-    channels' weights (K taps each, contiguous); bias (cols,) float32. float32 (rows, cols)."""
+    channels' tap 0, the next taps sw_k elements apart; bias (cols,) float32. float32 (rows, cols).
+    Tap-major weights (sw_k = channels, so the channels of a tap are contiguous) load as whole vectors: with
+    channel-major ones every program reads each tap's channels 16 bytes apart."""
     out = bias[None, :]
     for i in tl.static_range(K):
         tp = tau - (K - 1) + i
         t = tl.where(reverse, L - 1 - tp, tp)
         ok = (tp >= 0) & (tp < L)
         raw = tl.load(base + t[:, None] * s_l + cols[None, :], mask=ok[:, None] & mask_c[None, :], other=0.0)
-        out = out + tl.load(w_ch + i, mask=mask_c, other=0.0).to(tl.float32)[None, :] * raw.to(tl.float32)
+        out = out + tl.load(w_ch + i * sw_k, mask=mask_c, other=0.0).to(tl.float32)[None, :] * raw.to(tl.float32)
     return silu(out, FAST)
 
 

@@ -116,14 +116,14 @@ def _tile_mask(rows_ok, offs, SIZE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p,
+def _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p, sw_d, sw_c,
                        CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Of head h in direction d, for the fused options: pointers to x's conv weights (BLOCK_P,) and x's conv bias
-    (float32), and the dt bias; placeholders (0) for options that are off."""
-    if CONV_K > 0:  # x's channels are h·P + p of the conv's CH channels; weights (ndir, CH, CONV_K)
-        ch = d * CH + h * P + offs_p
-        w_x = cw_ptr + ch * CONV_K
-        bias_x = tl.load(cb_ptr + ch, mask=offs_p < P, other=0.0).to(tl.float32)
+    """Of head h in direction d, for the fused options: pointers to tap 0 of x's conv weights (BLOCK_P,) and x's
+    conv bias (float32), and the dt bias; placeholders (0) for options that are off."""
+    if CONV_K > 0:  # x's channels are h·P + p of the conv's CH channels; weights (ndir, CH, CONV_K), strided
+        ch = h * P + offs_p
+        w_x = cw_ptr + d * sw_d + ch * sw_c
+        bias_x = tl.load(cb_ptr + d * CH + ch, mask=offs_p < P, other=0.0).to(tl.float32)
     else:
         w_x = cw_ptr
         bias_x = 0.0
@@ -136,12 +136,13 @@ def _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p,
 
 @triton.jit
 def _load_x_dt(x_base, dt_base, tau, t, L, reverse, mq, mqp, offs_p, sx_l, sx_p, sdt_l, P,
-               w_x, bias_x, dtb, CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_SILU: tl.constexpr):
+               w_x, sw_k, bias_x, dtb, CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr, FAST_SILU: tl.constexpr):
     """x (rows τ, BLOCK_P) and dt (rows τ,) float32 of one head, zero on rows past the end. CONV_K > 0: x is the raw
     in-projection, convolved here (taps τ−CONV_K+1 … τ in scan order) and passed through SiLU. SOFTPLUS: dt is raw,
     the step is softplus(dt + dt bias)."""
     if CONV_K > 0:
-        x = conv_silu_rows(x_base, offs_p * sx_p, tau, L, reverse, sx_l, offs_p < P, w_x, bias_x, CONV_K, FAST_SILU)
+        x = conv_silu_rows(x_base, offs_p * sx_p, tau, L, reverse, sx_l, offs_p < P, w_x, sw_k, bias_x, CONV_K,
+                           FAST_SILU)
         x = tl.where(mqp, x, 0.0)
     else:
         x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(tl.float32)
@@ -395,7 +396,7 @@ def _ssd_bwd_chunk_kernel(
 @triton.jit
 def _cb_short_kernel(
     B_ptr, C_ptr, G_ptr, cw_ptr, cb_ptr,
-    L, ngroups, seqs_per_dir, CH,
+    L, ngroups, seqs_per_dir, CH, sw_d, sw_c, sw_k,
     sb_s, sb_l, sb_g, sb_n,
     sc_s, sc_l, sc_g, sc_n,
     sg_s, sg_g,
@@ -404,8 +405,8 @@ def _cb_short_kernel(
 ):
     """C Bᵀ of a one-chunk sequence in scan order, zero above the diagonal: G (BLOCK_Q × BLOCK_Q) per (sequence,
     group), computed once for all the group's heads. One program per (sequence, group). CONV_K > 0: B and C are the
-    raw in-projection, convolved here and passed through SiLU (weights (ndir, CH, CONV_K) in Mamba2's channel order
-    [x, B, C]: B's channels are the last 2·groups·N but groups·N)."""
+    raw in-projection, convolved here and passed through SiLU (weights (ndir, CH, CONV_K), strides sw_*, in Mamba2's
+    channel order [x, B, C]: B's channels are the last 2·groups·N but groups·N)."""
     s, g = _split_program_id(ngroups)
     d, reverse, s64, offs_q, mq, t = _one_chunk_rows(s, L, seqs_per_dir, DIR_MODE, BLOCK_Q)
     offs_n = tl.arange(0, BLOCK_N)
@@ -413,13 +414,13 @@ def _cb_short_kernel(
     b_base = B_ptr + s64 * sb_s + g * sb_g
     c_base = C_ptr + s64 * sc_s + g * sc_g
     if CONV_K > 0:
-        ch_b = d * CH + (CH - 2 * ngroups * N) + g * N + offs_n
+        ch_b = (CH - 2 * ngroups * N) + g * N + offs_n
         ch_c = ch_b + ngroups * N
         mn = offs_n < N
-        Bm = conv_silu_rows(b_base, offs_n * sb_n, offs_q, L, reverse, sb_l, mn, cw_ptr + ch_b * CONV_K,
-                            tl.load(cb_ptr + ch_b, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
-        Cm = conv_silu_rows(c_base, offs_n * sc_n, offs_q, L, reverse, sc_l, mn, cw_ptr + ch_c * CONV_K,
-                            tl.load(cb_ptr + ch_c, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
+        Bm = conv_silu_rows(b_base, offs_n * sb_n, offs_q, L, reverse, sb_l, mn, cw_ptr + d * sw_d + ch_b * sw_c, sw_k,
+                            tl.load(cb_ptr + d * CH + ch_b, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
+        Cm = conv_silu_rows(c_base, offs_n * sc_n, offs_q, L, reverse, sc_l, mn, cw_ptr + d * sw_d + ch_c * sw_c, sw_k,
+                            tl.load(cb_ptr + d * CH + ch_c, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
         Bm = tl.where(mqn, Bm, 0.0)
         Cm = tl.where(mqn, Cm, 0.0)
     else:
@@ -433,7 +434,7 @@ def _cb_short_kernel(
 @triton.jit
 def _ssd_fwd_short_kernel(
     x_ptr, dt_ptr, A_ptr, G_ptr, D_ptr, y_ptr, cw_ptr, cb_ptr, dtb_ptr, z_ptr, ss_ptr,
-    L, nheads, seqs_per_dir, heads_per_group, CH,
+    L, nheads, seqs_per_dir, heads_per_group, CH, sw_d, sw_c, sw_k,
     sx_s, sx_l, sx_h, sx_p,
     sdt_s, sdt_l, sdt_h,
     sg_s, sg_g,
@@ -459,9 +460,10 @@ def _ssd_fwd_short_kernel(
     mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
     g = h // heads_per_group
     G = tl.load(G_ptr + s64 * sg_s + g * sg_g + offs_q[:, None] * BLOCK_Q + offs_q[None, :]).to(tl.float32)
-    w_x, bias_x, dtb = _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p, CONV_K, SOFTPLUS)
+    w_x, bias_x, dtb = _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p, sw_d, sw_c, CONV_K,
+                                          SOFTPLUS)
     x, dt = _load_x_dt(x_ptr + s64 * sx_s + h * sx_h, dt_ptr + s64 * sdt_s + h * sdt_h, offs_q, t, L, reverse, mq,
-                       mqp, offs_p, sx_l, sx_p, sdt_l, P, w_x, bias_x, dtb, CONV_K, SOFTPLUS, FAST_SILU)
+                       mqp, offs_p, sx_l, sx_p, sdt_l, P, w_x, sw_k, bias_x, dtb, CONV_K, SOFTPLUS, FAST_SILU)
     A = tl.load(A_ptr + d * nheads + h).to(tl.float32) * LOG2E
     acum = tl.cumsum(dt * A, axis=0)  # log2 of the decay from the start
     decay = tl.exp2(tl.minimum(acum[:, None] - acum[None, :], 0.0))
@@ -542,12 +544,14 @@ def causal_cb(B: Tensor, C: Tensor, dir_mode: int = 0, conv: tuple[Tensor, Tenso
     if l > bq:
         raise ValueError(f"causal_cb takes sequences of one chunk (length <= {bq}), got {l}")
     G = torch.empty(s, g, bq, bq, device=B.device, dtype=B.dtype)
-    cw, cb = (B, B) if conv is None else (conv[0].contiguous(), conv[1].contiguous())
+    cw, cb = (B, B) if conv is None else (conv[0], conv[1].contiguous())
+    w_strides = (0, 0, 0) if conv is None else cw.stride()
     if conv is not None and cw.shape[1] < 2 * g * n:
         raise ValueError(f"causal_cb's conv weight must end with B's and C's {2 * g * n} channels, got "
                          f"{tuple(cw.shape)}")
     if s:
-        _cb_short_kernel[(s * g,)](B, C, G, cw, cb, l, g, s // 2 if dir_mode == 2 else s, cw.shape[1], *B.stride(),
+        _cb_short_kernel[(s * g,)](B, C, G, cw, cb, l, g, s // 2 if dir_mode == 2 else s, cw.shape[1], *w_strides,
+                                   *B.stride(),
                                    *C.stride(), G.stride(0), G.stride(1), N=n, BLOCK_Q=bq, BLOCK_N=_block(n),
                                    DIR_MODE=dir_mode, PREC=_prec(B), DOT=_dot_dtype(B),
                                    CONV_K=0 if conv is None else cw.shape[-1], FAST_SILU=fast_silu(B.dtype),
@@ -570,12 +574,19 @@ def causal_cb_reference(B: Tensor, C: Tensor, dir_mode: int = 0) -> Tensor:
     return F.pad(G, (0, bq - l, 0, bq - l)).to(B.dtype)
 
 
+def conv_taps_major(weight: Tensor) -> Tensor:
+    """A conv weight (ndir, c, k) stored tap-major: the same values, viewed as (ndir, c, k), with each tap's channels
+    contiguous, so the fused kernels load a tap's weights as one vector per program."""
+    return weight.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _fused_inputs(x: Tensor, A: Tensor, x_conv, dt_bias, z: Tensor | None, ss: Tensor | None):
     """The forward kernels' fused-option arguments: pointers (conv weight, conv bias, dt bias, z, Σg²), the conv's
-    channel count, the strides of z and Σg², and the constexprs. Options that are off get placeholders."""
+    channel count and its weight's three strides, the strides of z and Σg², and the constexprs. Options that are
+    off get placeholders."""
     s, l, h, p = x.shape
     ndir = A.shape[0]
-    cw, cb = (A, A) if x_conv is None else (x_conv[0].contiguous(), x_conv[1].contiguous())
+    cw, cb = (A, A) if x_conv is None else (x_conv[0], x_conv[1].contiguous())
     if x_conv is not None and (cw.shape[0] != ndir or cw.shape[1] < h * p):
         raise ValueError(f"the conv weight must be ({ndir}, c, k) with x's {h * p} channels first, got "
                          f"{tuple(cw.shape)}")
@@ -588,7 +599,8 @@ def _fused_inputs(x: Tensor, A: Tensor, x_conv, dt_bias, z: Tensor | None, ss: T
     strides = (*(z.stride() if z is not None else (0,) * 4), *(ss.stride() if ss is not None else (0,) * 3))
     meta = dict(CONV_K=0 if x_conv is None else cw.shape[-1], SOFTPLUS=dt_bias is not None, GATE=z is not None,
                 FAST_SILU=fast_silu(x.dtype))
-    return ptrs, cw.shape[1] if x_conv is not None else 0, strides, meta
+    channels = (cw.shape[1], *cw.stride()) if x_conv is not None else (0, 0, 0, 0)
+    return ptrs, channels, strides, meta
 
 
 def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int = 0, *,
@@ -599,6 +611,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     Fused options for inference (no gradients) on one-chunk sequences, which read the in-projection in place:
       x_conv  (weight (ndir, c, k), bias (ndir, c)), channels in Mamba2's order [x, B, C]: x is raw and passes
               through conv1d + SiLU in the kernel (direction 1 anti-causal in memory order, as `conv_silu_fwd`).
+              The weight may have any strides; tap-major storage (`conv_taps_major`) reads fastest.
       bc_conv the same weights: B and C are raw too, convolved in the C·Bᵀ stage; one-chunk sequences only.
       dt_bias (ndir, h): dt is raw; the step is softplus(dt + dt_bias).
       z       (s, l, h, p): returns (y · silu(z), Σ_p (y · silu(z))² per (s, l, h) in float32), the gated RMSNorm's
@@ -623,9 +636,9 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     heads_first = _heads_first(s)
     if l <= bq:
         G = causal_cb(B, C, dir_mode, conv=bc_conv)  # (s, g, bq, bq)
-        ptrs, ch, fstrides, fmeta = _fused_inputs(x, A, x_conv, dt_bias, z, ss)
+        ptrs, channels, fstrides, fmeta = _fused_inputs(x, A, x_conv, dt_bias, z, ss)
         _ssd_fwd_short_kernel[(h, s) if heads_first else (s * h,)](
-            x, dt, A, G, Dc, y, *ptrs, l, h, seqs_per_dir, h // g, ch, *x.stride(), *dt.stride(), G.stride(0),
+            x, dt, A, G, Dc, y, *ptrs, l, h, seqs_per_dir, h // g, *channels, *x.stride(), *dt.stride(), G.stride(0),
             G.stride(1), *y.stride(), *fstrides, P=p, **meta, **fmeta, HEADS_FIRST=heads_first, num_stages=1,
             num_warps=_num_warps("FWD_SHORT", 4))
     else:
