@@ -417,9 +417,10 @@ def _cb_short_kernel(
         ch_b = (CH - 2 * ngroups * N) + g * N + offs_n
         ch_c = ch_b + ngroups * N
         mn = offs_n < N
-        Bm = conv_silu_rows(b_base, offs_n * sb_n, offs_q, L, reverse, sb_l, mn, cw_ptr + d * sw_d + ch_b * sw_c, sw_k,
+        w_d = cw_ptr + d * sw_d  # direction d's weights
+        Bm = conv_silu_rows(b_base, offs_n * sb_n, offs_q, L, reverse, sb_l, mn, w_d + ch_b * sw_c, sw_k,
                             tl.load(cb_ptr + d * CH + ch_b, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
-        Cm = conv_silu_rows(c_base, offs_n * sc_n, offs_q, L, reverse, sc_l, mn, cw_ptr + d * sw_d + ch_c * sw_c, sw_k,
+        Cm = conv_silu_rows(c_base, offs_n * sc_n, offs_q, L, reverse, sc_l, mn, w_d + ch_c * sw_c, sw_k,
                             tl.load(cb_ptr + d * CH + ch_c, mask=mn, other=0.0).to(tl.float32), CONV_K, FAST_SILU)
         Bm = tl.where(mqn, Bm, 0.0)
         Cm = tl.where(mqn, Cm, 0.0)
@@ -551,8 +552,7 @@ def causal_cb(B: Tensor, C: Tensor, dir_mode: int = 0, conv: tuple[Tensor, Tenso
                          f"{tuple(cw.shape)}")
     if s:
         _cb_short_kernel[(s * g,)](B, C, G, cw, cb, l, g, s // 2 if dir_mode == 2 else s, cw.shape[1], *w_strides,
-                                   *B.stride(),
-                                   *C.stride(), G.stride(0), G.stride(1), N=n, BLOCK_Q=bq, BLOCK_N=_block(n),
+                                   *B.stride(), *C.stride(), G.stride(0), G.stride(1), N=n, BLOCK_Q=bq, BLOCK_N=_block(n),
                                    DIR_MODE=dir_mode, PREC=_prec(B), DOT=_dot_dtype(B),
                                    CONV_K=0 if conv is None else cw.shape[-1], FAST_SILU=fast_silu(B.dtype),
                                    num_warps=4)
