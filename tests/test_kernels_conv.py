@@ -92,6 +92,26 @@ def test_conv_silu_bwd_matches_plain(s, l, c, k):
         assert rel(a, r) < 1e-5
 
 
+@pytest.mark.parametrize("s,l,c,k", [(3, 13, 40, 4), (2, 7, 9, 3)])
+def test_conv_silu_weight_in_either_memory_order(s, l, c, k):
+    """The conv kernels read the weight through its strides: stored tap-major (as the fused block caches it), forward
+    and the input gradient are exactly what the channel-major weight gives."""
+    from bsmamba2.kernels.conv import conv_silu_fwd
+    from bsmamba2.kernels.ssd import conv_taps_major
+
+    gen = torch.Generator().manual_seed(7 * c + k)
+    raw = strided_raw(s, l, c, gen)
+    w = torch.randn(2, c, k, generator=gen).to(DEV)
+    b = torch.randn(2, c, generator=gen).to(DEV)
+    dout = torch.randn(2, s, l, c, generator=gen).to(DEV)
+    wt = conv_taps_major(w)
+    assert torch.equal(wt, w) and wt.stride(1) == 1
+    assert torch.equal(conv_silu_fwd(raw, wt, b), conv_silu_fwd(raw, w, b))
+    (draw_t, dw_t, db_t), (draw, dw, db) = conv_silu_bwd(dout, raw, wt, b), conv_silu_bwd(dout, raw, w, b)
+    assert torch.equal(draw_t, draw)
+    assert rel(dw_t, dw) < 1e-6 and rel(db_t, db) < 1e-6  # float32 atomics: the summation order may differ
+
+
 def test_conv_silu_bwd_many_sequence_blocks(monkeypatch):
     """Weight-gradient atomics from several programs along the sequence and channel axes: programs of 2 sequences,
     the last one short, and channel blocks of 8."""

@@ -162,8 +162,8 @@ def _fused_weights(block, e: int, d: int) -> tuple[Tensor, ...]:
     w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", list(block.parameters()),
                                                                      lambda: _merged_weights(block, d))
     w_out = (w_g.view(d, 2, e) * norm_w[None]).permute(1, 2, 0)  # (2, e, d): g_d W'_dᵀ, the norm gains folded in
-    # the one-chunk kernels read the conv weights tap by tap; the time axis's conv pass reads them channel-major
-    return w_in.view(2, -1, d), w_out, w_x, conv_w, conv_b, dt_bias, A, D, conv_taps_major(conv_w)
+    # tap-major conv weights: the one-chunk kernels load each tap's channels as one vector
+    return w_in.view(2, -1, d), w_out, w_x, conv_taps_major(conv_w), conv_b, dt_bias, A, D
 
 
 def _fused_inference(block, x: Tensor, out: Tensor | None, x_scaled: Tensor | None,
@@ -175,8 +175,8 @@ def _fused_inference(block, x: Tensor, out: Tensor | None, x_scaled: Tensor | No
     s, l, d = x.shape
     e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
     params = list(block.parameters())
-    w_in, w_out, w_x, conv_w, conv_b, dt_bias, A, D, conv_taps = derived(block, "fused", params,
-                                                                          lambda: _fused_weights(block, e, d))
+    w_in, w_out, w_x, conv_w, conv_b, dt_bias, A, D = derived(block, "fused", params,
+                                                               lambda: _fused_weights(block, e, d))
     w_in, w_out, w_x = in_autocast_dtype(block, "fused", params, (w_in, w_out, w_x), x.device.type)
 
     if x_scaled is None:
@@ -190,7 +190,7 @@ def _fused_inference(block, x: Tensor, out: Tensor | None, x_scaled: Tensor | No
                 torch.mm(xn, w_in[k].t(), out=zx[k])
         z, xs, B, C, dt = zx.view(2 * s, l, -1).split([e, e, g * n, g * n, h], dim=-1)  # first s: forward
         gated, ss = ssd_fwd(xs.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)), D,
-                            dir_mode=2, x_conv=(conv_taps, conv_b), bc_conv=(conv_taps, conv_b), dt_bias=dt_bias,
+                            dir_mode=2, x_conv=(conv_w, conv_b), bc_conv=(conv_w, conv_b), dt_bias=dt_bias,
                             z=z.unflatten(-1, (h, p)))  # (2s, l, h, p), (2s, l, h) float32
         parts = torch.bmm(gated.view(2, s * l, e), w_out.to(gated.dtype))  # (2, s·l, d): g_d W'_dᵀ
     else:  # one product for both directions (H100: 1.94 ms against 2.04 for two)

@@ -70,16 +70,17 @@ def _conv_raw_row(src, tau, L, d, sr_l, mc, zc):
 
 
 @triton.jit
-def _conv_channels(w_ptr, b_ptr, d, CH, K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_channels(w_ptr, b_ptr, d, CH, sw_d, sw_c, sw_k, K: tl.constexpr, BLOCK_C: tl.constexpr):
     """Of a walk over direction d: its BLOCK_C channels (program id 0), their mask, the channels' zero vector, the
-    four tap weights (taps past K: zero; tap 0 multiplies raw[τ − (K−1)]) and the bias, float32. Weights (2, CH, K)."""
+    four tap weights (taps past K: zero; tap 0 multiplies raw[τ − (K−1)]) and the bias, float32. Weights (2, CH, K)
+    with strides sw_* (channel-major or tap-major), bias (2, CH) contiguous."""
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = offs_c < CH
-    wrow = w_ptr + (d * CH + offs_c) * K
+    wrow = w_ptr + d * sw_d + offs_c * sw_c
     w0 = tl.load(wrow, mask=mc, other=0.0).to(tl.float32)
-    w1 = tl.load(wrow + 1, mask=mc & (K > 1), other=0.0).to(tl.float32)
-    w2 = tl.load(wrow + 2, mask=mc & (K > 2), other=0.0).to(tl.float32)
-    w3 = tl.load(wrow + 3, mask=mc & (K > 3), other=0.0).to(tl.float32)
+    w1 = tl.load(wrow + sw_k, mask=mc & (K > 1), other=0.0).to(tl.float32)
+    w2 = tl.load(wrow + 2 * sw_k, mask=mc & (K > 2), other=0.0).to(tl.float32)
+    w3 = tl.load(wrow + 3 * sw_k, mask=mc & (K > 3), other=0.0).to(tl.float32)
     bias = tl.load(b_ptr + d * CH + offs_c, mask=mc, other=0.0).to(tl.float32)
     return offs_c, mc, offs_c * 0, w0, w1, w2, w3, bias
 
@@ -108,7 +109,7 @@ def _conv_pre(bias, w0, w1, w2, w3, back3, back2, back1, cur, K: tl.constexpr):
 
 @triton.jit
 def _conv_fwd_kernel(
-    raw_ptr, w_ptr, b_ptr, out_ptr, S, L, CH,
+    raw_ptr, w_ptr, b_ptr, out_ptr, S, L, CH, sw_d, sw_c, sw_k,
     sr_s, sr_l, sr_d, sr_c,
     so_d, so_s, so_l, so_c,
     K: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr, FAST_SILU: tl.constexpr,
@@ -125,7 +126,7 @@ def _conv_fwd_kernel(
     pid_sd = tl.program_id(1)
     d = pid_sd // S
     s = pid_sd % S
-    offs_c, mc, zc, w0, w1, w2, w3, bias = _conv_channels(w_ptr, b_ptr, d, CH, K, BLOCK_C)
+    offs_c, mc, zc, w0, w1, w2, w3, bias = _conv_channels(w_ptr, b_ptr, d, CH, sw_d, sw_c, sw_k, K, BLOCK_C)
     src = raw_ptr + s.to(tl.int64) * sr_s + d * sr_d + offs_c * sr_c
     dst = out_ptr + d * so_d + s.to(tl.int64) * so_s + offs_c * so_c
     back1 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # raw[τ − 1], raw[τ − 2], raw[τ − 3]: zeros before the start
@@ -145,7 +146,7 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _conv_bwd_kernel(
-    raw_ptr, dout_ptr, w_ptr, b_ptr, draw_ptr, dw_ptr, db_ptr, S, L, CH, SEQS,
+    raw_ptr, dout_ptr, w_ptr, b_ptr, draw_ptr, dw_ptr, db_ptr, S, L, CH, SEQS, sw_d, sw_c, sw_k,
     sr_s, sr_l, sr_d, sr_c,
     so_d, so_s, so_l, so_c,
     sdr_s, sdr_l, sdr_d, sdr_c,
@@ -167,7 +168,7 @@ def _conv_bwd_kernel(
     n_sblocks = tl.cdiv(S, SEQS)
     d = pid_sd // n_sblocks
     s0 = (pid_sd % n_sblocks) * SEQS
-    offs_c, mc, zc, w0, w1, w2, w3, bias = _conv_channels(w_ptr, b_ptr, d, CH, K, BLOCK_C)
+    offs_c, mc, zc, w0, w1, w2, w3, bias = _conv_channels(w_ptr, b_ptr, d, CH, sw_d, sw_c, sw_k, K, BLOCK_C)
     acc0 = tl.zeros((BLOCK_C,), dtype=tl.float32)  # Σ dpre · raw through tap i, and Σ dpre
     acc1 = acc0
     acc2 = acc0
@@ -245,7 +246,7 @@ def _bwd_seqs_per_program(l: int) -> int:
 
 
 def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """raw (s, l, 2, c), weight (2, c, k), bias (2, c) → (2, s, l, c) in raw's dtype."""
+    """raw (s, l, 2, c), weight (2, c, k) (any strides), bias (2, c) → (2, s, l, c) in raw's dtype."""
     s, l, two, c = raw.shape
     if two != 2 or weight.shape[:2] != (2, c) or bias.shape != (2, c):
         raise ValueError(f"conv shapes disagree: raw {tuple(raw.shape)}, weight {tuple(weight.shape)}, "
@@ -253,7 +254,7 @@ def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     out = torch.empty(2, s, l, c, device=raw.device, dtype=raw.dtype)
     if s and l:
         _conv_fwd_kernel[(triton.cdiv(c, _FWD_BLOCK_C), 2 * s)](
-            raw, weight.contiguous(), bias.contiguous(), out, s, l, c, *raw.stride(), *out.stride(),
+            raw, weight, bias.contiguous(), out, s, l, c, *weight.stride(), *raw.stride(), *out.stride(),
             K=weight.shape[-1], BLOCK_C=_FWD_BLOCK_C, ROWS=_FWD_ROWS, num_warps=_FWD_WARPS,
             FAST_SILU=fast_silu(raw.dtype))
     return out
@@ -278,7 +279,7 @@ def conv_silu_bwd(dout: Tensor, raw: Tensor, weight: Tensor, bias: Tensor,
     if s and l:
         seqs = _bwd_seqs_per_program(l)
         grid = (triton.cdiv(c, _BWD_BLOCK_C), 2 * triton.cdiv(s, seqs))
-        _conv_bwd_kernel[grid](raw, dout, weight.contiguous(), bias.contiguous(), draw, dw, db, s, l, c, seqs,
+        _conv_bwd_kernel[grid](raw, dout, weight, bias.contiguous(), draw, dw, db, s, l, c, seqs, *weight.stride(),
                                *raw.stride(), *dout.stride(), *draw.stride(), K=k,
                                BLOCK_C=_BWD_BLOCK_C, ROWS=_BWD_ROWS, num_warps=_BWD_WARPS)
     return draw, dw, db
