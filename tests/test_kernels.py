@@ -340,7 +340,8 @@ def test_fused_scan_options_match_chained_reference(length, taps_major):
     """ssd_fwd reading the in-projection in place (conv1d + SiLU of x and of B, C, softplus of dt, gate by silu(z),
     Σg² per head) against the separate plain steps, float32: two groups, headdim and d_state narrower than the
     kernels' tiles, the conv weight in either memory order. Longer sequences refuse the options."""
-    from bsmamba2.kernels.ssd import conv_taps_major, ssd_fwd
+    from bsmamba2.kernels.conv import conv_taps_major
+    from bsmamba2.kernels.ssd import ssd_fwd
 
     torch.manual_seed(length)
     s, h, p, g, n, k = 3, 4, 6, 2, 5, 4

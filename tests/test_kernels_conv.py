@@ -96,8 +96,7 @@ def test_conv_silu_bwd_matches_plain(s, l, c, k):
 def test_conv_silu_weight_in_either_memory_order(s, l, c, k):
     """The conv kernels read the weight through its strides: stored tap-major (as the fused block caches it), forward
     and the input gradient are exactly what the channel-major weight gives."""
-    from bsmamba2.kernels.conv import conv_silu_fwd
-    from bsmamba2.kernels.ssd import conv_taps_major
+    from bsmamba2.kernels.conv import conv_silu_fwd, conv_taps_major
 
     gen = torch.Generator().manual_seed(7 * c + k)
     raw = strided_raw(s, l, c, gen)

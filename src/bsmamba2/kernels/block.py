@@ -47,12 +47,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bsmamba2.derived import derived, in_autocast_dtype
-from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd
+from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd, conv_taps_major
 from bsmamba2.kernels.dt import softplus_dt, softplus_dt_reference
 from bsmamba2.kernels.gated_proj import gated_proj
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
 from bsmamba2.kernels.residual import add_into, gated_merge_into
-from bsmamba2.kernels.ssd import block_q_for, conv_taps_major, ssd_bwd, ssd_fwd, ssd_scan_bidirectional
+from bsmamba2.kernels.ssd import block_q_for, ssd_bwd, ssd_fwd, ssd_scan_bidirectional
 
 
 class _MixerCore(torch.autograd.Function):

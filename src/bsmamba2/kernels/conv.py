@@ -245,6 +245,13 @@ def _bwd_seqs_per_program(l: int) -> int:
     return max(1, min(16, _BWD_MIN_ROWS // max(l, 1)))
 
 
+def conv_taps_major(weight: Tensor) -> Tensor:
+    """A conv weight (ndir, c, k) stored tap-major: the same values, viewed as (ndir, c, k), with each tap's channels
+    contiguous, so the band axis's fused kernels load a tap's weights as one vector per program; every conv
+    kernel reads the weight through its strides."""
+    return weight.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def conv_silu_fwd(raw: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """raw (s, l, 2, c), weight (2, c, k) (any strides), bias (2, c) → (2, s, l, c) in raw's dtype."""
     s, l, two, c = raw.shape

@@ -574,12 +574,6 @@ def causal_cb_reference(B: Tensor, C: Tensor, dir_mode: int = 0) -> Tensor:
     return F.pad(G, (0, bq - l, 0, bq - l)).to(B.dtype)
 
 
-def conv_taps_major(weight: Tensor) -> Tensor:
-    """A conv weight (ndir, c, k) stored tap-major: the same values, viewed as (ndir, c, k), with each tap's channels
-    contiguous, so the fused kernels load a tap's weights as one vector per program."""
-    return weight.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 def _fused_inputs(x: Tensor, A: Tensor, x_conv, dt_bias, z: Tensor | None, ss: Tensor | None):
     """The forward kernels' fused-option arguments: pointers (conv weight, conv bias, dt bias, z, Σg²), the conv's
     channel count and its weight's three strides, the strides of z and Σg², and the constexprs. Options that are
@@ -611,7 +605,7 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     Fused options for inference (no gradients) on one-chunk sequences, which read the in-projection in place:
       x_conv  (weight (ndir, c, k), bias (ndir, c)), channels in Mamba2's order [x, B, C]: x is raw and passes
               through conv1d + SiLU in the kernel (direction 1 anti-causal in memory order, as `conv_silu_fwd`).
-              The weight may have any strides; tap-major storage (`conv_taps_major`) reads fastest.
+              The weight may have any strides; tap-major storage (`conv.conv_taps_major`) reads fastest.
       bc_conv the same weights: B and C are raw too, convolved in the C·Bᵀ stage; one-chunk sequences only.
       dt_bias (ndir, h): dt is raw; the step is softplus(dt + dt_bias).
       z       (s, l, h, p): returns (y · silu(z), Σ_p (y · silu(z))² per (s, l, h) in float32), the gated RMSNorm's
