@@ -21,7 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 from bsmamba2 import kernels, mamba2  # noqa: E402
 from bsmamba2.config import BSMamba2Config, Mamba2Config  # noqa: E402
 from bsmamba2.kernels.block import bimamba2_block_forward  # noqa: E402
-from bsmamba2.kernels.ssd import SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_bwd, ssd_scan  # noqa: E402
+from bsmamba2.kernels.ssd import (SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_bwd,  # noqa: E402
+                                  ssd_fwd, ssd_scan)
 from bsmamba2.mamba2 import BiMamba2Block  # noqa: E402
 from bsmamba2.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -103,6 +104,21 @@ def test_causal_cb_matches_reference(dir_mode):
 
 def test_scan_bfloat16():
     check_scan(2, 40, 2, 16, 1, 16, 2, torch.bfloat16, seed=7, tol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [13, 45])
+def test_scan_forward_16bit_with_vanishing_steps(dtype, length):
+    """The forward kernels fold the skip term D x into the product as (D / dt)(x dt) where the operand dtype can
+    hold D / dt (bf16, float32) and start from D x where it cannot (float16): steps of exactly 0 and 1e-20 (a
+    softplus that underflowed) must still give D x there, with no inf or NaN."""
+    x, dt, A, B, C, D = random_scan_inputs(2, length, 2, 16, 1, 16, 2, seed=11)
+    dt[:, ::5] = 0.0
+    dt[:, 1::7] = 1e-20
+    y = ssd_fwd(x.to(dtype), dt, A, B.to(dtype), C.to(dtype), D, dir_mode=2)
+    ref = reference_scan(*(t.double() for t in (x, dt, A, B, C, D)), dir_mode=2)
+    assert torch.isfinite(y).all()
+    assert rel(y, ref) < 2e-2
 
 
 @pytest.mark.parametrize("one_chunk", [True, False])  # the one-chunk forward's flat grid; the long kernels' order
@@ -499,10 +515,11 @@ def test_gpu_fast_block_paper_size(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_fused_inference_block_paper_size(dtype):
     """The fused inference block (no autograd) at paper size on both axes' lengths against the plain block in
-    float32: ≤1e-3 in float32, ≤2e-2 under bf16 autocast."""
+    float32: ≤1e-3 in float32, ≤2e-2 under bf16 or float16 autocast (float16 takes its own branches in the
+    one-chunk scan, `ssd._intra_chunk`)."""
     blk = _block(256, Mamba2Config(), seed=3)
     for s, l in ((40, 62), (4, 801)):
         x = torch.randn(s, l, 256, device=DEV)
@@ -512,9 +529,25 @@ def test_gpu_fused_inference_block_paper_size(dtype):
                 ref = blk(x)
             finally:
                 mamba2.set_backend("auto")
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 y = bimamba2_block_forward(blk, x)
         assert rel(y - x, ref - x) <= (1e-3 if dtype == torch.float32 else 2e-2), (s, l)
+
+
+@pytest.mark.gpu
+def test_gpu_gated_proj_float16_large_values():
+    """gated_proj squares g in bf16 for float16 inputs: |g| well above 256 (whose square overflows float16) still
+    gives finite sums that match the float32 twin."""
+    from bsmamba2.kernels.gated_proj import gated_proj, gated_proj_reference
+
+    torch.manual_seed(0)
+    y = (300 * torch.randn(2, 333, 128, device=DEV)).half()
+    z = (3 + torch.randn(2, 333, 128, device=DEV)).half()
+    w = (torch.randn(2, 128, 64, device=DEV) / 64).half()
+    p, ss = gated_proj(y, z, w)
+    p_ref, ss_ref = gated_proj_reference(y, z, w)
+    assert torch.isfinite(ss).all() and torch.isfinite(p).all()
+    assert rel(ss, ss_ref) < 1e-3 and rel(p.float(), p_ref.float()) < 1e-2
 
 
 @pytest.mark.gpu

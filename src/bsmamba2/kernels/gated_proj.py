@@ -9,6 +9,13 @@ row, so (g · rstd · w) W_outᵀ = rstd · (g (W_out · diag(w))ᵀ): the produ
 into W_d, and the caller applies rstd afterwards (`residual.gated_merge_into`). g is formed tile by tile as the
 product's left operand and never goes to memory: this removes the separate gated-norm pass, which read y and z
 and wrote the normalized tensor. Plain twin: `gated_proj_reference`.
+
+Σ g² is a second product, (g ∘ g) e₀ with e₀ a (k, 16) tile of ones in column 0, beside the first: every use of g
+is then a product operand, so g is formed in the operand's register layout straight from shared memory. Summed on
+the vector units instead, g needed a layout of its own and one conversion per step through shared memory (6-way
+bank conflicts on its stores). In 16-bit the squares are rounded to the operand's dtype before the sum
+(~2⁻⁹ relative each; Σ g² to ~2e-4, its rsqrt to half that, below the output's rounding). float16 squares them
+in bf16: in float16 any |g| above 256 overflowed the sum.
 """
 
 from __future__ import annotations
@@ -20,20 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2.kernels import interpreting
 from bsmamba2.kernels.conv import fast_silu, silu
 from bsmamba2.kernels.ssd import _dot_dtype, _prec
-
-
-@triton.jit
-def _computed_once(x, ON: tl.constexpr):
-    """x itself, through an opaque move the compiler may not duplicate (ON: off in the CPU interpreter, which runs no
-    inline assembly). Without it, the compiler computed g twice, once in the layout of the product's operand and
-    once in that of Σ g², each from its own shared-memory reads of y and z."""
-    if ON:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=False, pack=1)
-    else:
-        return x
 
 
 @triton.jit
@@ -41,7 +36,7 @@ def _gated_proj_kernel(
     y_ptr, z_ptr, w_ptr, p_ptr, ss_ptr, R, E, N,
     sy_d, sy_r, sz_d, sz_r, sw_d, sw_k, sw_n, sp_d, sp_r,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    FAST_SILU: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ONCE: tl.constexpr,
+    FAST_SILU: tl.constexpr, DOT: tl.constexpr, SQ: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program: BLOCK_M rows of direction d (program axis 2) against BLOCK_N output columns (axis 1), the
     reduction over e in steps of BLOCK_K (EVEN_K: e is a multiple of it, no mask along e). The first column block
@@ -58,7 +53,8 @@ def _gated_proj_kernel(
     z_rows = z_ptr + d * sz_d + r64[:, None] * sz_r + offs_k[None, :]
     w_cols = w_ptr + d * sw_d + offs_k[:, None] * sw_k + offs_n[None, :] * sw_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    ss = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # column 0: Σ g² so far (see the module docstring)
+    e0 = ((offs_k[:, None] * 0 + tl.arange(0, 16)[None, :]) == 0).to(SQ)  # (BLOCK_K, 16): ones in column 0
     for k0 in range(0, E, BLOCK_K):
         if EVEN_K:
             mk = mr[:, None]
@@ -69,8 +65,7 @@ def _gated_proj_kernel(
         y = tl.load(y_rows + k0, mask=mk, other=0.0).to(tl.float32)
         z = tl.load(z_rows + k0, mask=mk, other=0.0).to(tl.float32)
         g = y * silu(z, FAST_SILU)
-        g = _computed_once(g, ONCE)
-        ss += g * g
+        ss = tl.dot((g * g).to(SQ), e0, ss, input_precision=PREC)
         w = tl.load(w_cols + k0 * sw_k, mask=mw, other=0.0)
         acc = tl.dot(g.to(DOT), w.to(DOT), acc, input_precision=PREC)
     tl.store(p_ptr + d * sp_d + r64[:, None] * sp_r + offs_n[None, :], acc.to(p_ptr.dtype.element_ty),
@@ -82,8 +77,10 @@ def _gated_proj_kernel(
 # paper size (397,296 rows, e = 1024, d = 256), ms per call against the gated-norm pass + cuBLAS product it replaces
 # (H200 1.91, H100 2.65-2.75). Before g was computed once: H200 1.67 at 64 × 256 × 32 on 4 warps, 1.91 at 128 rows
 # on 8 warps; H100 2.06 and 1.95. Since: H200 1.63-1.67 at 64 rows, 1.58-1.64 at 128 rows on 8 warps and 4 stages
-# (3 stages 1.85, BLOCK_K 64 2.06-2.42).
-_TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, num_warps=8, num_stages=4)
+# (3 stages 1.85, BLOCK_K 64 2.06-2.42). With Σ g² as a product (H200, same process): 1.41-1.49 at 64 rows on
+# 4 warps against 1.51-1.66 for the previous kernel at 128 rows (3 stages 1.53-1.73, 5 stages 1.42-1.56,
+# BLOCK_K 64 2.08-2.17).
+_TILE = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, num_warps=4, num_stages=4)
 
 
 def _tile(e: int, n: int) -> dict:
@@ -104,11 +101,12 @@ def gated_proj(y: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     p = torch.empty(2, R, n, device=y.device, dtype=y.dtype)
     ss = torch.empty(2, R, device=y.device, dtype=torch.float32)
     tile = _tile(e, n)
+    dot = _dot_dtype(y)
     if R:
         _gated_proj_kernel[(triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(n, tile["BLOCK_N"]), 2)](
             y, z, w, p, ss, R, e, n, y.stride(0), y.stride(1), z.stride(0), z.stride(1), *w.stride(), p.stride(0),
-            p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=_dot_dtype(y),
-            PREC=_prec(y), ONCE=not interpreting(), **tile)
+            p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=dot,
+            SQ=tl.bfloat16 if dot == tl.float16 else dot, PREC=_prec(y), **tile)
     return p, ss
 
 

@@ -116,6 +116,25 @@ def _tile_mask(rows_ok, offs, SIZE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _intra_chunk(M, x, dt, Dh, offs_q, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """y = M v + D x with v = x · dt, in the one-chunk kernel, for the decayed C·Bᵀ tile M (Q, Q) and x (Q, P)
+    float32. In bf16 and float32 the skip term rides on M's diagonal, D x = (D / dt) v, so the product gives y
+    whole: an accumulator started from D x needs x in the product's layout, one conversion through shared memory
+    per tile. dt is clamped at 1e-30 there so that D / dt stays finite where a step underflows. float16's range
+    cannot hold D / dt for small steps, so it starts the accumulator from D x. The long-sequence kernel keeps that
+    start too: there the fold made the compiler restage x and the chunk loop slower (H200: 3.10 → 4.62 ms)."""
+    if HAS_D and DOT != tl.float16:
+        dtc = tl.maximum(dt, 1e-30)
+        M = tl.where(offs_q[:, None] == offs_q[None, :], M + (Dh / dtc)[:, None], M)
+        y = tl.dot(M.to(DOT), (x * dtc[:, None]).to(DOT), input_precision=PREC)
+    elif HAS_D:
+        y = tl.dot(M.to(DOT), (x * dt[:, None]).to(DOT), Dh * x, input_precision=PREC)
+    else:
+        y = tl.dot(M.to(DOT), (x * dt[:, None]).to(DOT), input_precision=PREC)
+    return y
+
+
+@triton.jit
 def _fused_head_params(cw_ptr, cb_ptr, dtb_ptr, d, h, nheads, CH, P, offs_p, sw_d, sw_c,
                        CONV_K: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Of head h in direction d, for the fused options: pointers to tap 0 of x's conv weights (BLOCK_P,) and x's
@@ -154,13 +173,23 @@ def _load_x_dt(x_base, dt_base, tau, t, L, reverse, mq, mqp, offs_p, sx_l, sx_p,
 
 @triton.jit
 def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, sz_p, sss_l,
-             GATE: tl.constexpr, FAST_SILU: tl.constexpr):
+             GATE: tl.constexpr, FAST_SILU: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Store y (rows, BLOCK_P) float32 at memory rows t. GATE: store g = y · silu(z) instead, and each row's Σ g²
-    over the head's channels at ss_base (the gated RMSNorm's statistics, summed over heads by the caller)."""
+    over the head's channels at ss_base (the gated RMSNorm's statistics, summed over heads by the caller). Σ g² is
+    the product (g ∘ g) e₀, e₀ a (BLOCK_P, 16) tile of ones in column 0, as in `gated_proj`: summed on the vector
+    units, g went through shared memory into a layout of its own (16 KB per tile). With `_intra_chunk`, the fused
+    band scan took 3.03-3.12 ms per call against 3.47-3.53 on an H200. float16 keeps the sum on the vector units:
+    after a product started from D x, this one gave non-finite Σ g² (Triton 3.6, H200; once an illegal memory
+    access)."""
     if GATE:
         z = tl.load(z_base + t[:, None] * sz_l + offs_p[None, :] * sz_p, mask=mqp, other=0.0).to(tl.float32)
         y = y * silu(z, FAST_SILU)
-        tl.store(ss_base + t * sss_l, tl.sum(y * y, axis=1), mask=mq)
+        if DOT != tl.float16:
+            e0 = ((offs_p[:, None] * 0 + tl.arange(0, 16)[None, :]) == 0).to(DOT)
+            ss = tl.sum(tl.dot((y * y).to(DOT), e0, input_precision=PREC), axis=1)  # column 0 is Σ g²
+        else:  # float16 (see `_intra_chunk`): after a product started from D x, this one gave non-finite sums
+            ss = tl.sum(y * y, axis=1)
+        tl.store(ss_base + t * sss_l, ss, mask=mq)
     tl.store(y_base + t[:, None] * sy_l + offs_p[None, :] * sy_p, y.to(y_base.dtype.element_ty), mask=mqp)
 
 
@@ -468,14 +497,13 @@ def _ssd_fwd_short_kernel(
     A = tl.load(A_ptr + d * nheads + h).to(tl.float32) * LOG2E
     acum = tl.cumsum(dt * A, axis=0)  # log2 of the decay from the start
     decay = tl.exp2(tl.minimum(acum[:, None] - acum[None, :], 0.0))
-    v = x * dt[:, None]
-    if HAS_D:  # the skip term starts the accumulator
-        y = tl.load(D_ptr + d * nheads + h).to(tl.float32) * x
+    if HAS_D:
+        Dh = tl.load(D_ptr + d * nheads + h).to(tl.float32)
     else:
-        y = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
-    y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)
+        Dh = 0.0
+    y = _intra_chunk(G * decay, x, dt, Dh, offs_q, HAS_D, DOT, PREC)
     _store_y(y, y_ptr + s64 * sy_s + h * sy_h, z_ptr + s64 * sz_s + h * sz_h, ss_ptr + s64 * sss_s + h * sss_h, t,
-             mq, mqp, offs_p, sy_l, sy_p, sz_l, sz_p, sss_l, GATE, FAST_SILU)
+             mq, mqp, offs_p, sy_l, sy_p, sz_l, sz_p, sss_l, GATE, FAST_SILU, DOT, PREC)
 
 
 def _block(n: int) -> int:
