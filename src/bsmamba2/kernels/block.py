@@ -25,8 +25,8 @@ Here, with the same parameters and the same function:
        and gated-norm passes are gone. Long sequences (the time axis): the scan's loop is latency-bound, and each
        of these steps inside it cost more than its own pass (H100: 3.15 ms per call, +1.5 softplus, +1.4 gate,
        +4.8 conv of x), so conv, softplus and scan run as in training, and g is formed inside the out-projection
-       (`gated_proj`), a Triton product that also sums g² (1.58-1.64 ms against 1.91 for the gated-norm pass and
-       the cuBLAS product on an H200; 1.89-1.93 against 2.65 on an H100).
+       (`gated_proj`), a Triton product that also sums g² (1.41-1.51 ms against 1.91 for the gated-norm pass and
+       the cuBLAS product on an H200; 1.89-1.93 against 2.65 on an H100 before Σg² became a product).
        In a model's inference loop the merge also writes the next block's pre-norm rms_scale(out) beside out, from
        the rows it holds, and that block reads it instead of normalizing again (`x_scaled=`, `scaled=`).
 The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next

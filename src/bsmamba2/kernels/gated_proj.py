@@ -77,8 +77,8 @@ def _gated_proj_kernel(
 # paper size (397,296 rows, e = 1024, d = 256), ms per call against the gated-norm pass + cuBLAS product it replaces
 # (H200 1.91, H100 2.65-2.75). Before g was computed once: H200 1.67 at 64 × 256 × 32 on 4 warps, 1.91 at 128 rows
 # on 8 warps; H100 2.06 and 1.95. Since: H200 1.63-1.67 at 64 rows, 1.58-1.64 at 128 rows on 8 warps and 4 stages
-# (3 stages 1.85, BLOCK_K 64 2.06-2.42). With Σ g² as a product (H200, same process): 1.41-1.49 at 64 rows on
-# 4 warps against 1.51-1.66 for the previous kernel at 128 rows (3 stages 1.53-1.73, 5 stages 1.42-1.56,
+# (3 stages 1.85, BLOCK_K 64 2.06-2.42). With Σ g² as a product (H200, same process): 1.41-1.51 at 64 rows on
+# 4 warps against 1.50-1.66 for the previous kernel at 128 rows (3 stages 1.53-1.73, 5 stages 1.42-1.56,
 # BLOCK_K 64 2.08-2.17).
 _TILE = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, num_warps=4, num_stages=4)
 
