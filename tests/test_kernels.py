@@ -109,9 +109,10 @@ def test_scan_bfloat16():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("length", [13, 45])
 def test_scan_forward_16bit_with_vanishing_steps(dtype, length):
-    """The forward kernels fold the skip term D x into the product as (D / dt)(x dt) where the operand dtype can
-    hold D / dt (bf16, float32) and start from D x where it cannot (float16): steps of exactly 0 and 1e-20 (a
-    softplus that underflowed) must still give D x there, with no inf or NaN."""
+    """The one-chunk kernel (length 13) folds the skip term D x into its product as (D / dt)(x dt) where the
+    operand dtype can hold D / dt (bf16, float32) and starts from D x where it cannot (float16); the long kernel
+    (45) always starts from D x. Steps of exactly 0 and 1e-20 (a softplus that underflowed) must still give D x
+    there, with no inf or NaN."""
     x, dt, A, B, C, D = random_scan_inputs(2, length, 2, 16, 1, 16, 2, seed=11)
     dt[:, ::5] = 0.0
     dt[:, 1::7] = 1e-20

@@ -178,7 +178,7 @@ def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, s
     over the head's channels at ss_base (the gated RMSNorm's statistics, summed over heads by the caller). Σ g² is
     the product (g ∘ g) e₀, e₀ a (BLOCK_P, 16) tile of ones in column 0, as in `gated_proj`: summed on the vector
     units, g went through shared memory into a layout of its own (16 KB per tile). With `_intra_chunk`, the fused
-    band scan took 3.03-3.12 ms per call against 3.47-3.53 on an H200. float16 keeps the sum on the vector units:
+    band scan took 3.03-3.12 ms per call against 3.47-3.56 on an H200. float16 keeps the sum on the vector units:
     after a product started from D x, this one gave non-finite Σ g² (Triton 3.6, H200; once an illegal memory
     access)."""
     if GATE:
