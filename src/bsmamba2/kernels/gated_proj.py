@@ -10,10 +10,10 @@ into W_d, and the caller applies rstd afterwards (`residual.gated_merge_into`). 
 product's left operand and never goes to memory: this removes the separate gated-norm pass, which read y and z
 and wrote the normalized tensor. Plain twin: `gated_proj_reference`.
 
-Σ g² is a second product, (g ∘ g) e₀ with e₀ a (k, 16) tile of ones in column 0, beside the first: every use of g
-is then a product operand, so g is formed in the operand's register layout straight from shared memory. Summed on
-the vector units instead, g needed a layout of its own and one conversion per step through shared memory (6-way
-bank conflicts on its stores). In 16-bit the squares are rounded to the operand's dtype before the sum
+Σ g² is a second product beside the first, (g ∘ g) times a column of ones (`ssd.ones_column`): every use of g is
+then a product operand. The compiler forms g for each product's operand layout straight from shared memory (y
+and z read, and silu computed, twice per element), and that measured faster than one g converted once per step
+through shared memory, the layout the vector sum needed (with 6-way bank conflicts on its stores). In 16-bit the squares are rounded to the operand's dtype before the sum
 (~2⁻⁹ relative each; Σ g² to ~2e-4, its rsqrt to half that, below the output's rounding). float16 squares them
 in bf16: in float16 any |g| above 256 overflowed the sum.
 """
@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bsmamba2.kernels.conv import fast_silu, silu
-from bsmamba2.kernels.ssd import _dot_dtype, _prec
+from bsmamba2.kernels.ssd import _dot_dtype, _prec, ones_column
 
 
 @triton.jit
@@ -54,7 +54,7 @@ def _gated_proj_kernel(
     w_cols = w_ptr + d * sw_d + offs_k[:, None] * sw_k + offs_n[None, :] * sw_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     ss = tl.zeros((BLOCK_M, 16), dtype=tl.float32)  # column 0: Σ g² so far (see the module docstring)
-    e0 = ((offs_k[:, None] * 0 + tl.arange(0, 16)[None, :]) == 0).to(SQ)  # (BLOCK_K, 16): ones in column 0
+    e0 = ones_column(offs_k, SQ)  # (BLOCK_K, 16)
     for k0 in range(0, E, BLOCK_K):
         if EVEN_K:
             mk = mr[:, None]

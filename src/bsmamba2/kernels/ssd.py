@@ -116,6 +116,14 @@ def _tile_mask(rows_ok, offs, SIZE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def ones_column(offs, DT: tl.constexpr):
+    """A (len(offs), 16) tile in DT, ones in column 0 and zeros elsewhere: (g ∘ g) times it has each row's Σ g² in
+    column 0. Summing g² as this product keeps every use of g a product operand, so g never needs a layout of its
+    own (a conversion through shared memory per tile); `gated_proj` and the one-chunk scan's gate use it."""
+    return ((offs[:, None] * 0 + tl.arange(0, 16)[None, :]) == 0).to(DT)
+
+
+@triton.jit
 def _intra_chunk(M, x, dt, Dh, offs_q, HAS_D: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """y = M v + D x with v = x · dt, in the one-chunk kernel, for the decayed C·Bᵀ tile M (Q, Q) and x (Q, P)
     float32. In bf16 and float32 the skip term rides on M's diagonal, D x = (D / dt) v, so the product gives y
@@ -176,8 +184,8 @@ def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, s
              GATE: tl.constexpr, FAST_SILU: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
     """Store y (rows, BLOCK_P) float32 at memory rows t. GATE: store g = y · silu(z) instead, and each row's Σ g²
     over the head's channels at ss_base (the gated RMSNorm's statistics, summed over heads by the caller). Σ g² is
-    the product (g ∘ g) e₀, e₀ a (BLOCK_P, 16) tile of ones in column 0, as in `gated_proj`: summed on the vector
-    units, g went through shared memory into a layout of its own (16 KB per tile). With `_intra_chunk`, the fused
+    a product (`ones_column`): summed on the vector units, g went through shared memory into a layout of its own
+    (16 KB per tile). With `_intra_chunk`, the fused
     band scan took 3.03-3.12 ms per call against 3.47-3.56 on an H200. float16 keeps the sum on the vector units:
     after a product started from D x, this one gave non-finite Σ g² (Triton 3.6, H200; once an illegal memory
     access)."""
@@ -185,8 +193,7 @@ def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, s
         z = tl.load(z_base + t[:, None] * sz_l + offs_p[None, :] * sz_p, mask=mqp, other=0.0).to(tl.float32)
         y = y * silu(z, FAST_SILU)
         if DOT != tl.float16:
-            e0 = ((offs_p[:, None] * 0 + tl.arange(0, 16)[None, :]) == 0).to(DOT)
-            ss = tl.sum(tl.dot((y * y).to(DOT), e0, input_precision=PREC), axis=1)  # column 0 is Σ g²
+            ss = tl.sum(tl.dot((y * y).to(DOT), ones_column(offs_p, DOT), input_precision=PREC), axis=1)
         else:  # float16 (see `_intra_chunk`): after a product started from D x, this one gave non-finite sums
             ss = tl.sum(y * y, axis=1)
         tl.store(ss_base + t * sss_l, ss, mask=mq)
