@@ -213,11 +213,17 @@ class BiMamba2Block(nn.Module):
     def fuses_prenorm(self, x: Tensor) -> bool:
         """Whether `forward(x, scaled=...)` writes the next block's pre-norm in its own last pass (the fused
         inference path on the GPU), so that a caller gains by asking for it. Elsewhere it costs a pass."""
-        if torch.is_grad_enabled() or resolve_backend(x.device) != "triton":
-            return False
+        fast = self._fast_block(x)
+        return not torch.is_grad_enabled() and fast is not None and fast.fused_inference_applies(self)
+
+    def _fast_block(self, x: Tensor):
+        """The fast path's module (`bsmamba2.kernels.block`) when the Triton backend serves x's device and computes
+        this block's function there (`supports`: both directions in shared launches), else None."""
+        if resolve_backend(x.device) != "triton":
+            return None
         from bsmamba2.kernels import block as fast  # noqa: PLC0415
 
-        return fast.supports(self) and fast.fused_inference_applies(self)
+        return fast if fast.supports(self) else None
 
     def forward(self, x: Tensor, out: Tensor | None = None, *, x_scaled: Tensor | None = None,
                 scaled: tuple[Tensor, float] | None = None) -> Tensor:
@@ -231,14 +237,8 @@ class BiMamba2Block(nn.Module):
                              f"{x.shape[0]} sequences over lead, got {tuple(out.shape)}")
         if (x_scaled is not None or scaled is not None) and torch.is_grad_enabled():
             raise ValueError("x_scaled= and scaled= are for inference: call under torch.no_grad()")
-        y = None
-        if resolve_backend(x.device) == "triton":
-            from bsmamba2.kernels import block as fast  # noqa: PLC0415
-
-            if fast.supports(self):  # same function, both directions in shared launches
-                y = fast.bimamba2_block_forward(self, x, out, x_scaled, scaled)
-        if y is None:
-            y = self._cpu_or_plain(x, out)
+        fast = self._fast_block(x)
+        y = self._cpu_or_plain(x, out) if fast is None else fast.bimamba2_block_forward(self, x, out, x_scaled, scaled)
         if scaled is not None and not self.fuses_prenorm(x):  # the fused path's merge wrote it already
             scaled[0].copy_(rms_scale(y, scaled[1]).view(scaled[0].shape))
         return y
