@@ -185,10 +185,9 @@ def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, s
     """Store y (rows, BLOCK_P) float32 at memory rows t. GATE: store g = y · silu(z) instead, and each row's Σ g²
     over the head's channels at ss_base (the gated RMSNorm's statistics, summed over heads by the caller). Σ g² is
     a product (`ones_column`): summed on the vector units, g went through shared memory into a layout of its own
-    (16 KB per tile). With `_intra_chunk`, the fused
-    band scan took 3.03-3.12 ms per call against 3.47-3.56 on an H200. float16 keeps the sum on the vector units:
-    after a product started from D x, this one gave non-finite Σ g² (Triton 3.6, H200; once an illegal memory
-    access)."""
+    (16 KB per tile). With `_intra_chunk`, the fused band scan took 3.03-3.12 ms per call against 3.47-3.56 on an
+    H200. float16 keeps the sum on the vector units: after a product started from D x, this one gave non-finite
+    Σ g² (Triton 3.6, H200; once an illegal memory access)."""
     if GATE:
         z = tl.load(z_base + t[:, None] * sz_l + offs_p[None, :] * sz_p, mask=mqp, other=0.0).to(tl.float32)
         y = y * silu(z, FAST_SILU)
@@ -587,7 +586,8 @@ def causal_cb(B: Tensor, C: Tensor, dir_mode: int = 0, conv: tuple[Tensor, Tenso
                          f"{tuple(cw.shape)}")
     if s:
         _cb_short_kernel[(s * g,)](B, C, G, cw, cb, l, g, s // 2 if dir_mode == 2 else s, cw.shape[1], *w_strides,
-                                   *B.stride(), *C.stride(), G.stride(0), G.stride(1), N=n, BLOCK_Q=bq, BLOCK_N=_block(n),
+                                   *B.stride(), *C.stride(), G.stride(0), G.stride(1), N=n, BLOCK_Q=bq,
+                                   BLOCK_N=_block(n),
                                    DIR_MODE=dir_mode, PREC=_prec(B), DOT=_dot_dtype(B),
                                    CONV_K=0 if conv is None else cw.shape[-1], FAST_SILU=fast_silu(B.dtype),
                                    num_warps=4)
