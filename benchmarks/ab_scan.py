@@ -1,0 +1,158 @@
+"""A/B of the time-axis forward scan (device): this tree's `ssd_fwd` against a baseline copy of `kernels/ssd.py`
+(e.g. `git show HEAD~1:src/bsmamba2/kernels/ssd.py > base_ssd.py`), in one process, alternating.
+
+`kernel`  the scan alone at the paper's time axis (both directions: 2 × 496 sequences × 801 frames, 16 heads of
+          64, d_state 128, x/B/C bf16 views of one conv output as the model passes them), for each variant of
+          this tree's knobs (`--variants`, env settings such as BSMAMBA2_SSD_STAGES=2) against the baseline;
+          each output is first checked against the baseline's float32 scan (relative error).
+`model`   the paper-size model's inference (batch 8 × 8 s, bf16, `bench_gpu.bench_inference`) with the baseline
+          scan patched in, against this tree's.
+
+    PYTHONPATH=src python3 benchmarks/ab_scan.py --baseline base_ssd.py kernel model --out $OUT/ab_scan.json
+
+Results: RESULTS.md, "Fifteenth round".
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def load_baseline(path: str):
+    spec = importlib.util.spec_from_file_location("bsmamba2_baseline_ssd", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def env(settings: dict[str, str]):
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'name:K=V,K=V' or 'name' (no settings)."""
+    name, _, rest = text.partition(":")
+    return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+
+
+def scan_inputs(seqs: int, length: int, heads: int = 16, headdim: int = 64, d_state: int = 128, seed: int = 0,
+                device: str = "cuda", dtype=torch.bfloat16):
+    """Time-axis scan inputs as the model lays them out: x, B, C views of one (2, seqs, length, c) conv output,
+    dt float32 (2·seqs, length, heads), A/D (2, heads)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    e = heads * headdim
+    c = e + 2 * d_state
+    xbc = F.silu(torch.randn(2, seqs, length, c, generator=gen)).to(device, dtype)
+    x, B, C = xbc.view(2 * seqs, length, c).split([e, d_state, d_state], dim=-1)
+    dt = F.softplus(torch.randn(2 * seqs, length, heads, generator=gen) - 1.0).to(device)
+    A = -torch.exp(torch.rand(2, heads, generator=gen) * 2.0).to(device)
+    D = torch.randn(2, heads, generator=gen).to(device)
+    return x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)), C.unflatten(-1, (1, d_state)), D
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def bench_kernel(base, variants, seqs: int, length: int, rounds: int) -> dict:
+    import triton.testing
+
+    from bsmamba2.kernels import ssd
+
+    x, dt, A, B, C, D = scan_inputs(seqs, length, device="cuda" if torch.cuda.is_available() else "cpu")
+    ref = base.ssd_fwd(x.float(), dt, A, B.float(), C.float(), D, 2)
+    calls = {"baseline": (base.ssd_fwd, {})} | {name: (ssd.ssd_fwd, s) for name, s in variants}
+    result = {"shape": [2 * seqs, length, 16, 64, 128], "error_vs_baseline_fp32": {}, "ms": {n: [] for n in calls}}
+    for name, (fn, settings) in calls.items():
+        with env(settings):
+            y = fn(x, dt, A, B, C, D, 2)
+        result["error_vs_baseline_fp32"][name] = rel(y, ref)
+    if seqs * length < 10_000:  # a check run (CPU interpreter): no timing
+        return result
+    for _ in range(rounds):
+        for name, (fn, settings) in calls.items():
+            with env(settings):
+                ms = triton.testing.do_bench(lambda: fn(x, dt, A, B, C, D, 2), warmup=50, rep=300,
+                                             return_mode="median")
+            result["ms"][name].append(ms)
+    return result
+
+
+def bench_model(base, rounds: int, iters: int) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_gpu
+
+    from bsmamba2.kernels import block, ssd
+
+    model = bench_gpu._make("mamba")
+    samples = 8 * bench_gpu.SR
+    new_fwd = ssd.ssd_fwd
+    out = {"baseline": [], "this tree": []}
+    for _ in range(rounds):
+        for name, fn in (("baseline", base.ssd_fwd), ("this tree", new_fwd)):
+            block.ssd_fwd = ssd.ssd_fwd = fn
+            try:
+                out[name].append(bench_gpu.bench_inference(model, 8, samples, iters, 3)["audio_s_per_s"])
+            finally:
+                block.ssd_fwd = ssd.ssd_fwd = new_fwd
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("parts", nargs="+", choices=["kernel", "model"])
+    ap.add_argument("--baseline", required=True, help="a copy of kernels/ssd.py to compare against")
+    ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2",
+                                                      "no-split:BSMAMBA2_SSD_SPLIT_TAIL=0",
+                                                      "no-split-stages2:BSMAMBA2_SSD_SPLIT_TAIL=0,BSMAMBA2_SSD_STAGES=2"])
+    ap.add_argument("--seqs", type=int, default=496, help="sequences per direction (batch 8 x 62 bands)")
+    ap.add_argument("--length", type=int, default=801)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    base = load_baseline(args.baseline)
+    results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               "torch": torch.__version__}
+    if "kernel" in args.parts:
+        results["kernel"] = bench_kernel(base, [parse_variant(v) for v in args.variants], args.seqs, args.length,
+                                         args.rounds)
+    if "model" in args.parts:
+        results["model"] = bench_model(base, args.rounds, args.iters)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if "kernel" in results:
+        k = results["kernel"]
+        print(f"{'variant':<20} {'rel err vs base fp32':>22} {'ms per call (median of do_bench, per round)':>40}")
+        for name, ms in k["ms"].items():
+            times = " / ".join(f"{t:.3f}" for t in ms)
+            print(f"{name:<20} {k['error_vs_baseline_fp32'][name]:>22.2e}   {times}")
+    if "model" in results:
+        for name, v in results["model"].items():
+            print(f"model {name:<12} audio-s/s " + " / ".join(f"{t:.1f}" for t in v)
+                  + f"  (median {statistics.median(v):.1f})")
+
+
+if __name__ == "__main__":
+    main()
