@@ -123,9 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+", choices=["kernel", "model"])
     ap.add_argument("--baseline", required=True, help="a copy of kernels/ssd.py to compare against")
-    ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2",
-                                                      "no-split:BSMAMBA2_SSD_SPLIT_TAIL=0",
-                                                      "no-split-stages2:BSMAMBA2_SSD_SPLIT_TAIL=0,BSMAMBA2_SSD_STAGES=2"])
+    ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
+                    help="name:KEY=VALUE,... (the kernels' environment knobs, e.g. BSMAMBA2_SSD_WARPS_FWD=8)")
     ap.add_argument("--seqs", type=int, default=496, help="sequences per direction (batch 8 x 62 bands)")
     ap.add_argument("--length", type=int, default=801)
     ap.add_argument("--rounds", type=int, default=3)

@@ -29,13 +29,13 @@ def _script():
 def test_ab_scan_variants_compute_the_plain_scan():
     ab = _script()
     base = ab.load_baseline(str(ROOT / "src" / "bsmamba2" / "kernels" / "ssd.py"))
-    variants = [ab.parse_variant("no-split:BSMAMBA2_SSD_SPLIT_TAIL=0"), ab.parse_variant("default")]
-    assert variants[0] == ("no-split", {"BSMAMBA2_SSD_SPLIT_TAIL": "0"})
+    variants = [ab.parse_variant("stages2:BSMAMBA2_SSD_STAGES=2"), ab.parse_variant("default")]
+    assert variants[0] == ("stages2", {"BSMAMBA2_SSD_STAGES": "2"})
     res = ab.bench_kernel(base, variants, seqs=1, length=37, rounds=1)
     errors = res["error_vs_baseline_fp32"]
-    assert set(errors) == {"baseline", "no-split", "default"}
+    assert set(errors) == {"baseline", "stages2", "default"}
     assert all(e < 1e-2 for e in errors.values()), errors  # bf16 inputs against their float32 scan
-    assert os.environ.get("BSMAMBA2_SSD_SPLIT_TAIL") is None  # the variant's setting did not leak
+    assert os.environ.get("BSMAMBA2_SSD_STAGES") is None  # the variant's setting did not leak
     # the baseline's float32 scan is the plain scan: forward half as is, backward half flipped
     x, dt, A, B, C, D = ab.scan_inputs(1, 37, device="cpu")
     y = base.ssd_fwd(x.float(), dt, A, B.float(), C.float(), D, 2)

@@ -21,8 +21,8 @@ import torch.nn.functional as F  # noqa: E402
 from bsmamba2 import kernels, mamba2  # noqa: E402
 from bsmamba2.config import BSMamba2Config, Mamba2Config  # noqa: E402
 from bsmamba2.kernels.block import bimamba2_block_forward  # noqa: E402
-from bsmamba2.kernels.ssd import (SSDScan, block_q_for, causal_cb, causal_cb_reference,  # noqa: E402
-                                  chunk_decays, chunk_decays_reference, ssd_bwd, ssd_fwd, ssd_scan)
+from bsmamba2.kernels.ssd import (SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_bwd,  # noqa: E402
+                                  ssd_fwd, ssd_scan)
 from bsmamba2.mamba2 import BiMamba2Block  # noqa: E402
 from bsmamba2.ssd import ssd_chunked, ssd_sequential  # noqa: E402
 
@@ -79,40 +79,6 @@ def test_scan_forward_and_gradients_float32(dir_mode, length):
         length *= 20  # 260 / 900: several 64-step chunks
     check_scan(2 if dir_mode == 2 else 1, length, 2, 8, 1, 16, dir_mode, torch.float32, seed=length + dir_mode,
                tol=1e-3 if DEV == "cuda" else 1e-4)
-
-
-@pytest.mark.parametrize("split_tail", ["1", "0"])
-@pytest.mark.parametrize("dir_mode", [0, 2])
-def test_scan_whole_chunks_only(dir_mode, split_tail, monkeypatch):
-    """A length that is a whole number of chunks (no partial last chunk, so no masked tail after the loop), with
-    the full chunks unmasked (the default) and with every chunk through the masked loop."""
-    monkeypatch.setenv("BSMAMBA2_SSD_SPLIT_TAIL", split_tail)
-    length = 3 * block_q_for(10**6)
-    check_scan(2 if dir_mode == 2 else 1, length, 2, 8, 1, 16, dir_mode, torch.float32, seed=9 + dir_mode,
-               tol=1e-3 if DEV == "cuda" else 1e-4)
-
-
-@pytest.mark.parametrize("dir_mode", [0, 1, 2])
-@pytest.mark.parametrize("length", [7, 16, 45])  # under a chunk, exactly one, several with a partial last one
-def test_chunk_decays_matches_reference(dir_mode, length):
-    """The long scan's chunk-local cumulative decays (base 2, scan order, memory layout) against the PyTorch twin,
-    on a strided dt and odd head count; the same block size as the scan (16 on the CPU, 64 on the GPU)."""
-    gen = torch.Generator().manual_seed(length + 10 * dir_mode)
-    s, h = (4 if dir_mode == 2 else 3), 5
-    if DEV == "cuda":
-        length *= 20
-    dt = F.softplus(torch.randn(s, length, h + 2, generator=gen))[..., 1:h + 1].to(DEV)  # strided view
-    A = -(0.05 + 2 * torch.rand(2 if dir_mode == 2 else 1, h, generator=gen)).to(DEV)
-    block = 16 if DEV == "cpu" else 64
-    out = chunk_decays(dt, A, dir_mode, block)
-    ref = chunk_decays_reference(dt, A, dir_mode, block)
-    assert out.shape == (s, length, h) and out.dtype == torch.float32
-    assert rel(out, ref) < 1e-6
-    # scan order: the first step of each chunk holds its own decay only
-    first = torch.arange(0, length, block, device=DEV)
-    fwd = dt[0] * A[0] * 1.4426950408889634
-    if dir_mode != 1:
-        torch.testing.assert_close(out[0, first], fwd[first].float())
 
 
 @pytest.mark.parametrize("length", [11, 21])  # one chunk (the C Bᵀ tile from its own kernel); several chunks

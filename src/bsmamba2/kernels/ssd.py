@@ -43,7 +43,6 @@ folded into A), so each exponential is a single exp2.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -201,84 +200,19 @@ def _store_y(y, y_base, z_base, ss_base, t, mq, mqp, offs_p, sy_l, sy_p, sz_l, s
 
 
 @triton.jit
-def _chunk_decay_kernel(dt_ptr, A_ptr, out_ptr, L, nheads, seqs_per_dir, sdt_s, sdt_l, sdt_h, so_s, so_l,
-                        DIR_MODE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One program per (chunk, sequence), all heads: out[s, t, h] = log2(e)·A[d, h]·Σ dt[s, t', h] over the chunk's
-    steps t' up to t in scan order (the chunk-local cumulative decay in base 2, memory order like dt)."""
-    c = tl.program_id(0)
-    s = tl.program_id(1)
-    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    offs_q, mq, t = _chunk_rows(c, L, reverse, BLOCK_Q)
-    offs_h = tl.arange(0, BLOCK_H)
-    mh = offs_h < nheads
-    m = mq[:, None] & mh[None, :]
-    s64 = s.to(tl.int64)
-    dt = tl.load(dt_ptr + s64 * sdt_s + t[:, None] * sdt_l + offs_h[None, :] * sdt_h, mask=m, other=0.0)
-    A = tl.load(A_ptr + d * nheads + offs_h, mask=mh, other=0.0).to(tl.float32) * LOG2E
-    acum = tl.cumsum(dt.to(tl.float32) * A[None, :], axis=0)
-    tl.store(out_ptr + s64 * so_s + t[:, None] * so_l + offs_h[None, :], acum, mask=m)
-
-
-@triton.jit
-def _fwd_chunk(c, state, x_base, dt_base, ac_base, b_base, c_base, y_base, L, reverse, A, Dh, n_chunks,
-               sx_l, sx_p, sdt_l, sac_l, sb_l, sb_n, sc_l, sc_n, sy_l, sy_p,
-               P: tl.constexpr, N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-               MASKED: tl.constexpr):
-    """One chunk of `_ssd_fwd_kernel`: y of its rows stored, the state entering the next chunk returned. MASKED:
-    the chunk may run past the sequence's end (the last one); full chunks load without row masks."""
-    offs_q, mq, t = _chunk_rows(c, L, reverse, BLOCK_Q)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    if not MASKED:
-        mq = offs_q < BLOCK_Q  # all true; only the column masks below remain (`_tile_mask`: none at power-of-two sizes)
-    mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
-    mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
-    x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(tl.float32)
-    dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
-    # the chunk's cumulative decays, from `_chunk_decay_kernel`: summed here, they cost a cross-warp scan and three
-    # layout conversions per chunk (14 of the loop's 23 barriers on sm_90)
-    acum = tl.load(ac_base + t * sac_l, mask=mq, other=0.0)
-    tau_end = tl.minimum(c * BLOCK_Q + BLOCK_Q, L) - 1  # the chunk's last step, in scan order
-    a_tot = tl.load(ac_base + tl.where(reverse, L - 1 - tau_end, tau_end) * sac_l)
-    Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
-    Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
-    v = x * dt[:, None]
-    y = Dh * x  # the skip term starts the accumulator, so x is not held to the end of the chunk
-    G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j
-    causal = offs_q[:, None] >= offs_q[None, :]
-    decay = tl.where(causal, tl.exp2(acum[:, None] - acum[None, :]), 0.0)
-    y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)  # (Q, P)
-    if c > 0:  # rows of C scaled by their decay from the chunk's start, so the product accumulates onto y
-        # scaled in the operands' dtype: a 16-bit product, no float32 round trip of the (Q, N) tile (3.08 →
-        # 2.95 ms per call; error against float64 2.89e-3 → 2.92e-3 in bf16)
-        Cs = Cm * tl.exp2(acum).to(DOT)[:, None]
-        y = tl.dot(Cs, tl.trans(state).to(DOT), y, input_precision=PREC)
-    if c < n_chunks - 1:
-        w = tl.exp2(a_tot - acum)  # decay from each step to the chunk's end
-        # accumulate onto the decayed state: no second (P, N) float32 tile for the product
-        state = tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm, state * tl.exp2(a_tot), input_precision=PREC)
-    tl.store(y_base + t[:, None] * sy_l + offs_p[None, :] * sy_p, y.to(y_base.dtype.element_ty), mask=mqp)
-    return state
-
-
-@triton.jit
 def _ssd_fwd_kernel(
-    x_ptr, dt_ptr, acum_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, y_ptr,
     L, nheads, seqs_per_dir, heads_per_group,
     sx_s, sx_l, sx_h, sx_p,
     sdt_s, sdt_l, sdt_h,
-    sac_s, sac_l, sac_h,
     sb_s, sb_l, sb_g, sb_n,
     sc_s, sc_l, sc_g, sc_n,
     sy_s, sy_l, sy_h, sy_p,
     P: tl.constexpr, N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr,
-    HEADS_FIRST: tl.constexpr, SPLIT_TAIL: tl.constexpr,
+    HEADS_FIRST: tl.constexpr,
 ):
     """Decays in base 2: log2(e) is folded into A once, so each exponential is one exp2 (no multiply per element).
-    The chunk-local cumulative decays come from `_chunk_decay_kernel` (acum). SPLIT_TAIL: the full chunks run
-    without row masks and the partial last one after the loop.
     No fused options here: this loop is latency-bound, and each of them cost more inside it than as its own pass
     (H100, paper size: 3.15 ms per call; +1.5 ms softplus of dt, +1.4 gate, +4.8 conv1d of x)."""
     s, h = _sequence_and_head(HEADS_FIRST)
@@ -287,26 +221,47 @@ def _ssd_fwd_kernel(
     s64 = s.to(tl.int64)
     x_base = x_ptr + s64 * sx_s + h * sx_h
     dt_base = dt_ptr + s64 * sdt_s + h * sdt_h
-    ac_base = acum_ptr + s64 * sac_s + h * sac_h
     b_base = B_ptr + s64 * sb_s + g * sb_g
     c_base = C_ptr + s64 * sc_s + g * sc_g
     y_base = y_ptr + s64 * sy_s + h * sy_h
+
+    offs_q = tl.arange(0, BLOCK_Q)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
     A = tl.load(A_ptr + d * nheads + h).to(tl.float32) * LOG2E
     if HAS_D:  # loaded once here: inside the loop it would be reloaded after every store (y might alias D)
         Dh = tl.load(D_ptr + d * nheads + h).to(tl.float32)
     else:
         Dh = 0.0
+    causal = offs_q[:, None] >= offs_q[None, :]
     state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     n_chunks = tl.cdiv(L, BLOCK_Q)
-    n_loop = L // BLOCK_Q if SPLIT_TAIL else n_chunks
-    for c in range(0, n_loop):
-        state = _fwd_chunk(c, state, x_base, dt_base, ac_base, b_base, c_base, y_base, L, reverse, A, Dh, n_chunks,
-                           sx_l, sx_p, sdt_l, sac_l, sb_l, sb_n, sc_l, sc_n, sy_l, sy_p, P, N, BLOCK_Q, BLOCK_P,
-                           BLOCK_N, HAS_D, PREC, DOT, MASKED=not SPLIT_TAIL)
-    if n_loop < n_chunks:
-        _fwd_chunk(n_loop, state, x_base, dt_base, ac_base, b_base, c_base, y_base, L, reverse, A, Dh, n_chunks,
-                   sx_l, sx_p, sdt_l, sac_l, sb_l, sb_n, sc_l, sc_n, sy_l, sy_p, P, N, BLOCK_Q, BLOCK_P, BLOCK_N,
-                   HAS_D, PREC, DOT, MASKED=True)
+    for c in range(0, n_chunks):
+        offs_q, mq, t = _chunk_rows(c, L, reverse, BLOCK_Q)
+        mqp = _tile_mask(mq, offs_p, P, BLOCK_P)
+        mqn = _tile_mask(mq, offs_n, N, BLOCK_N)
+        x = tl.load(x_base + t[:, None] * sx_l + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(tl.float32)
+        dt = tl.load(dt_base + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
+        Bm = tl.load(b_base + t[:, None] * sb_l + offs_n[None, :] * sb_n, mask=mqn, other=0.0).to(DOT)
+        Cm = tl.load(c_base + t[:, None] * sc_l + offs_n[None, :] * sc_n, mask=mqn, other=0.0).to(DOT)
+        a = dt * A  # log2 of each step's decay
+        acum = tl.cumsum(a, axis=0)
+        a_tot = tl.sum(a, axis=0)
+        v = x * dt[:, None]
+        y = Dh * x  # the skip term starts the accumulator, so x is not held to the end of the chunk
+        G = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)  # (Q, Q): C_i·B_j
+        decay = tl.where(causal, tl.exp2(acum[:, None] - acum[None, :]), 0.0)
+        y = tl.dot((G * decay).to(DOT), v.to(DOT), y, input_precision=PREC)  # (Q, P)
+        if c > 0:  # rows of C scaled by their decay from the chunk's start, so the product accumulates onto y
+            # scaled in the operands' dtype: a 16-bit product, no float32 round trip of the (Q, N) tile (3.08 →
+            # 2.95 ms per call; error against float64 2.89e-3 → 2.92e-3 in bf16)
+            Cs = Cm * tl.exp2(acum).to(DOT)[:, None]
+            y = tl.dot(Cs, tl.trans(state).to(DOT), y, input_precision=PREC)
+        if c < n_chunks - 1:
+            w = tl.exp2(a_tot - acum)  # decay from each step to the chunk's end
+            # accumulate onto the decayed state: no second (P, N) float32 tile for the product
+            state = tl.dot(tl.trans((v * w[:, None]).to(DOT)), Bm, state * tl.exp2(a_tot), input_precision=PREC)
+        tl.store(y_base + t[:, None] * sy_l + offs_p[None, :] * sy_p, y.to(y_ptr.dtype.element_ty), mask=mqp)
 
 
 @triton.jit
@@ -598,40 +553,6 @@ def _dot_dtype(x: Tensor):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
 
 
-def _split_tail() -> bool:
-    """Whether the long-sequence forward runs its full chunks without row masks (BSMAMBA2_SSD_SPLIT_TAIL=0: off)."""
-    return os.environ.get("BSMAMBA2_SSD_SPLIT_TAIL", "1") not in ("", "0")
-
-
-def chunk_decays(dt: Tensor, A: Tensor, dir_mode: int, block_q: int) -> Tensor:
-    """The chunk-local cumulative decays in base 2 that `_ssd_fwd_kernel` reads: dt (s, l, h), A (ndir, h) →
-    float32 (s, l, h), acum[s, t] = log2(e) A_d Σ dt over the steps of t's chunk (of block_q steps, in scan
-    order: from the end for sequences scanned backward) up to t. Plain twin: `chunk_decays_reference`."""
-    s, l, h = dt.shape
-    out = torch.empty(s, l, h, device=dt.device, dtype=torch.float32)
-    if out.numel():
-        seqs_per_dir = s // 2 if dir_mode == 2 else s
-        _chunk_decay_kernel[(triton.cdiv(l, block_q), s)](
-            dt, A.float().contiguous(), out, l, h, seqs_per_dir, *dt.stride(), out.stride(0), out.stride(1),
-            DIR_MODE=dir_mode, BLOCK_Q=block_q, BLOCK_H=triton.next_power_of_2(h), num_warps=4)
-    return out
-
-
-def chunk_decays_reference(dt: Tensor, A: Tensor, dir_mode: int, block_q: int) -> Tensor:
-    """`chunk_decays` in PyTorch (float64 sums): each sequence in scan order, padded to whole chunks, summed per
-    chunk, and put back in memory order."""
-    s, l, h = dt.shape
-    seqs_per_dir = s // 2 if dir_mode == 2 else s
-    seq = torch.arange(s, device=dt.device)
-    d = seq // seqs_per_dir if dir_mode == 2 else torch.zeros_like(seq)
-    reverse = d == 1 if dir_mode == 2 else torch.full_like(seq, dir_mode == 1, dtype=torch.bool)
-    a = dt.double() * A.double()[d][:, None, :] * math.log2(math.e)  # (s, l, h)
-    a = torch.where(reverse[:, None, None], a.flip(1), a)  # scan order
-    pad = -l % block_q
-    a = F.pad(a, (0, 0, 0, pad)).view(s, -1, block_q, h).cumsum(2).view(s, -1, h)[:, :l]
-    return torch.where(reverse[:, None, None], a.flip(1), a).float()
-
-
 def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int) -> None:
     s, l, h, p = x.shape
     if dt.shape != (s, l, h) or B.shape[:2] != (s, l) or B.shape != C.shape:
@@ -750,12 +671,10 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
             G.stride(1), *y.stride(), *fstrides, P=p, **meta, **fmeta, HEADS_FIRST=heads_first, num_stages=1,
             num_warps=_num_warps("FWD_SHORT", 4))
     else:
-        acum = chunk_decays(dt, A, dir_mode, bq)
         grid = (h, s) if heads_first else (s, h)
-        _ssd_fwd_kernel[grid](x, dt, acum, A, B, C, Dc, y, l, h, seqs_per_dir, h // g, *x.stride(), *dt.stride(),
-                              *acum.stride(), *B.stride(), *C.stride(), *y.stride(), P=p, N=n, BLOCK_N=_block(n),
-                              **meta, HEADS_FIRST=heads_first, SPLIT_TAIL=_split_tail(),
-                              num_stages=_num_stages(x), num_warps=_num_warps("FWD", 4))
+        _ssd_fwd_kernel[grid](x, dt, A, B, C, Dc, y, l, h, seqs_per_dir, h // g, *x.stride(), *dt.stride(),
+                              *B.stride(), *C.stride(), *y.stride(), P=p, N=n, BLOCK_N=_block(n), **meta,
+                              HEADS_FIRST=heads_first, num_stages=_num_stages(x), num_warps=_num_warps("FWD", 4))
     return result
 
 
