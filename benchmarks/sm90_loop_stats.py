@@ -1,0 +1,177 @@
+"""The time-axis forward scan compiled for the H100/H200 (sm_90a) on any machine, no GPU needed: registers, stack
+(spills), shared memory, and what one pass of its chunk loop issues (SASS instructions, barriers, warp shuffles,
+async copies, plain global loads, tensor-core instructions, exponentials, local-memory accesses).
+
+The kernel is compiled as the real launch specializes it: `ssd_fwd` is called on CPU tensors laid out as the model
+lays them out (x, B, C views of one conv output, 801 frames) with the launch captured instead of run, and each
+argument is specialized as Triton's JIT does on the GPU (an integer equal to 1 becomes a constant, integers and
+pointers divisible by 16 are marked so). Registers and stack come from the cubin Triton builds, read by the
+`cuobjdump` it ships; the loop from its `nvdisasm`. Numbers depend on the Triton version, which is printed with
+them: the device has 3.6 (`pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR:src).
+
+    PYTHONPATH=src python3 benchmarks/sm90_loop_stats.py [--stages 3] [--warps 4] [--keep DIR]
+
+Used in RESULTS.md, "Fifteenth round"."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from bsmamba2.kernels import ssd
+
+DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+class _Capture:
+    """Stands in for a JIT kernel: `kernel[grid](*args, **kwargs)` records the call instead of launching it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
+
+
+def captured_launch(seqs: int = 2, length: int = 801, heads: int = 16, headdim: int = 64, d_state: int = 128,
+                    dtype=torch.bfloat16):
+    """(kernel, args, kwargs) of the time-axis forward launch `ssd_fwd` makes for the model's layout."""
+    e = heads * headdim
+    c = e + 2 * d_state
+    xbc = torch.zeros(2, seqs, length, c, dtype=dtype)
+    x, B, C = xbc.view(2 * seqs, length, c).split([e, d_state, d_state], dim=-1)
+    dt = torch.full((2 * seqs, length, heads), 0.1)
+    A, D = -torch.ones(2, heads), torch.ones(2, heads)
+    real, cap = ssd._ssd_fwd_kernel, _Capture(ssd._ssd_fwd_kernel)
+    ssd._ssd_fwd_kernel = cap
+    try:
+        ssd.ssd_fwd(x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)),
+                    C.unflatten(-1, (1, d_state)), D, dir_mode=2)
+    finally:
+        ssd._ssd_fwd_kernel = real
+    if len(cap.calls) != 1:
+        raise RuntimeError(f"expected one launch of _ssd_fwd_kernel, saw {len(cap.calls)}")
+    _, args, kwargs = cap.calls[0]
+    return real, args, kwargs
+
+
+def specialize(kernel, args, kwargs):
+    """(signature, constexprs, attrs, options) of the launch, specialized as the JIT specializes it on the GPU:
+    the arguments of `triton.compiler.ASTSource` keyed by argument index, and num_warps / num_stages."""
+    names = kernel.arg_names
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, constexprs, attrs = {}, {}, {}
+    values = dict(zip(names, args)) | kwargs
+    for i, name in enumerate(names):
+        v = values[name]
+        key = (i,)
+        if name in kwargs:
+            signature[name], constexprs[key] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = DTYPES[v.dtype]
+            if (v.data_ptr() % 16) == 0:
+                attrs[key] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"argument {name} of type {type(v).__name__}: not handled")
+        elif v == 1:
+            signature[name], constexprs[key] = "constexpr", 1
+        else:
+            signature[name] = "i32" if abs(v) < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[key] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs, options
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nv
+    path = Path(nv.__file__).parent / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: this Triton package ships no {name}")
+    return str(path)
+
+
+def loop_stats(sass: str) -> dict:
+    """Counts over the longest backward branch's body (the chunk loop) of an nvdisasm listing."""
+    label_addr, instrs, pending = {}, [], []
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(.*)", line)
+        if m:
+            addr = int(m.group(1), 16)
+            label_addr.update((p, addr) for p in pending)
+            pending = []
+            instrs.append((addr, m.group(2)))
+    loop = None
+    for addr, text in instrs:
+        m = re.search(r"BRA\s+`?\(\.(L_x_\d+)\)", text)
+        if m and label_addr.get(m.group(1), addr) < addr:
+            span = (label_addr[m.group(1)], addr)
+            if loop is None or span[1] - span[0] > loop[1] - loop[0]:
+                loop = span
+    if loop is None:
+        raise ValueError("no loop found in the listing")
+    body = [t for a, t in instrs if loop[0] <= a <= loop[1]]
+
+    def count(pattern: str) -> int:
+        return sum(bool(re.search(pattern, t)) for t in body)
+
+    return {"loop_instructions": len(body), "barriers": count(r"\bBAR\.SYNC"), "shuffles": count(r"\bSHFL\."),
+            "async_copies": count(r"\bLDGSTS"), "plain_global_loads": count(r"\bLDG\."),
+            "tensor_core": count(r"\bHGMMA\."), "exp2": count(r"MUFU\.EX2"),
+            "local_memory": count(r"\b(STL|LDL)\b")}
+
+
+def compile_stats(stages: int | None = None, warps: int | None = None, keep: str | None = None) -> dict:
+    kernel, args, kwargs = captured_launch()
+    if stages is not None:
+        kwargs["num_stages"] = stages
+    if warps is not None:
+        kwargs["num_warps"] = warps
+    signature, constexprs, attrs, options = specialize(kernel, args, dict(kwargs))
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(keep or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernel.ptx").write_text(compiled.asm["ptx"])
+        (out / "kernel.ttgir").write_text(compiled.asm["ttgir"])
+        (out / "kernel.cubin").write_bytes(compiled.asm["cubin"])  # as Triton built it
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", str(out / "kernel.cubin")],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", str(out / "kernel.cubin")], capture_output=True, text=True,
+                              check=True).stdout
+        (out / "kernel.sass").write_text(sass)
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return {"triton": triton.__version__, "num_warps": options.get("num_warps"),
+            "num_stages": options.get("num_stages"), "shared_bytes": compiled.metadata.shared,
+            "registers": int(regs.group(1)) if regs else None,
+            "stack_bytes": int(stack.group(1)) if stack else None,  # > 0: spills (the kernels hold no local arrays)
+            **loop_stats(sass)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", type=int, default=None, help="num_stages (default: the launch's)")
+    ap.add_argument("--warps", type=int, default=None, help="num_warps (default: the launch's)")
+    ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
+    args = ap.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    for key, value in compile_stats(args.stages, args.warps, args.keep).items():
+        print(f"{key:<20} {value}")
+
+
+if __name__ == "__main__":
+    main()
