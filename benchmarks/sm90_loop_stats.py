@@ -16,9 +16,11 @@ Used in RESULTS.md, "Fifteenth round"."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -155,7 +157,7 @@ def compile_stats(stages: int | None = None, warps: int | None = None, keep: str
         (out / "kernel.sass").write_text(sass)
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
-    return {"triton": triton.__version__, "num_warps": options.get("num_warps"),
+    return {"triton": triton.__version__, "block_q": kwargs["BLOCK_Q"], "num_warps": options.get("num_warps"),
             "num_stages": options.get("num_stages"), "shared_bytes": compiled.metadata.shared,
             "registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,  # > 0: spills (the kernels hold no local arrays)
@@ -167,9 +169,16 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=None, help="num_stages (default: the launch's)")
     ap.add_argument("--warps", type=int, default=None, help="num_warps (default: the launch's)")
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
+    ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    for key, value in compile_stats(args.stages, args.warps, args.keep).items():
+    stats = compile_stats(args.stages, args.warps, args.keep)
+    if args.json:
+        print(json.dumps(stats))
+        return
+    for key, value in stats.items():
         print(f"{key:<20} {value}")
 
 

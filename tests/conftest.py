@@ -85,3 +85,17 @@ def tiny_musdb(tmp_path_factory, sample_track) -> Path:
             sf.write(str(folder / f"{s}.wav"), a, sr, subtype="PCM_16")
         sf.write(str(folder / "mixture.wav"), np.clip(sum(parts.values()), -1, 1), sr, subtype="PCM_16")
     return root
+
+
+@pytest.fixture(scope="session")
+def benchmark_script():
+    """Loads a script of benchmarks/ as a module: `benchmark_script("ab_scan")`."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,7 +1,6 @@
 """benchmarks/ab_scan.py: the A/B computes the same scan in every variant it times (float32 products through
 Triton's CPU interpreter at a tiny size), against the baseline module's float32 scan and the float64 plain path."""
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -19,15 +18,8 @@ from bsmamba2.ssd import ssd_chunked  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("ab_scan", ROOT / "benchmarks" / "ab_scan.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_ab_scan_variants_compute_the_plain_scan():
-    ab = _script()
+def test_ab_scan_variants_compute_the_plain_scan(benchmark_script):
+    ab = benchmark_script("ab_scan")
     base = ab.load_baseline(str(ROOT / "src" / "bsmamba2" / "kernels" / "ssd.py"))
     variants = [ab.parse_variant("stages2:BSMAMBA2_SSD_STAGES=2"), ab.parse_variant("default")]
     assert variants[0] == ("stages2", {"BSMAMBA2_SSD_STAGES": "2"})
