@@ -31,33 +31,30 @@ from triton.compiler import ASTSource
 
 from bsmamba2.kernels import ssd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_scan import scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
+
 DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
 class _Capture:
     """Stands in for a JIT kernel: `kernel[grid](*args, **kwargs)` records the call instead of launching it."""
 
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
+    def __init__(self):
+        self.calls = []
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def captured_launch(seqs: int = 2, length: int = 801, heads: int = 16, headdim: int = 64, d_state: int = 128,
-                    dtype=torch.bfloat16):
-    """(kernel, args, kwargs) of the time-axis forward launch `ssd_fwd` makes for the model's layout."""
-    e = heads * headdim
-    c = e + 2 * d_state
-    xbc = torch.zeros(2, seqs, length, c, dtype=dtype)
-    x, B, C = xbc.view(2 * seqs, length, c).split([e, d_state, d_state], dim=-1)
-    dt = torch.full((2 * seqs, length, heads), 0.1)
-    A, D = -torch.ones(2, heads), torch.ones(2, heads)
-    real, cap = ssd._ssd_fwd_kernel, _Capture(ssd._ssd_fwd_kernel)
+def captured_launch(seqs: int = 2, length: int = 801):
+    """(kernel, args, kwargs) of the time-axis forward launch `ssd_fwd` makes for the model's layout (paper size:
+    16 heads of 64, d_state 128, bf16)."""
+    x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
+    real, cap = ssd._ssd_fwd_kernel, _Capture()
     ssd._ssd_fwd_kernel = cap
     try:
-        ssd.ssd_fwd(x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)),
-                    C.unflatten(-1, (1, d_state)), D, dir_mode=2)
+        ssd.ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
     finally:
         ssd._ssd_fwd_kernel = real
     if len(cap.calls) != 1:
