@@ -252,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
+    from bsmamba2.kernels.ssd import time_scan_kernel
+
+    probe = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)  # the model's layout and dtype
+    meta["time_scan"] = time_scan_kernel(probe, probe.new_zeros(1, 1, 1, 128), probe.new_zeros(1, 1, 1, 128))
     print(json.dumps(meta), flush=True)
     results = []
     if args.scan_sweep:

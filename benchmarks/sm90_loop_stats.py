@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bsmamba2.kernels import ssd
+from bsmamba2.kernels import ssd, ssd_sm90
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab_scan import scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
@@ -47,18 +47,28 @@ class _Capture:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def captured_launch(seqs: int = 2, length: int = 801):
-    """(kernel, args, kwargs) of the time-axis forward launch `ssd_fwd` makes for the model's layout (paper size:
-    16 heads of 64, d_state 128, bf16)."""
+def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
+    """(kernel, args, kwargs) of the time-axis forward launch for the model's layout (paper size: 16 heads of 64,
+    d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_sm90`'s."""
     x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
-    real, cap = ssd._ssd_fwd_kernel, _Capture()
-    ssd._ssd_fwd_kernel = cap
-    try:
-        ssd.ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
-    finally:
-        ssd._ssd_fwd_kernel = real
+    cap = _Capture()
+    if kernel == "gluon":
+        real, build, steps = ssd_sm90._build(), ssd_sm90._kernel, ssd_sm90.chunk_steps
+        ssd_sm90._kernel = lambda: cap
+        ssd_sm90.chunk_steps = ssd_sm90.chunk_steps_reference  # the Triton pre-pass cannot run without a GPU
+        try:
+            ssd_sm90.ssd_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), dir_mode=2)
+        finally:
+            ssd_sm90._kernel, ssd_sm90.chunk_steps = build, steps
+    else:
+        real = ssd._ssd_fwd_kernel
+        ssd._ssd_fwd_kernel = cap
+        try:
+            ssd.ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
+        finally:
+            ssd._ssd_fwd_kernel = real
     if len(cap.calls) != 1:
-        raise RuntimeError(f"expected one launch of _ssd_fwd_kernel, saw {len(cap.calls)}")
+        raise RuntimeError(f"expected one launch of the {kernel} scan kernel, saw {len(cap.calls)}")
     _, args, kwargs = cap.calls[0]
     return real, args, kwargs
 
@@ -69,11 +79,11 @@ def specialize(kernel, args, kwargs):
     names = kernel.arg_names
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
-    values = dict(zip(names, args)) | kwargs
+    values = dict(zip(names, args)) | kwargs | options  # a Gluon kernel takes num_warps as a constexpr argument
     for i, name in enumerate(names):
         v = values[name]
         key = (i,)
-        if name in kwargs:
+        if name in kwargs or name in options:
             signature[name], constexprs[key] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[name] = DTYPES[v.dtype]
@@ -132,14 +142,20 @@ def loop_stats(sass: str) -> dict:
             "local_memory": count(r"\b(STL|LDL)\b")}
 
 
-def compile_stats(stages: int | None = None, warps: int | None = None, keep: str | None = None) -> dict:
-    kernel, args, kwargs = captured_launch()
+def compile_stats(stages: int | None = None, warps: int | None = None, keep: str | None = None,
+                  kernel_name: str = "triton") -> dict:
+    kernel, args, kwargs = captured_launch(kernel=kernel_name)
     if stages is not None:
         kwargs["num_stages"] = stages
     if warps is not None:
         kwargs["num_warps"] = warps
     signature, constexprs, attrs, options = specialize(kernel, args, dict(kwargs))
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    if kernel_name == "gluon":
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(keep or tmp)
@@ -154,7 +170,8 @@ def compile_stats(stages: int | None = None, warps: int | None = None, keep: str
         (out / "kernel.sass").write_text(sass)
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
-    return {"triton": triton.__version__, "block_q": kwargs["BLOCK_Q"], "num_warps": options.get("num_warps"),
+    return {"kernel": kernel_name, "triton": triton.__version__, "block_q": kwargs.get("BLOCK_Q", kwargs.get("Q")),
+            "num_warps": options.get("num_warps"),
             "num_stages": options.get("num_stages"), "shared_bytes": compiled.metadata.shared,
             "registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,  # > 0: spills (the kernels hold no local arrays)
@@ -167,11 +184,13 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=None, help="num_warps (default: the launch's)")
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    ap.add_argument("--kernel", choices=["triton", "gluon"], default="triton",
+                    help="the Triton kernel (`ssd._ssd_fwd_kernel`) or the Hopper one in Gluon (`ssd_sm90`)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    stats = compile_stats(args.stages, args.warps, args.keep)
+    stats = compile_stats(args.stages, args.warps, args.keep, args.kernel)
     if args.json:
         print(json.dumps(stats))
         return

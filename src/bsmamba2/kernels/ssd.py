@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bsmamba2.kernels import ssd_sm90
 from bsmamba2.kernels.conv import conv_silu_rows, fast_silu, silu
 from bsmamba2.kernels.dt import softplus
 
@@ -541,6 +542,17 @@ def _num_stages(x: Tensor) -> int:
     return 1 if x.dtype == torch.float32 else int(os.environ.get("BSMAMBA2_SSD_STAGES", "3"))
 
 
+def _sm90_scan() -> bool:
+    """Whether long-sequence forward scans on Hopper GPUs take the Gluon kernel (`ssd_sm90`, where it applies):
+    yes unless BSMAMBA2_SSD_GLUON=0 (for A/B runs; H200, paper size: 2.83 against 3.00 ms per call)."""
+    return os.environ.get("BSMAMBA2_SSD_GLUON", "1") not in ("", "0")
+
+
+def time_scan_kernel(x: Tensor, B: Tensor, C: Tensor) -> str:
+    """Which kernel `ssd_fwd` runs for a long sequence with these inputs: "gluon-sm90" or "triton"."""
+    return "gluon-sm90" if _sm90_scan() and ssd_sm90.applies(x, B, C) else "triton"
+
+
 def _prec(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -670,6 +682,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
             x, dt, A, G, Dc, y, *ptrs, l, h, seqs_per_dir, h // g, *channels, *x.stride(), *dt.stride(), G.stride(0),
             G.stride(1), *y.stride(), *fstrides, P=p, **meta, **fmeta, HEADS_FIRST=heads_first, num_stages=1,
             num_warps=_num_warps("FWD_SHORT", 4))
+    elif bq == ssd_sm90.BLOCK_Q and time_scan_kernel(x, B, C) == "gluon-sm90":
+        ssd_sm90.ssd_fwd_sm90(x, dt, A, B, C, D if D is None else Dc, dir_mode, out=y)
     else:
         grid = (h, s) if heads_first else (s, h)
         _ssd_fwd_kernel[grid](x, dt, A, B, C, Dc, y, l, h, seqs_per_dir, h // g, *x.stride(), *dt.stride(),
