@@ -13,6 +13,9 @@ to memory in the forward pass:
     inter-chunk   y += exp(acum) · C Sᵀ                        S: the state entering the chunk
     state         S  = exp(Σa) S + (v · exp(Σa − acum))ᵀ B
 
+On Hopper GPUs `ssd_fwd` runs this forward as the Gluon kernel of `ssd_sm90` instead (same function, explicit
+buffers and asynchronous tensor-core products; BSMAMBA2_SSD_GLUON=0 keeps this one).
+
 Short sequences (L ≤ BLOCK_Q: the band axis, 62 bands; `_ssd_fwd_short_kernel`): one chunk, the quadratic form
 only, no state. `_cb_short_kernel` writes C Bᵀ (causal, Q×Q) once per (sequence, group), and one small program per
 (sequence, head) reads it, so no program holds B or C. For inference the two forward kernels can read the
