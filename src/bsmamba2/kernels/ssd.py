@@ -547,7 +547,7 @@ def _num_stages(x: Tensor) -> int:
 
 def _sm90_scan() -> bool:
     """Whether long-sequence forward scans on Hopper GPUs take the Gluon kernel (`ssd_sm90`, where it applies):
-    yes unless BSMAMBA2_SSD_GLUON=0 (for A/B runs; H200, paper size: 2.83 against 3.00 ms per call)."""
+    yes unless BSMAMBA2_SSD_GLUON=0 (for A/B runs; H200, paper size: 2.31 against 3.00 ms per call)."""
     return os.environ.get("BSMAMBA2_SSD_GLUON", "1") not in ("", "0")
 
 
