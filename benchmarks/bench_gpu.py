@@ -252,10 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
-    from bsmamba2.kernels.ssd import time_scan_kernel
+    from bsmamba2.kernels.ssd import block_q_for, time_scan_kernel
 
-    probe = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)  # the model's layout and dtype
-    meta["time_scan"] = time_scan_kernel(probe, probe.new_zeros(1, 1, 1, 128), probe.new_zeros(1, 1, 1, 128))
+    probe = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)  # the model's headdim and dtype
+    bc = probe.new_zeros(1, 1, 1, 128)  # d_state 128
+    meta["time_scan"] = time_scan_kernel(probe, bc, bc, block_q_for(meta["frames"]))
     print(json.dumps(meta), flush=True)
     results = []
     if args.scan_sweep:

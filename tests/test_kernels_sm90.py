@@ -55,7 +55,7 @@ def test_chunk_steps_match_a_step_by_step_loop(dir_mode):
                 step = 0.0 if tau >= l else dt[i, l - 1 - tau if reverse else tau, k].item()
                 assert st[i, k, c, 0, r].item() == pytest.approx(step, abs=1e-7)
                 cum = sum(0.0 if t >= l else dt[i, l - 1 - t if reverse else t, k].item()
-                          for t in range(c * q, tau + 1)) * A[d, k].item() * ssd_sm90.LOG2E
+                          for t in range(c * q, tau + 1)) * A[d, k].item() * ssd_sm90.LOG2E.value
                 assert st[i, k, c, 1, r].item() == pytest.approx(cum, rel=1e-5, abs=1e-5)
 
 

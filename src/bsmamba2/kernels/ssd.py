@@ -54,7 +54,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2.kernels import ssd_sm90
 from bsmamba2.kernels.conv import conv_silu_rows, fast_silu, silu
 from bsmamba2.kernels.dt import softplus
 
@@ -551,9 +550,12 @@ def _sm90_scan() -> bool:
     return os.environ.get("BSMAMBA2_SSD_GLUON", "1") not in ("", "0")
 
 
-def time_scan_kernel(x: Tensor, B: Tensor, C: Tensor) -> str:
-    """Which kernel `ssd_fwd` runs for a long sequence with these inputs: "gluon-sm90" or "triton"."""
-    return "gluon-sm90" if _sm90_scan() and ssd_sm90.applies(x, B, C) else "triton"
+def time_scan_kernel(x: Tensor, B: Tensor, C: Tensor, block_q: int) -> str:
+    """Which kernel `ssd_fwd` runs for a long sequence with these inputs, scanned in chunks of block_q
+    (`block_q_for`): "gluon-sm90" or "triton"."""
+    from bsmamba2.kernels import ssd_sm90  # noqa: PLC0415  (imported here: it builds on this module's helpers)
+
+    return "gluon-sm90" if _sm90_scan() and ssd_sm90.applies(x, B, C, block_q) else "triton"
 
 
 def _prec(x: Tensor) -> str:
@@ -685,8 +687,10 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
             x, dt, A, G, Dc, y, *ptrs, l, h, seqs_per_dir, h // g, *channels, *x.stride(), *dt.stride(), G.stride(0),
             G.stride(1), *y.stride(), *fstrides, P=p, **meta, **fmeta, HEADS_FIRST=heads_first, num_stages=1,
             num_warps=_num_warps("FWD_SHORT", 4))
-    elif bq == ssd_sm90.BLOCK_Q and time_scan_kernel(x, B, C) == "gluon-sm90":
-        ssd_sm90.ssd_fwd_sm90(x, dt, A, B, C, D if D is None else Dc, dir_mode, out=y)
+    elif time_scan_kernel(x, B, C, bq) == "gluon-sm90":
+        from bsmamba2.kernels.ssd_sm90 import ssd_fwd_sm90  # noqa: PLC0415
+
+        ssd_fwd_sm90(x, dt, A, B, C, D if D is None else Dc, dir_mode, out=y)
     else:
         grid = (h, s) if heads_first else (s, h)
         _ssd_fwd_kernel[grid](x, dt, A, B, C, Dc, y, l, h, seqs_per_dir, h // g, *x.stride(), *dt.stride(),

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+from bsmamba2.kernels.ssd import LOG2E, _chunk_rows, _direction
 BLOCK_Q = 64  # chunk length; also the product tiles' N (headdim is 64)
 
 
@@ -50,10 +50,11 @@ def gluon_importable() -> bool:
     return True
 
 
-def applies(x: Tensor, B: Tensor, C: Tensor) -> bool:
+def applies(x: Tensor, B: Tensor, C: Tensor, block_q: int = BLOCK_Q) -> bool:
     """Whether this kernel computes the call: a Hopper GPU (compute capability 9.x), Gluon importable, 16-bit
-    inputs, headdim 64, d_state a multiple of 16 up to 256, unit last-dim strides."""
-    if not (x.is_cuda and gluon_importable() and torch.cuda.get_device_capability(x.device)[0] == 9):
+    inputs, headdim 64, d_state a multiple of 16 up to 256, unit last-dim strides, and the scan's chunk length
+    (`ssd.block_q_for`) this kernel's."""
+    if not (block_q == BLOCK_Q and x.is_cuda and gluon_importable() and torch.cuda.get_device_capability(x.device)[0] == 9):
         return False
     n = B.shape[-1]
     return (x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype and C.dtype == x.dtype
@@ -68,23 +69,16 @@ def _chunk_steps_kernel(dt_ptr, A_ptr, out_ptr, L, H, n_chunks, seqs_per_dir, sd
     out[s, :, c, 1, :] (their cumulative log2-decay within the chunk)."""
     s = tl.program_id(0)
     c = tl.program_id(1)
-    d = s // seqs_per_dir
-    if DIR_MODE == 0:
-        reverse = s < 0
-    elif DIR_MODE == 1:
-        reverse = s >= 0
-    else:
-        reverse = d == 1
-    tau = c * Q + tl.arange(0, Q)
-    t = tl.where(reverse, L - 1 - tau, tau)
+    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
+    offs_q, mq, t = _chunk_rows(c, L, reverse, Q)
     heads = tl.arange(0, BLOCK_H)
-    mask = (tau < L)[:, None] & (heads < H)[None, :]
+    mask = mq[:, None] & (heads < H)[None, :]
     dt = tl.load(dt_ptr + s.to(tl.int64) * sdt_s + t[:, None] * sdt_l + heads[None, :] * sdt_h, mask=mask,
                  other=0.0).to(tl.float32)  # (Q, heads)
-    a2 = tl.load(A_ptr + d * H + heads, mask=heads < H, other=0.0) * 1.4426950408889634
+    a2 = tl.load(A_ptr + d * H + heads, mask=heads < H, other=0.0) * LOG2E
     cum = tl.cumsum(dt * a2[None, :], axis=0)
     # out (s, h, chunks, 2, Q): q contiguous
-    dst = out_ptr + ((s.to(tl.int64) * H + heads[None, :]) * n_chunks + c) * 2 * Q + tl.arange(0, Q)[:, None]
+    dst = out_ptr + ((s.to(tl.int64) * H + heads[None, :]) * n_chunks + c) * 2 * Q + offs_q[:, None]
     tl.store(dst, dt, mask=(heads < H)[None, :])  # rows past the end: dt 0, cum held
     tl.store(dst + Q, cum, mask=(heads < H)[None, :])
 
@@ -113,7 +107,7 @@ def chunk_steps_reference(dt: Tensor, A: Tensor, dir_mode: int, block_q: int = B
         dt = dt.flip(1)
     elif dir_mode == 2:
         dt = torch.cat([dt[: s // 2], dt[s // 2:].flip(1)])
-    a_scale = (A.float() * LOG2E).repeat_interleave(s // A.shape[0], dim=0)  # (s, h): each sequence's A·log2 e
+    a_scale = (A.float() * LOG2E.value).repeat_interleave(s // A.shape[0], dim=0)  # (s, h): A·log2 e
     steps = F.pad(dt, (0, 0, 0, nc * block_q - l)).view(s, nc, block_q, h)  # (s, chunks, Q, h)
     cum = (steps * a_scale[:, None, None, :]).cumsum(2)
     return torch.stack([steps, cum], dim=3).permute(0, 4, 1, 3, 2).contiguous()  # (s, h, chunks, 2, Q)
