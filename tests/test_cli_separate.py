@@ -265,3 +265,14 @@ def test_only_missing_inputs_stop_before_loading_a_model(tmp_path, log):
     assert any("nosuch.wav" in e and "no such file" in e for e in _errors(log))
     assert not any("bundled demo model" in m for m in log.messages)  # no model was loaded for nothing
     assert not out.exists()
+
+
+def test_empty_input_path_is_refused_not_taken_as_this_folder(tmp_path, capsys, monkeypatch):
+    """`bsmamba2 separate "$SONG"` with SONG unset must not separate every song under the current folder."""
+    (tmp_path / "song.wav").write_bytes(b"")  # would be found if "" meant "."
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["separate", "", "-o", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "empty path" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

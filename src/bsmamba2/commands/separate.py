@@ -27,8 +27,16 @@ HELP = "separate songs into vocals and instrumental"
 log = logging.getLogger("bsmamba2.separate")
 
 
+def _input_path(text: str) -> Path:
+    """An INPUT argument: an empty one (an unset shell variable, say) would mean the current folder, searched
+    recursively, so it is refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give an audio file or a folder ('.' for this one)")
+    return Path(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT", type=Path,
+    p.add_argument("inputs", nargs="+", metavar="INPUT", type=_input_path,
                    help="audio files, or folders searched recursively for audio (wav, flac, ogg, mp3, aiff, …)")
     p.add_argument("-o", "--out-dir", type=Path, default=Path("separated"),
                    help="where outputs and manifest.json go (default: ./separated)")
