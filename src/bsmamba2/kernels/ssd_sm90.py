@@ -162,6 +162,8 @@ def _build():
                      sx_s, sx_l, sx_h, sb_s, sb_l, sb_g, sc_s, sc_l, sc_g, sy_s, sy_l, sy_h,
                      P: gl.constexpr, N: gl.constexpr, Q: gl.constexpr, DIR_MODE: gl.constexpr,
                      HAS_D: gl.constexpr, num_warps: gl.constexpr):
+        # Direction and base pointers as in `ssd._ssd_fwd_kernel`, written again: a Gluon kernel cannot call
+        # `triton.jit` helpers.
         h = gl.program_id(0)  # heads of one sequence are neighbouring programs: B and C shared through L2
         s = gl.program_id(1)
         if DIR_MODE == 0:
