@@ -5,8 +5,11 @@
           64, d_state 128, x/B/C bf16 views of one conv output as the model passes them), for each variant of
           this tree's knobs (`--variants`, env settings such as BSMAMBA2_SSD_STAGES=2) against the baseline;
           each output is first checked against the baseline's float32 scan (relative error).
+`band`    the fused band-axis call alone (2 × 6408 sequences × 62 bands, every fused option, views of one bf16
+          in-projection), for each of `--band-variants` (env settings of this tree's knobs), each checked first
+          against the same call in float32.
 `model`   the paper-size model's inference (batch 8 × 8 s, bf16, `bench_gpu.bench_inference`) with the baseline
-          scan patched in, against this tree's.
+          scan patched in, against this tree's (and this tree's under each of `--model-variants`).
 
     PYTHONPATH=src python3 benchmarks/ab_scan.py --baseline base_ssd.py kernel model --out $OUT/ab_scan.json
 
@@ -76,6 +79,27 @@ def scan_inputs(seqs: int, length: int, heads: int = 16, headdim: int = 64, d_st
     return x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)), C.unflatten(-1, (1, d_state)), D
 
 
+def band_inputs(seqs: int, length: int = 62, heads: int = 16, headdim: int = 64, d_state: int = 128,
+                conv_width: int = 4, seed: int = 0, device: str = "cuda", dtype=torch.bfloat16):
+    """Band-axis (one-chunk) scan inputs with every fused option, as the fused block lays them out: x, z, B, C and
+    raw dt are views of one (2, seqs·length, e + c + h) in-projection, with seqs sequences per direction;
+    → (x, dt, A, B, C, D) and the options (x_conv, bc_conv, dt_bias, z) for `ssd.ssd_fwd(..., dir_mode=2)`."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    e = heads * headdim
+    c = e + 2 * d_state
+    zx = (torch.randn(2, seqs * length, e + c + heads, generator=gen) * 0.5).to(device, dtype)
+    z, x, B, C, dt = zx.view(2 * seqs, length, -1).split([e, e, d_state, d_state, heads], dim=-1)
+    weight = (torch.randn(2, c, conv_width, generator=gen) * 0.5).to(device)
+    weight = weight.transpose(1, 2).contiguous().transpose(1, 2)  # tap-major, as `conv.conv_taps_major`
+    bias = (torch.randn(2, c, generator=gen) * 0.1).to(device)
+    dt_bias = (torch.randn(2, heads, generator=gen) - 2.0).to(device)
+    A = -torch.exp(torch.rand(2, heads, generator=gen) * 2.0).to(device)
+    D = torch.randn(2, heads, generator=gen).to(device)
+    options = dict(x_conv=(weight, bias), bc_conv=(weight, bias), dt_bias=dt_bias, z=z.unflatten(-1, (heads, headdim)))
+    return (x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)), C.unflatten(-1, (1, d_state)),
+            D, options)
+
+
 def bench_kernel(base, variants, seqs: int, length: int, rounds: int) -> dict:
     """Each variant's relative error against the baseline's float32 scan, then `rounds` alternating timings
     (rounds=0: the check alone, as the CPU test runs it)."""
@@ -100,18 +124,50 @@ def bench_kernel(base, variants, seqs: int, length: int, rounds: int) -> dict:
     return result
 
 
-def bench_model(base, rounds: int, iters: int) -> dict:
+def bench_band(variants, seqs: int, rounds: int) -> dict:
+    """The fused band-axis call (`ssd_fwd` with every fused option, 2 × seqs sequences of 62 bands) for each
+    variant of this tree's knobs: the relative error of g and Σg² against the same call on float32 copies of the
+    inputs, then `rounds` alternating timings (rounds=0: the check alone, as the CPU test runs it)."""
+    import triton.testing
+
+    from bsmamba2.kernels import ssd
+
+    x, dt, A, B, C, D, opt = band_inputs(seqs, device="cuda" if torch.cuda.is_available() else "cpu")
+    f32 = dict(opt, z=opt["z"].float())
+
+    def call(x, B, C, o):
+        return ssd.ssd_fwd(x, dt, A, B, C, D, 2, **o)
+
+    ref_g, ref_ss = call(x.float(), B.float(), C.float(), f32)
+    result = {"shape": [2 * seqs, x.shape[1], 16, 64, 128], "error_vs_fp32": {}, "ms": {n: [] for n, _ in variants}}
+    for name, settings in variants:
+        with env(settings):
+            g, ss = call(x, B, C, opt)
+        result["error_vs_fp32"][name] = [bench_gpu._rel(g, ref_g), bench_gpu._rel(ss, ref_ss)]
+    for _ in range(rounds):
+        for name, settings in variants:
+            with env(settings):
+                ms = triton.testing.do_bench(lambda: call(x, B, C, opt), warmup=50, rep=300, return_mode="median")
+            result["ms"][name].append(ms)
+    return result
+
+
+def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
+    """Inference audio-s/s with the baseline scan patched in, with this tree's, and with this tree's under each
+    of `variants` (env settings), alternating."""
     from bsmamba2.kernels import block, ssd
 
     model = bench_gpu._make("mamba")
     samples = 8 * bench_gpu.SR
     new_fwd = ssd.ssd_fwd
-    out = {"baseline": [], "this tree": []}
+    runs = [("baseline", base.ssd_fwd, {}), ("this tree", new_fwd, {})] + [(n, new_fwd, s) for n, s in variants]
+    out = {name: [] for name, _, _ in runs}
     for _ in range(rounds):
-        for name, fn in (("baseline", base.ssd_fwd), ("this tree", new_fwd)):
+        for name, fn, settings in runs:
             block.ssd_fwd = ssd.ssd_fwd = fn
             try:
-                out[name].append(bench_gpu.bench_inference(model, 8, samples, iters, 3)["audio_s_per_s"])
+                with env(settings):
+                    out[name].append(bench_gpu.bench_inference(model, 8, samples, iters, 3)["audio_s_per_s"])
             finally:
                 block.ssd_fwd = ssd.ssd_fwd = new_fwd
     return out
@@ -119,10 +175,15 @@ def bench_model(base, rounds: int, iters: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="+", choices=["kernel", "model"])
+    ap.add_argument("parts", nargs="+", choices=["kernel", "band", "model"])
     ap.add_argument("--baseline", required=True, help="a copy of kernels/ssd.py to compare against")
     ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
                     help="name:KEY=VALUE,... (the kernels' environment knobs, e.g. BSMAMBA2_SSD_WARPS_FWD=8)")
+    ap.add_argument("--band-variants", nargs="*", default=["default"],
+                    help="variants of the `band` part, as --variants (e.g. warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8)")
+    ap.add_argument("--model-variants", nargs="*", default=[],
+                    help="variants of this tree in the `model` part, as --variants")
+    ap.add_argument("--band-seqs", type=int, default=6408, help="band-axis sequences per direction (8 x 801)")
     ap.add_argument("--seqs", type=int, default=496, help="sequences per direction (batch 8 x 62 bands)")
     ap.add_argument("--length", type=int, default=801)
     ap.add_argument("--rounds", type=int, default=3)
@@ -135,8 +196,10 @@ def main() -> None:
     if "kernel" in args.parts:
         results["kernel"] = bench_kernel(base, [parse_variant(v) for v in args.variants], args.seqs, args.length,
                                          args.rounds)
+    if "band" in args.parts:
+        results["band"] = bench_band([parse_variant(v) for v in args.band_variants], args.band_seqs, args.rounds)
     if "model" in args.parts:
-        results["model"] = bench_model(base, args.rounds, args.iters)
+        results["model"] = bench_model(base, args.rounds, args.iters, [parse_variant(v) for v in args.model_variants])
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "kernel" in results:
@@ -145,6 +208,12 @@ def main() -> None:
         for name, ms in k["ms"].items():
             times = " / ".join(f"{t:.3f}" for t in ms)
             print(f"{name:<20} {k['error_vs_baseline_fp32'][name]:>22.2e}   {times}")
+    if "band" in results:
+        k = results["band"]
+        print(f"{'band variant':<20} {'rel err g, Σg² vs fp32':>26} {'ms per call (per round)':>30}")
+        for name, ms in k["ms"].items():
+            e = k["error_vs_fp32"][name]
+            print(f"{name:<20} {e[0]:>12.2e} {e[1]:>12.2e}   " + " / ".join(f"{t:.3f}" for t in ms))
     if "model" in results:
         for name, v in results["model"].items():
             print(f"model {name:<12} audio-s/s " + " / ".join(f"{t:.1f}" for t in v)

@@ -36,3 +36,21 @@ def test_ab_scan_variants_compute_the_plain_scan(benchmark_script):
         ref = f(ssd_chunked(*(f(t[k:k + 1].double()) for t in (x, dt)), A[k].double(),
                             *(f(t[k:k + 1].double()) for t in (B, C)), D[k].double(), chunk_size=16))
         assert ab.bench_gpu._rel(y[k:k + 1], ref) < 1e-4
+
+
+def test_ab_scan_band_part_checks_each_variant(benchmark_script, monkeypatch):
+    """The `band` part runs the fused band-axis call as the block does (views of one in-projection, every fused
+    option) per variant, checked against the same call in float32, and leaks no variant's setting."""
+    monkeypatch.setenv("BSMAMBA2_SSD_BLOCK", "64")  # the 62 bands in one chunk, as on the GPU
+    ab = benchmark_script("ab_scan")
+    variants = [ab.parse_variant("default"), ab.parse_variant("flat:BSMAMBA2_SSD_HEADS_FIRST=0")]
+    res = ab.bench_band(variants, seqs=1, rounds=0)
+    assert res["shape"] == [2, 62, 16, 64, 128]
+    errors = res["error_vs_fp32"]
+    assert set(errors) == {"default", "flat"}
+    assert all(0 < e < 2e-2 for pair in errors.values() for e in pair), errors  # bf16 g and Σg² vs float32
+    assert os.environ.get("BSMAMBA2_SSD_HEADS_FIRST") is None
+    x, dt, A, B, C, D, opt = ab.band_inputs(1, device="cpu")
+    assert x.shape == (2, 62, 16, 64) and B.shape == (2, 62, 1, 128) and opt["z"].shape == x.shape
+    assert x.data_ptr() != opt["z"].data_ptr() and x.untyped_storage().data_ptr() == B.untyped_storage().data_ptr()
+    assert opt["x_conv"][0].stride(1) == 1  # tap-major, as the fused block keeps the conv weight
