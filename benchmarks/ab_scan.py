@@ -13,7 +13,9 @@
 
     PYTHONPATH=src python3 benchmarks/ab_scan.py --baseline base_ssd.py kernel model --out $OUT/ab_scan.json
 
-Results: RESULTS.md, "Fifteenth round".
+Results: RESULTS.md, "Fifteenth round" (kernel, model) and "Seventeenth round" (band, model variants).
+
+    PYTHONPATH=src python3 benchmarks/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8
 """
 
 from __future__ import annotations
@@ -89,8 +91,9 @@ def band_inputs(seqs: int, length: int = 62, heads: int = 16, headdim: int = 64,
     c = e + 2 * d_state
     zx = (torch.randn(2, seqs * length, e + c + heads, generator=gen) * 0.5).to(device, dtype)
     z, x, B, C, dt = zx.view(2 * seqs, length, -1).split([e, e, d_state, d_state, heads], dim=-1)
-    weight = (torch.randn(2, c, conv_width, generator=gen) * 0.5).to(device)
-    weight = weight.transpose(1, 2).contiguous().transpose(1, 2)  # tap-major, as `conv.conv_taps_major`
+    from bsmamba2.kernels.conv import conv_taps_major
+
+    weight = conv_taps_major((torch.randn(2, c, conv_width, generator=gen) * 0.5).to(device))  # as the block keeps it
     bias = (torch.randn(2, c, generator=gen) * 0.1).to(device)
     dt_bias = (torch.randn(2, heads, generator=gen) - 2.0).to(device)
     A = -torch.exp(torch.rand(2, heads, generator=gen) * 2.0).to(device)
@@ -139,7 +142,7 @@ def bench_band(variants, seqs: int, rounds: int) -> dict:
         return ssd.ssd_fwd(x, dt, A, B, C, D, 2, **o)
 
     ref_g, ref_ss = call(x.float(), B.float(), C.float(), f32)
-    result = {"shape": [2 * seqs, x.shape[1], 16, 64, 128], "error_vs_fp32": {}, "ms": {n: [] for n, _ in variants}}
+    result = {"shape": [*x.shape, B.shape[-1]], "error_vs_fp32": {}, "ms": {n: [] for n, _ in variants}}
     for name, settings in variants:
         with env(settings):
             g, ss = call(x, B, C, opt)
@@ -176,7 +179,7 @@ def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+", choices=["kernel", "band", "model"])
-    ap.add_argument("--baseline", required=True, help="a copy of kernels/ssd.py to compare against")
+    ap.add_argument("--baseline", default=None, help="a copy of kernels/ssd.py to compare against (kernel, model)")
     ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
                     help="name:KEY=VALUE,... (the kernels' environment knobs, e.g. BSMAMBA2_SSD_WARPS_FWD=8)")
     ap.add_argument("--band-variants", nargs="*", default=["default"],
@@ -190,7 +193,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    base = load_baseline(args.baseline)
+    needs_base = {"kernel", "model"} & set(args.parts)
+    if needs_base and args.baseline is None:
+        ap.error(f"the {' and '.join(sorted(needs_base))} part(s) compare against --baseline (a copy of kernels/ssd.py)")
+    base = load_baseline(args.baseline) if needs_base else None
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__}
     if "kernel" in args.parts:
