@@ -1,4 +1,4 @@
-"""A/B of the time-axis forward scan (device): this tree's `ssd_fwd` against a baseline copy of `kernels/ssd.py`
+"""A/B of the forward scans (device): this tree's `ssd_fwd` against a baseline copy of `kernels/ssd.py`
 (e.g. `git show HEAD~1:src/bsmamba2/kernels/ssd.py > base_ssd.py`), in one process, alternating.
 
 `kernel`  the scan alone at the paper's time axis (both directions: 2 × 496 sequences × 801 frames, 16 heads of
