@@ -134,6 +134,8 @@ def _build():
     # since (this one's 3.9 compiles the kernel in the CPU tests)
     cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the CTA barrier: renamed `barrier` likewise
+    # `ssd._direction` (scalar arithmetic only) rebuilt as a Gluon function: a Gluon kernel calls Gluon functions
+    direction = gluon.jit(_direction.fn)
 
     @gluon.jit
     def _issue_chunk(x_ring, b_ring, c_ring, stage, x_base, b_base, c_base, c, L, reverse,
@@ -162,16 +164,9 @@ def _build():
                      sx_s, sx_l, sx_h, sb_s, sb_l, sb_g, sc_s, sc_l, sc_g, sy_s, sy_l, sy_h,
                      P: gl.constexpr, N: gl.constexpr, Q: gl.constexpr, DIR_MODE: gl.constexpr,
                      HAS_D: gl.constexpr, num_warps: gl.constexpr):
-        # Direction and base pointers as in `ssd._ssd_fwd_kernel`, written again: a Gluon kernel cannot call
-        # `triton.jit` helpers.
         h = gl.program_id(0)  # heads of one sequence are neighbouring programs: B and C shared through L2
         s = gl.program_id(1)
-        if DIR_MODE == 0:
-            reverse = s < 0
-        elif DIR_MODE == 1:
-            reverse = s >= 0
-        else:
-            reverse = s >= seqs_per_dir
+        d, reverse = direction(s, seqs_per_dir, DIR_MODE)
         g = h // heads_per_group
         s64 = s.to(gl.int64)
         x_base = x_ptr + s64 * sx_s + h * sx_h
@@ -202,7 +197,7 @@ def _build():
         s_s = gl.allocate_shared_memory(dtype, [N, P], sl_s)  # the state entering the chunk, for C S
 
         if HAS_D:
-            Dh = gl.load(D_ptr + (s // seqs_per_dir) * nheads + h)
+            Dh = gl.load(D_ptr + d * nheads + h)
         else:
             Dh = 0.0
         offs_i = gl.arange(0, Q, layout=rows)
