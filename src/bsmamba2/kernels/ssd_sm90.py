@@ -152,10 +152,8 @@ def _build():
         t_n = gl.where(reverse, L - 1 - tau_n, tau_n).to(gl.int64)
         cols_n = gl.expand_dims(gl.arange(0, N, layout=gl.SliceLayout(0, ld_n)), 0)
         m_n = gl.expand_dims(tau_n < L, 1)
-        cp_async(b_ring.index(stage), b_base + gl.expand_dims(t_n * sb_l, 1) + cols_n,
-                                               mask=m_n)
-        cp_async(c_ring.index(stage), c_base + gl.expand_dims(t_n * sc_l, 1) + cols_n,
-                                               mask=m_n)
+        cp_async(b_ring.index(stage), b_base + gl.expand_dims(t_n * sb_l, 1) + cols_n, mask=m_n)
+        cp_async(c_ring.index(stage), c_base + gl.expand_dims(t_n * sc_l, 1) + cols_n, mask=m_n)
         async_copy.commit_group()
 
     @gluon.jit
