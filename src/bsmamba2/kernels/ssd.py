@@ -81,6 +81,16 @@ def _sequence_and_head(HEADS_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _head_bases(x_ptr, B_ptr, C_ptr, y_ptr, s, h, heads_per_group, sx_s, sx_h, sb_s, sb_g, sc_s, sc_g, sy_s, sy_h):
+    """Of the long-sequence forward scan's program (sequence s, head h): the start of its x, B, C (its head's
+    group) and y. Scalar arithmetic only, so the Gluon kernel (`ssd_sm90`) calls it too."""
+    g = h // heads_per_group
+    s64 = s.to(tl.int64)
+    return (x_ptr + s64 * sx_s + h * sx_h, B_ptr + s64 * sb_s + g * sb_g, C_ptr + s64 * sc_s + g * sc_g,
+            y_ptr + s64 * sy_s + h * sy_h)
+
+
+@triton.jit
 def _split_program_id(n):
     """(program id // n, program id % n) on a flat grid."""
     pid = tl.program_id(0)
@@ -220,13 +230,9 @@ def _ssd_fwd_kernel(
     (H100, paper size: 3.15 ms per call; +1.5 ms softplus of dt, +1.4 gate, +4.8 conv1d of x)."""
     s, h = _sequence_and_head(HEADS_FIRST)
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    g = h // heads_per_group
-    s64 = s.to(tl.int64)
-    x_base = x_ptr + s64 * sx_s + h * sx_h
-    dt_base = dt_ptr + s64 * sdt_s + h * sdt_h
-    b_base = B_ptr + s64 * sb_s + g * sb_g
-    c_base = C_ptr + s64 * sc_s + g * sc_g
-    y_base = y_ptr + s64 * sy_s + h * sy_h
+    x_base, b_base, c_base, y_base = _head_bases(x_ptr, B_ptr, C_ptr, y_ptr, s, h, heads_per_group, sx_s, sx_h,
+                                                 sb_s, sb_g, sc_s, sc_g, sy_s, sy_h)
+    dt_base = dt_ptr + s.to(tl.int64) * sdt_s + h * sdt_h
 
     offs_q = tl.arange(0, BLOCK_Q)
     offs_p = tl.arange(0, BLOCK_P)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2.kernels.ssd import LOG2E, _chunk_rows, _direction
+from bsmamba2.kernels.ssd import LOG2E, _chunk_rows, _direction, _head_bases
 BLOCK_Q = 64  # chunk length; also the product tiles' N (headdim is 64)
 
 
@@ -134,8 +134,10 @@ def _build():
     # since (this one's 3.9 compiles the kernel in the CPU tests)
     cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the CTA barrier: renamed `barrier` likewise
-    # `ssd._direction` (scalar arithmetic only) rebuilt as a Gluon function: a Gluon kernel calls Gluon functions
+    # `ssd`'s direction and pointer helpers (scalar arithmetic only) rebuilt as Gluon functions: a Gluon kernel
+    # calls Gluon functions
     direction = gluon.jit(_direction.fn)
+    head_bases = gluon.jit(_head_bases.fn)
 
     @gluon.jit
     def _issue_chunk(x_ring, b_ring, c_ring, stage, x_base, b_base, c_base, c, L, reverse,
@@ -165,13 +167,9 @@ def _build():
         h = gl.program_id(0)  # heads of one sequence are neighbouring programs: B and C shared through L2
         s = gl.program_id(1)
         d, reverse = direction(s, seqs_per_dir, DIR_MODE)
-        g = h // heads_per_group
-        s64 = s.to(gl.int64)
-        x_base = x_ptr + s64 * sx_s + h * sx_h
-        b_base = B_ptr + s64 * sb_s + g * sb_g
-        c_base = C_ptr + s64 * sc_s + g * sc_g
-        y_base = y_ptr + s64 * sy_s + h * sy_h
-        st_base = st_ptr + (s64 * nheads + h) * n_chunks * 2 * Q
+        x_base, b_base, c_base, y_base = head_bases(x_ptr, B_ptr, C_ptr, y_ptr, s, h, heads_per_group, sx_s, sx_h,
+                                                    sb_s, sb_g, sc_s, sc_g, sy_s, sy_h)
+        st_base = st_ptr + (s.to(gl.int64) * nheads + h) * n_chunks * 2 * Q
         dtype: gl.constexpr = x_ptr.dtype.element_ty
 
         # Layouts. mma: the warpgroup-MMA accumulator (64-column instructions) for the (Q, Q), (Q, P) and (N, P)
