@@ -32,7 +32,7 @@ from triton.compiler import ASTSource
 from bsmamba2.kernels import ssd, ssd_sm90
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_scan import scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
+from ab_scan import band_inputs, scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
 
 DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
@@ -49,10 +49,23 @@ class _Capture:
 
 def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
     """(kernel, args, kwargs) of the time-axis forward launch for the model's layout (paper size: 16 heads of 64,
-    d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_sm90`'s."""
-    x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
+    d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_sm90`'s; kernel="band": the fused
+    band-axis launch of `ssd_short_sm90` (62 bands), whose loop is the head loop."""
     cap = _Capture()
-    if kernel == "gluon":
+    if kernel == "band":
+        from bsmamba2.kernels import ssd_short_sm90  # noqa: PLC0415
+
+        x, dt, A, B, C, D, options = band_inputs(seqs, device="cpu")
+        real, build, steps = ssd_short_sm90._build(), ssd_short_sm90._kernel, ssd_short_sm90.chunk_steps
+        ssd_short_sm90._kernel = lambda: cap
+        ssd_short_sm90.chunk_steps = ssd_sm90.chunk_steps_reference  # the Triton pre-pass cannot run without a GPU
+        try:
+            ssd_short_sm90.ssd_fwd_short_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), 2,
+                                              options["x_conv"], options["bc_conv"], options["dt_bias"], options["z"])
+        finally:
+            ssd_short_sm90._kernel, ssd_short_sm90.chunk_steps = build, steps
+    elif kernel == "gluon":
+        x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
         real, build, steps = ssd_sm90._build(), ssd_sm90._kernel, ssd_sm90.chunk_steps
         ssd_sm90._kernel = lambda: cap
         ssd_sm90.chunk_steps = ssd_sm90.chunk_steps_reference  # the Triton pre-pass cannot run without a GPU
@@ -61,6 +74,7 @@ def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
         finally:
             ssd_sm90._kernel, ssd_sm90.chunk_steps = build, steps
     else:
+        x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
         real = ssd._ssd_fwd_kernel
         ssd._ssd_fwd_kernel = cap
         try:
@@ -77,7 +91,7 @@ def specialize(kernel, args, kwargs):
     """(signature, constexprs, attrs, options) of the launch, specialized as the JIT specializes it on the GPU:
     the arguments of `triton.compiler.ASTSource` keyed by argument index, and num_warps / num_stages."""
     names = kernel.arg_names
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     values = dict(zip(names, args)) | kwargs | options  # a Gluon kernel takes num_warps as a constexpr argument
     for i, name in enumerate(names):
@@ -150,7 +164,7 @@ def compile_stats(stages: int | None = None, warps: int | None = None, keep: str
     if warps is not None:
         kwargs["num_warps"] = warps
     signature, constexprs, attrs, options = specialize(kernel, args, dict(kwargs))
-    if kernel_name == "gluon":
+    if kernel_name in ("gluon", "band"):
         from triton.experimental.gluon._runtime import GluonASTSource
 
         src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -184,7 +198,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=None, help="num_warps (default: the launch's)")
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
-    ap.add_argument("--kernel", choices=["triton", "gluon"], default="triton",
+    ap.add_argument("--kernel", choices=["triton", "gluon", "band"], default="triton",
                     help="the Triton kernel (`ssd._ssd_fwd_kernel`) or the Hopper one in Gluon (`ssd_sm90`)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from bsmamba2.kernels import ssd_sm90  # noqa: E402
+from bsmamba2.kernels import ssd_short_sm90, ssd_sm90  # noqa: E402
 from bsmamba2.ssd import ssd_chunked  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +147,100 @@ def test_gpu_ssd_fwd_takes_the_sm90_kernel_when_asked(monkeypatch):
     direct = ssd_sm90.ssd_fwd_sm90(x, dt, A, B, C, D, 2)
     assert torch.equal(gluon_y, direct)
     assert ((gluon_y.float() - triton_y.float()).norm() / triton_y.float().norm()).item() < 2e-2
+
+
+def test_chunk_steps_softplus_matches_twin():
+    """The pre-pass on raw dt with a bias (the band kernel's steps, softplus(dt + bias)) against its PyTorch twin,
+    on a strided dt (a view of the in-projection) and both directions in one call."""
+    gen = torch.Generator().manual_seed(5)
+    s, l, h = 6, 62, 16
+    raw = torch.randn(s, l, h + 3, generator=gen)[..., 2:h + 2] * 2.0
+    A = -torch.rand(2, h, generator=gen) - 0.1
+    dt_bias = torch.randn(2, h, generator=gen) - 1.0
+    st = ssd_sm90.chunk_steps_reference(raw, A, 2, dt_bias=dt_bias)
+    fast = ssd_sm90.chunk_steps(raw.to(DEV), A.to(DEV), 2, dt_bias=dt_bias.to(DEV)).cpu()
+    torch.testing.assert_close(fast, st, rtol=1e-5, atol=1e-5)
+    d0 = F.softplus(raw[0, :, 3] + dt_bias[0, 3])  # forward half: scan order is memory order
+    torch.testing.assert_close(st[0, 3, 0, 0, :l], d0)
+    d1 = F.softplus(raw[s - 1, :, 3] + dt_bias[1, 3]).flip(0)  # backward half, read from the end
+    torch.testing.assert_close(st[s - 1, 3, 0, 0, :l], d1)
+    assert (st[:, :, 0, 0, l:] == 0).all()  # past the end: no step
+
+
+def test_band_applies_only_on_hopper_cuda_inputs():
+    x = torch.zeros(2, 62, 4, 64, dtype=torch.bfloat16)
+    B = torch.zeros(2, 62, 1, 128, dtype=torch.bfloat16)
+    assert not ssd_short_sm90.applies(x, B, B, x, 4)  # CPU tensors
+
+
+def test_band_kernel_compiles_for_sm90():
+    """The fused band-axis kernel compiled for sm_90a as `ssd_fwd` launches it at the paper's size (62 bands),
+    in a fresh process (see `test_kernel_compiles_for_sm90`): within the launch's register cap (three programs
+    per SM), shared memory for four, tensor-core products, and x and z by cp.async. (Triton 3.6, the GPU
+    machines': 168 registers, no spills in the head loop.)"""
+    if not ssd_sm90.gluon_importable():
+        pytest.skip("this Triton has no Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_loop_stats.py"), "--kernel", "band",
+                          "--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert stats["kernel"] == "band" and stats["registers"] <= ssd_short_sm90.MAXNREG, stats
+    assert stats["shared_bytes"] <= 57 * 1024, stats
+    assert stats["tensor_core"] > 0 and stats["async_copies"] > 0, stats
+
+
+def _band_inputs(s, l, h, p, g, n, k, dtype, seed):
+    """Raw band-axis inputs as views of one in-projection (2, s, l, w) [z, x, B, C, dt] per direction, and the
+    fused options, as the fused block passes them."""
+    from bsmamba2.kernels.conv import conv_taps_major
+
+    gen = torch.Generator().manual_seed(seed)
+    e = h * p
+    w = 2 * e + 2 * g * n + h
+    zx = (torch.randn(2, s, l, w, generator=gen) * 0.5).cuda().to(dtype)
+    cw = conv_taps_major((0.5 * torch.randn(2, e + 2 * g * n, k, generator=gen)).cuda())
+    cb = (0.1 * torch.randn(2, e + 2 * g * n, generator=gen)).cuda()
+    dt_bias = (torch.randn(2, h, generator=gen) - 1.0).cuda()
+    A = (-torch.exp(torch.rand(2, h, generator=gen) * 2.0)).cuda()
+    D = torch.randn(2, h, generator=gen).cuda()
+    z, xs, bc, dt = zx.view(2 * s, l, w).split([e, e, 2 * g * n, h], dim=-1)
+    B, C = (t.unflatten(-1, (g, n)) for t in bc.split([g * n, g * n], dim=-1))
+    options = dict(x_conv=(cw, cb), bc_conv=(cw, cb), dt_bias=dt_bias, z=z.unflatten(-1, (h, p)))
+    return zx, (xs.unflatten(-1, (h, p)), dt, A, B, C, D), options
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length", [62, 64, 33, 5, 1])  # the paper's bands; a full tile; partial; under the conv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("groups, d_state", [(1, 128), (2, 64)])
+def test_gpu_band_kernel_matches_float64(length, dtype, groups, d_state, monkeypatch):
+    """The Gluon band kernel (through `ssd_fwd`) against conv1d + SiLU, softplus, the float64 scan and the gate in
+    plain PyTorch; and against the Triton pair (BSMAMBA2_SSD_GLUON_BAND=0) within 16-bit rounding."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU")
+    if not ssd_sm90.gluon_importable():
+        pytest.skip("this Triton has no Gluon")
+    from test_kernels import _fused_scan_reference
+
+    from bsmamba2.kernels import ssd as ssd_mod
+
+    s, h, p, k = 4, 16, 64, 4  # 16 heads: the in-projection's rows 16-element aligned, as the model's
+    zx, args, options = _band_inputs(s, length, h, p, groups, d_state, k, dtype, seed=length + groups)
+    assert ssd_mod.band_scan_kernel(*args[:1], args[3], args[4], **options) == "gluon-sm90"
+    gated, ss = ssd_mod.ssd_fwd(*args, dir_mode=2, **options)
+    cw, cb = options["x_conv"]
+    ref, ref_ss = _fused_scan_reference(zx.float(), cw, cb, options["dt_bias"], args[2], args[5],
+                                        (h * p, h, p, groups, d_state))
+    assert gated.shape == ref.shape and ss.shape == ref_ss.shape and ss.dtype == torch.float32
+    assert torch.isfinite(gated).all() and torch.isfinite(ss).all()
+    err = ((gated.double() - ref).norm() / ref.norm()).item()
+    err_ss = ((ss.double() - ref_ss).norm() / ref_ss.norm()).item()
+    assert err < 1e-2 and err_ss < 2e-2, (err, err_ss)
+    monkeypatch.setenv("BSMAMBA2_SSD_GLUON_BAND", "0")
+    tg, tss = ssd_mod.ssd_fwd(*args, dir_mode=2, **options)
+    t_err = ((tg.double() - ref).norm() / ref.norm()).item()
+    assert err < 1.5 * t_err + 1e-3, (err, t_err)

@@ -20,7 +20,8 @@ Short sequences (L ≤ BLOCK_Q: the band axis, 62 bands; `_ssd_fwd_short_kernel`
 only, no state. `_cb_short_kernel` writes C Bᵀ (causal, Q×Q) once per (sequence, group), and one small program per
 (sequence, head) reads it, so no program holds B or C. For inference the two forward kernels can read the
 in-projection in place (`ssd_fwd`'s fused options: conv1d + SiLU of x, B and C, softplus of dt, and the gate
-y·silu(z) with its per-head Σ², the gated RMSNorm's statistics).
+y·silu(z) with its per-head Σ², the gated RMSNorm's statistics). On Hopper GPUs such calls run as one Gluon
+kernel instead (`ssd_short_sm90`: C Bᵀ kept on chip; BSMAMBA2_SSD_GLUON_BAND=0 keeps this pair).
 
 Gradients (dy given; M_ij = exp(cum_i − cum_j)(C_i·B_j)(dy_i·v_j) for i ≥ j):
     dC_i = Σ_{j≤i} exp(·)(dy_i·v_j) B_j
@@ -564,6 +565,20 @@ def time_scan_kernel(x: Tensor, B: Tensor, C: Tensor, block_q: int) -> str:
     return "gluon-sm90" if _sm90_scan() and ssd_sm90.applies(x, B, C, block_q) else "triton"
 
 
+def band_scan_kernel(x: Tensor, B: Tensor, C: Tensor, x_conv, bc_conv, dt_bias, z) -> str:
+    """Which kernels `ssd_fwd` runs for a one-chunk sequence with these inputs and fused options: "gluon-sm90"
+    (`ssd_short_sm90`, one kernel on Hopper GPUs, for calls with every fused option: the band axis at inference)
+    unless BSMAMBA2_SSD_GLUON or BSMAMBA2_SSD_GLUON_BAND is 0, else "triton" (the C·Bᵀ stage, then the scan)."""
+    from bsmamba2.kernels import ssd_short_sm90  # noqa: PLC0415  (imported here: it builds on this module's helpers)
+
+    on = _sm90_scan() and os.environ.get("BSMAMBA2_SSD_GLUON_BAND", "1") not in ("", "0")
+    fused = (x_conv is not None and bc_conv is not None and dt_bias is not None and z is not None
+             and x_conv[0].shape[-1] == bc_conv[0].shape[-1])
+    if on and fused and ssd_short_sm90.applies(x, B, C, z, x_conv[0].shape[-1]):
+        return "gluon-sm90"
+    return "triton"
+
+
 def _prec(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
@@ -686,6 +701,10 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     meta = dict(BLOCK_Q=bq, BLOCK_P=_block(p), DIR_MODE=dir_mode, HAS_D=D is not None, PREC=_prec(x),
                 DOT=_dot_dtype(x))
     heads_first = _heads_first(s)
+    if l <= bq and band_scan_kernel(x, B, C, x_conv, bc_conv, dt_bias, z) == "gluon-sm90":
+        from bsmamba2.kernels.ssd_short_sm90 import ssd_fwd_short_sm90  # noqa: PLC0415
+
+        return ssd_fwd_short_sm90(x, dt, A, B, C, D if D is None else Dc, dir_mode, x_conv, bc_conv, dt_bias, z)
     if l <= bq:
         G = causal_cb(B, C, dir_mode, conv=bc_conv)  # (s, g, bq, bq)
         ptrs, channels, fstrides, fmeta = _fused_inputs(x, A, x_conv, dt_bias, z, ss)

@@ -29,6 +29,7 @@ Triton kernel otherwise.
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from bsmamba2.kernels.dt import softplus
 from bsmamba2.kernels.ssd import LOG2E, _chunk_rows, _direction, _head_bases
+
 BLOCK_Q = 64  # chunk length; also the product tiles' N (headdim is 64)
 
 
@@ -63,10 +66,11 @@ def applies(x: Tensor, B: Tensor, C: Tensor, block_q: int = BLOCK_Q) -> bool:
 
 
 @triton.jit
-def _chunk_steps_kernel(dt_ptr, A_ptr, out_ptr, L, H, n_chunks, seqs_per_dir, sdt_s, sdt_l, sdt_h,
-                        DIR_MODE: tl.constexpr, Q: tl.constexpr, BLOCK_H: tl.constexpr):
+def _chunk_steps_kernel(dt_ptr, A_ptr, dtb_ptr, out_ptr, L, H, n_chunks, seqs_per_dir, sdt_s, sdt_l, sdt_h,
+                        DIR_MODE: tl.constexpr, Q: tl.constexpr, BLOCK_H: tl.constexpr, SOFTPLUS: tl.constexpr):
     """One (sequence, chunk) per program, all heads: dt rows in scan order → out[s, :, c, 0, :] (the steps) and
-    out[s, :, c, 1, :] (their cumulative log2-decay within the chunk)."""
+    out[s, :, c, 1, :] (their cumulative log2-decay within the chunk). SOFTPLUS: dt is raw, the step is
+    softplus(dt + dt bias)."""
     s = tl.program_id(0)
     c = tl.program_id(1)
     d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
@@ -75,6 +79,9 @@ def _chunk_steps_kernel(dt_ptr, A_ptr, out_ptr, L, H, n_chunks, seqs_per_dir, sd
     mask = mq[:, None] & (heads < H)[None, :]
     dt = tl.load(dt_ptr + s.to(tl.int64) * sdt_s + t[:, None] * sdt_l + heads[None, :] * sdt_h, mask=mask,
                  other=0.0).to(tl.float32)  # (Q, heads)
+    if SOFTPLUS:
+        dtb = tl.load(dtb_ptr + d * H + heads, mask=heads < H, other=0.0)
+        dt = tl.where(mask, softplus(dt + dtb[None, :]), 0.0)
     a2 = tl.load(A_ptr + d * H + heads, mask=heads < H, other=0.0) * LOG2E
     cum = tl.cumsum(dt * a2[None, :], axis=0)
     # out (s, h, chunks, 2, Q): q contiguous
@@ -83,26 +90,33 @@ def _chunk_steps_kernel(dt_ptr, A_ptr, out_ptr, L, H, n_chunks, seqs_per_dir, sd
     tl.store(dst + Q, cum, mask=(heads < H)[None, :])
 
 
-def chunk_steps(dt: Tensor, A: Tensor, dir_mode: int, block_q: int = BLOCK_Q) -> Tensor:
-    """The kernel's per-chunk decay inputs: dt (s, l, h) and A (ndir, h) → (s, h, chunks, 2, Q) float32,
+def chunk_steps(dt: Tensor, A: Tensor, dir_mode: int, block_q: int = BLOCK_Q, dt_bias: Tensor | None = None) -> Tensor:
+    """The kernels' per-chunk decay inputs: dt (s, l, h) and A (ndir, h) → (s, h, chunks, 2, Q) float32,
     [..., 0, :] the steps dt in scan order (zero past the end), [..., 1, :] their chunk-local cumulative log2-decay
     cum_i = Σ_{k≤i} dt_k·A·log2(e). Scan order: sequences scanned from their end (dir_mode 1, or the second half
-    for dir_mode 2) are read backwards. One Triton pass (H200, paper size: the PyTorch twin
-    `chunk_steps_reference` took 0.51 ms per call, a third of what the scan gained)."""
+    for dir_mode 2) are read backwards. dt_bias (ndir, h): dt is raw and the step is softplus(dt + dt_bias). One
+    Triton pass (H200, paper size: the PyTorch twin `chunk_steps_reference` took 0.51 ms per call, a third of what
+    the time-axis scan gained)."""
     s, l, h = dt.shape
     nc = triton.cdiv(l, block_q)
     out = torch.empty(s, h, nc, 2, block_q, device=dt.device, dtype=torch.float32)
+    A = A.float().contiguous()
+    dtb = A if dt_bias is None else dt_bias.float().contiguous()
     if s and l:
-        _chunk_steps_kernel[(s, nc)](dt, A.float().contiguous(), out, l, h, nc, s // 2 if dir_mode == 2 else s,
-                                     *dt.stride(), DIR_MODE=dir_mode, Q=block_q, BLOCK_H=triton.next_power_of_2(h))
+        _chunk_steps_kernel[(s, nc)](dt, A, dtb, out, l, h, nc, s // 2 if dir_mode == 2 else s,
+                                     *dt.stride(), DIR_MODE=dir_mode, Q=block_q, BLOCK_H=triton.next_power_of_2(h),
+                                     SOFTPLUS=dt_bias is not None)
     return out
 
 
-def chunk_steps_reference(dt: Tensor, A: Tensor, dir_mode: int, block_q: int = BLOCK_Q) -> Tensor:
+def chunk_steps_reference(dt: Tensor, A: Tensor, dir_mode: int, block_q: int = BLOCK_Q,
+                          dt_bias: Tensor | None = None) -> Tensor:
     """`chunk_steps` in PyTorch (its twin in the tests)."""
     s, l, h = dt.shape
     nc = -(-l // block_q)
     dt = dt.float()
+    if dt_bias is not None:  # per direction: the first s // ndir sequences take row 0
+        dt = F.softplus(dt + dt_bias.float().repeat_interleave(s // dt_bias.shape[0], dim=0)[:, None, :])
     if dir_mode == 1:
         dt = dt.flip(1)
     elif dir_mode == 2:
@@ -120,7 +134,12 @@ def _kernel():
 
 
 @functools.cache
-def _build():
+def gluon_api() -> SimpleNamespace:
+    """The Gluon names the Hopper kernels use, across Triton versions: `gluon`, `gl`, `async_copy`, `cp_async`
+    (`async_copy_global_to_shared` in Triton 3.6, the GPU machines', `async_load` since: this machine's 3.9 compiles
+    the kernels in the CPU tests), `barrier` (the CTA barrier: `thread_barrier`, renamed `barrier` likewise),
+    `fence_async_shared`, `warpgroup_mma`, `warpgroup_mma_wait`. Imported on first use: importing Gluon at module
+    import would tie `bsmamba2.kernels` to a Triton with Gluon."""
     from triton.experimental import gluon  # noqa: PLC0415
     from triton.experimental.gluon import language as gl  # noqa: PLC0415
     from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: PLC0415
@@ -130,10 +149,19 @@ def _build():
         warpgroup_mma_wait,
     )
 
-    # the cp.async builtin's name: `async_copy_global_to_shared` in Triton 3.6 (the GPU machines'), `async_load`
-    # since (this one's 3.9 compiles the kernel in the CPU tests)
-    cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-    barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # the CTA barrier: renamed `barrier` likewise
+    return SimpleNamespace(gluon=gluon, gl=gl, async_copy=async_copy,
+                           cp_async=getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared,
+                           barrier=getattr(gl, "thread_barrier", None) or gl.barrier,
+                           fence_async_shared=fence_async_shared, warpgroup_mma=warpgroup_mma,
+                           warpgroup_mma_wait=warpgroup_mma_wait)
+
+
+@functools.cache
+def _build():
+    api = gluon_api()
+    gluon, gl, async_copy, cp_async, barrier = api.gluon, api.gl, api.async_copy, api.cp_async, api.barrier
+    fence_async_shared, warpgroup_mma, warpgroup_mma_wait = (api.fence_async_shared, api.warpgroup_mma,
+                                                             api.warpgroup_mma_wait)
     # `ssd`'s direction and pointer helpers (scalar arithmetic only) rebuilt as Gluon functions: a Gluon kernel
     # calls Gluon functions
     direction = gluon.jit(_direction.fn)
