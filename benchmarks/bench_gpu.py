@@ -218,6 +218,23 @@ def scan_sweep() -> list[dict]:
     return rows
 
 
+def format_table(results: list[dict]) -> str:
+    """The results as the printed table: one row per training mode (--checkpointing both: two), the inference
+    columns and the error on a model's first row, then a line per training run that ran out of memory."""
+    lines = ["model        backend  batch  audio-s/s  train s/step  peak GiB  ckpt  rel.err bf16 (fp32)"]
+    for r in results:
+        err = (f"{r['rel_err_bf16_vs_plain_fp32']:.2e} ({r['rel_err_fp32_vs_plain_fp32']:.1e})"
+               if "rel_err_bf16_vs_plain_fp32" in r else "-")
+        runs = [t for t in r.get("training", []) if t is not None]
+        for i, t in enumerate([t for t in runs if not t.get("train_oom")] or [{}]):
+            infer = f"{r['model']:<12} {r['backend']:<8} {r['batch']:>5}  {r.get('audio_s_per_s', math.nan):>9.1f}"
+            lines.append(f"{infer if i == 0 else '':<38}  {t.get('train_s_per_step', math.nan):>12.3f}  "
+                         f"{t.get('train_peak_gib', math.nan):>8.1f}  {str(t.get('checkpointing', '-')):<5} "
+                         f"{err if i == 0 else ''}  {r.get('error', '') if i == 0 else ''}".rstrip())
+        lines += [f"{'':>12} training OOM with checkpointing={t['checkpointing']}" for t in runs if t.get("train_oom")]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="mamba:torch,mamba:triton,roformer:-",
@@ -306,18 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(out_path, "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)
 
-    print("\nmodel        backend  batch  audio-s/s  train s/step  peak GiB  ckpt  rel.err bf16 (fp32)")
-    for r in results:
-        tr = [t for t in r.get("training", []) if "train_s_per_step" in t]
-        t = min(tr, key=lambda t: t["train_peak_gib"]) if tr else {}
-        err = (f"{r['rel_err_bf16_vs_plain_fp32']:.2e} ({r['rel_err_fp32_vs_plain_fp32']:.1e})"
-               if "rel_err_bf16_vs_plain_fp32" in r else "-")
-        print(f"{r['model']:<12} {r['backend']:<8} {r['batch']:>5}  {r.get('audio_s_per_s', math.nan):>9.1f}  "
-              f"{t.get('train_s_per_step', math.nan):>12.3f}  {t.get('train_peak_gib', math.nan):>8.1f}  "
-              f"{str(t.get('checkpointing', '-')):<5} {err}  {r.get('error', '')}")
-        for t in r.get("training", []):
-            if t is not None and t.get("train_oom"):
-                print(f"{'':>12} training OOM with checkpointing={t['checkpointing']}")
+    print("\n" + format_table(results))
     return 0
 
 
