@@ -5,6 +5,7 @@ step-by-step loop and compile the kernel for sm_90a (registers, spills, shared m
 `sm90_loop_stats` does; the `gpu` tests run it on a Hopper GPU against the float64 plain scan.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -65,21 +66,24 @@ def test_applies_only_on_hopper_cuda_inputs():
     assert not ssd_sm90.applies(x, B, B)  # CPU tensors
 
 
-def test_kernel_compiles_for_sm90():
-    """The kernel compiled for sm_90a as `ssd_fwd` launches it at the paper's time axis: within two programs per
-    SM (≤ 255 registers, ≤ 113 KB of shared memory). In a fresh process: other test modules turn on the
-    interpreter, under which Triton builds no GPU code."""
-    pytest.importorskip("triton")
+def _compile_stats(kernel: str) -> dict:
+    """`benchmarks/sm90_loop_stats.py --kernel KERNEL --json` in a fresh process (other test modules turn on the
+    interpreter, under which Triton builds no GPU code): the sm_90a compile's registers, shared memory and loop."""
     if not ssd_sm90.gluon_importable():
         pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_loop_stats.py"), "--kernel", "gluon",
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_loop_stats.py"), "--kernel", kernel,
                           "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
+
+def test_kernel_compiles_for_sm90():
+    """The kernel compiled for sm_90a as `ssd_fwd` launches it at the paper's time axis: within two programs per
+    SM (≤ 255 registers, ≤ 113 KB of shared memory)."""
+    pytest.importorskip("triton")
+    stats = _compile_stats("gluon")
     assert stats["kernel"] == "gluon" and stats["registers"] <= 255
     assert stats["shared_bytes"] <= 113 * 1024, stats
     assert stats["tensor_core"] > 0 and stats["async_copies"] > 0, stats
@@ -174,20 +178,10 @@ def test_band_applies_only_on_hopper_cuda_inputs():
 
 
 def test_band_kernel_compiles_for_sm90():
-    """The fused band-axis kernel compiled for sm_90a as `ssd_fwd` launches it at the paper's size (62 bands),
-    in a fresh process (see `test_kernel_compiles_for_sm90`): within the launch's register cap (three programs
-    per SM), shared memory for four, tensor-core products, and x and z by cp.async. (Triton 3.6, the GPU
-    machines': 168 registers, no spills in the head loop.)"""
-    if not ssd_sm90.gluon_importable():
-        pytest.skip("this Triton has no Gluon")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_loop_stats.py"), "--kernel", "band",
-                          "--json"], capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
-    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    """The fused band-axis kernel compiled for sm_90a as `ssd_fwd` launches it at the paper's size (62 bands):
+    within the launch's register cap (three programs per SM), shared memory for four, tensor-core products, and x
+    and z by cp.async. (Triton 3.6, the GPU machines': 168 registers, no spills in the head loop.)"""
+    stats = _compile_stats("band")
     assert stats["kernel"] == "band" and stats["registers"] <= ssd_short_sm90.MAXNREG, stats
     assert stats["shared_bytes"] <= 57 * 1024, stats
     assert stats["tensor_core"] > 0 and stats["async_copies"] > 0, stats
