@@ -13,7 +13,8 @@
 
     PYTHONPATH=src python3 benchmarks/ab_scan.py --baseline base_ssd.py kernel model --out $OUT/ab_scan.json
 
-Results: RESULTS.md, "Fifteenth round" (kernel, model) and "Seventeenth round" (band, model variants).
+Results: RESULTS.md, "Fifteenth round" (kernel, model), "Seventeenth round" and "Eighteenth round" (band, model
+variants).
 
     PYTHONPATH=src python3 benchmarks/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8
 """

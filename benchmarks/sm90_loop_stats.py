@@ -1,5 +1,5 @@
-"""The time-axis forward scan compiled for the H100/H200 (sm_90a) on any machine, no GPU needed: registers, stack
-(spills), shared memory, and what one pass of its chunk loop issues (SASS instructions, barriers, warp shuffles,
+"""A forward-scan kernel compiled for the H100/H200 (sm_90a) on any machine, no GPU needed: registers, stack
+(spills), shared memory, and what one pass of its main loop (chunks; heads for `--kernel band`) issues (SASS instructions, barriers, warp shuffles,
 async copies, plain global loads, tensor-core instructions, exponentials, local-memory accesses).
 
 The kernel is compiled as the real launch specializes it: `ssd_fwd` is called on CPU tensors laid out as the model
@@ -9,9 +9,9 @@ pointers divisible by 16 are marked so). Registers and stack come from the cubin
 `cuobjdump` it ships; the loop from its `nvdisasm`. Numbers depend on the Triton version, which is printed with
 them: the device has 3.6 (`pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR:src).
 
-    PYTHONPATH=src python3 benchmarks/sm90_loop_stats.py [--stages 3] [--warps 4] [--keep DIR]
+    PYTHONPATH=src python3 benchmarks/sm90_loop_stats.py [--kernel triton|gluon|band] [--stages 3] [--keep DIR]
 
-Used in RESULTS.md, "Fifteenth round"."""
+Used in RESULTS.md, "Fifteenth round" to "Eighteenth round"."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -52,35 +53,27 @@ def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
     d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_sm90`'s; kernel="band": the fused
     band-axis launch of `ssd_short_sm90` (62 bands), whose loop is the head loop."""
     cap = _Capture()
-    if kernel == "band":
+    if kernel in ("band", "gluon"):
         from bsmamba2.kernels import ssd_short_sm90  # noqa: PLC0415
 
-        x, dt, A, B, C, D, options = band_inputs(seqs, device="cpu")
-        real, build, steps = ssd_short_sm90._build(), ssd_short_sm90._kernel, ssd_short_sm90.chunk_steps
-        ssd_short_sm90._kernel = lambda: cap
-        ssd_short_sm90.chunk_steps = ssd_sm90.chunk_steps_reference  # the Triton pre-pass cannot run without a GPU
-        try:
-            ssd_short_sm90.ssd_fwd_short_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), 2,
-                                              options["x_conv"], options["bc_conv"], options["dt_bias"], options["z"])
-        finally:
-            ssd_short_sm90._kernel, ssd_short_sm90.chunk_steps = build, steps
-    elif kernel == "gluon":
-        x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
-        real, build, steps = ssd_sm90._build(), ssd_sm90._kernel, ssd_sm90.chunk_steps
-        ssd_sm90._kernel = lambda: cap
-        ssd_sm90.chunk_steps = ssd_sm90.chunk_steps_reference  # the Triton pre-pass cannot run without a GPU
-        try:
-            ssd_sm90.ssd_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), dir_mode=2)
-        finally:
-            ssd_sm90._kernel, ssd_sm90.chunk_steps = build, steps
+        module = ssd_short_sm90 if kernel == "band" else ssd_sm90
+        real = module._build()
+        # the launch recorded, and the Triton pre-pass (which cannot run without a GPU) by its PyTorch twin
+        with mock.patch.object(module, "_kernel", lambda: cap), \
+                mock.patch.object(module, "chunk_steps", ssd_sm90.chunk_steps_reference):
+            if kernel == "band":
+                x, dt, A, B, C, D, o = band_inputs(seqs, device="cpu")
+                y, ss = torch.empty_like(x), torch.empty(x.shape[:-1])
+                ssd_short_sm90.ssd_fwd_short_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), 2,
+                                                  o["x_conv"], o["bc_conv"], o["dt_bias"], o["z"], y, ss)
+            else:
+                x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
+                ssd_sm90.ssd_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), dir_mode=2)
     else:
         x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
         real = ssd._ssd_fwd_kernel
-        ssd._ssd_fwd_kernel = cap
-        try:
+        with mock.patch.object(ssd, "_ssd_fwd_kernel", cap):
             ssd.ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
-        finally:
-            ssd._ssd_fwd_kernel = real
     if len(cap.calls) != 1:
         raise RuntimeError(f"expected one launch of the {kernel} scan kernel, saw {len(cap.calls)}")
     _, args, kwargs = cap.calls[0]
@@ -199,7 +192,8 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     ap.add_argument("--kernel", choices=["triton", "gluon", "band"], default="triton",
-                    help="the Triton kernel (`ssd._ssd_fwd_kernel`) or the Hopper one in Gluon (`ssd_sm90`)")
+                    help="the time-axis Triton kernel (`ssd._ssd_fwd_kernel`), its Hopper twin in Gluon (`ssd_sm90`), "
+                         "or the fused band-axis Gluon kernel (`ssd_short_sm90`)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")

@@ -704,7 +704,8 @@ def ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | 
     if l <= bq and band_scan_kernel(x, B, C, x_conv, bc_conv, dt_bias, z) == "gluon-sm90":
         from bsmamba2.kernels.ssd_short_sm90 import ssd_fwd_short_sm90  # noqa: PLC0415
 
-        return ssd_fwd_short_sm90(x, dt, A, B, C, D if D is None else Dc, dir_mode, x_conv, bc_conv, dt_bias, z)
+        ssd_fwd_short_sm90(x, dt, A, B, C, D if D is None else Dc, dir_mode, x_conv, bc_conv, dt_bias, z, y, ss)
+        return result
     if l <= bq:
         G = causal_cb(B, C, dir_mode, conv=bc_conv)  # (s, g, bq, bq)
         ptrs, channels, fstrides, fmeta = _fused_inputs(x, A, x_conv, dt_bias, z, ss)
