@@ -9,7 +9,8 @@
           in-projection), for each of `--band-variants` (env settings of this tree's knobs), each checked first
           against the same call in float32.
 `model`   the paper-size model's inference (batch 8 × 8 s, bf16, `bench_gpu.bench_inference`) with the baseline
-          scan patched in, against this tree's (and this tree's under each of `--model-variants`).
+          scan patched in (when --baseline is given), against this tree's (and this tree's under each of
+          `--model-variants`, e.g. tritonband:BSMAMBA2_SSD_GLUON_BAND=0).
 
     PYTHONPATH=src python3 benchmarks/ab_scan.py --baseline base_ssd.py kernel model --out $OUT/ab_scan.json
 
@@ -157,14 +158,15 @@ def bench_band(variants, seqs: int, rounds: int) -> dict:
 
 
 def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
-    """Inference audio-s/s with the baseline scan patched in, with this tree's, and with this tree's under each
-    of `variants` (env settings), alternating."""
+    """Inference audio-s/s with the baseline scan patched in (when given), with this tree's, and with this tree's
+    under each of `variants` (env settings), alternating."""
     from bsmamba2.kernels import block, ssd
 
     model = bench_gpu._make("mamba")
     samples = 8 * bench_gpu.SR
     new_fwd = ssd.ssd_fwd
-    runs = [("baseline", base.ssd_fwd, {}), ("this tree", new_fwd, {})] + [(n, new_fwd, s) for n, s in variants]
+    runs = ([] if base is None else [("baseline", base.ssd_fwd, {})]) + [("this tree", new_fwd, {})] \
+        + [(n, new_fwd, s) for n, s in variants]
     out = {name: [] for name, _, _ in runs}
     for _ in range(rounds):
         for name, fn, settings in runs:
@@ -180,7 +182,8 @@ def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("parts", nargs="+", choices=["kernel", "band", "model"])
-    ap.add_argument("--baseline", default=None, help="a copy of kernels/ssd.py to compare against (kernel, model)")
+    ap.add_argument("--baseline", default=None,
+                    help="a copy of kernels/ssd.py to compare against (kernel; model: optional)")
     ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
                     help="name:KEY=VALUE,... (the kernels' environment knobs, e.g. BSMAMBA2_SSD_WARPS_FWD=8)")
     ap.add_argument("--band-variants", nargs="*", default=["default"],
@@ -194,10 +197,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    needs_base = {"kernel", "model"} & set(args.parts)
-    if needs_base and args.baseline is None:
-        ap.error(f"the {' and '.join(sorted(needs_base))} part(s) compare against --baseline (a copy of kernels/ssd.py)")
-    base = load_baseline(args.baseline) if needs_base else None
+    if "kernel" in args.parts and args.baseline is None:
+        ap.error("the kernel part compares against --baseline (a copy of kernels/ssd.py)")
+    base = load_baseline(args.baseline) if args.baseline else None
     results = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__}
     if "kernel" in args.parts:
