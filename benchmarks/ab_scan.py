@@ -105,19 +105,6 @@ def band_inputs(seqs: int, length: int = 62, heads: int = 16, headdim: int = 64,
             D, options)
 
 
-def gated_inputs(rows: int, e: int = 1024, d: int = 256, heads: int = 16, d_state: int = 128, seed: int = 0,
-                 device: str = "cuda", dtype=torch.bfloat16):
-    """`gated_proj`'s inputs as the fused block's long-sequence path lays them out: y (2, rows, e) contiguous (the
-    scan's output), z (2, rows, e) a view of the (rows, 2, e + c + h) in-projection, w (2, e, d) the folded
-    out-projection, a permuted view of a (d, 2, e) matrix (unit stride along e)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    width = 2 * e + 2 * d_state + heads
-    y = torch.randn(2, rows, e, generator=gen).to(device, dtype)
-    z = (torch.randn(rows, 2, width, generator=gen) * 2.0).to(device, dtype)[..., :e].transpose(0, 1)
-    w = (torch.randn(d, 2, e, generator=gen) / e**0.5).to(device, dtype).permute(1, 2, 0)
-    return y, z, w
-
-
 def bench_kernel(base, variants, seqs: int, length: int, rounds: int) -> dict:
     """Each variant's relative error against the baseline's float32 scan, then `rounds` alternating timings
     (rounds=0: the check alone, as the CPU test runs it)."""
@@ -170,29 +157,6 @@ def bench_band(variants, seqs: int, rounds: int) -> dict:
     return result
 
 
-def bench_gated(variants, rows: int, rounds: int) -> dict:
-    """`gated_proj` alone (paper size: 2 × rows rows of e = 1024, d = 256) for each variant of this tree's knobs
-    (e.g. the Triton kernel: BSMAMBA2_GP_GLUON=0): the relative error of P and Σg² against the float32 twin, then
-    `rounds` alternating timings."""
-    import triton.testing
-
-    from bsmamba2.kernels.gated_proj import gated_proj, gated_proj_reference
-
-    y, z, w = gated_inputs(rows, device="cuda" if torch.cuda.is_available() else "cpu")
-    ref_p, ref_ss = gated_proj_reference(y.float(), z.float(), w.float())
-    result = {"shape": [*y.shape, w.shape[-1]], "error_vs_fp32": {}, "ms": {n: [] for n, _ in variants}}
-    for name, settings in variants:
-        with env(settings):
-            p, ss = gated_proj(y, z, w)
-        result["error_vs_fp32"][name] = [bench_gpu._rel(p, ref_p), bench_gpu._rel(ss, ref_ss)]
-    for _ in range(rounds):
-        for name, settings in variants:
-            with env(settings):
-                ms = triton.testing.do_bench(lambda: gated_proj(y, z, w), warmup=50, rep=300, return_mode="median")
-            result["ms"][name].append(ms)
-    return result
-
-
 def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
     """Inference audio-s/s with the baseline scan patched in (when given), with this tree's, and with this tree's
     under each of `variants` (env settings), alternating."""
@@ -217,15 +181,13 @@ def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="+", choices=["kernel", "band", "gated", "model"])
+    ap.add_argument("parts", nargs="+", choices=["kernel", "band", "model"])
     ap.add_argument("--baseline", default=None,
                     help="a copy of kernels/ssd.py to compare against (kernel; model: optional)")
     ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
                     help="name:KEY=VALUE,... (the kernels' environment knobs, e.g. BSMAMBA2_SSD_WARPS_FWD=8)")
     ap.add_argument("--band-variants", nargs="*", default=["default"],
                     help="variants of the `band` part, as --variants (e.g. warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8)")
-    ap.add_argument("--gated-variants", nargs="*", default=["default", "triton:BSMAMBA2_GP_GLUON=0"],
-                    help="variants of the `gated` part, as --variants")
     ap.add_argument("--model-variants", nargs="*", default=[],
                     help="variants of this tree in the `model` part, as --variants")
     ap.add_argument("--band-seqs", type=int, default=6408, help="band-axis sequences per direction (8 x 801)")
@@ -245,9 +207,6 @@ def main() -> None:
                                          args.rounds)
     if "band" in args.parts:
         results["band"] = bench_band([parse_variant(v) for v in args.band_variants], args.band_seqs, args.rounds)
-    if "gated" in args.parts:
-        results["gated"] = bench_gated([parse_variant(v) for v in args.gated_variants], args.band_seqs * 62,
-                                       args.rounds)
     if "model" in args.parts:
         results["model"] = bench_model(base, args.rounds, args.iters, [parse_variant(v) for v in args.model_variants])
     if args.out:
@@ -258,11 +217,9 @@ def main() -> None:
         for name, ms in k["ms"].items():
             times = " / ".join(f"{t:.3f}" for t in ms)
             print(f"{name:<20} {k['error_vs_baseline_fp32'][name]:>22.2e}   {times}")
-    for part in ("band", "gated"):
-        if part not in results:
-            continue
-        k = results[part]
-        print(f"{part + ' variant':<20} {'rel err out, Σg² vs fp32':>26} {'ms per call (per round)':>30}")
+    if "band" in results:
+        k = results["band"]
+        print(f"{'band variant':<20} {'rel err g, Σg² vs fp32':>26} {'ms per call (per round)':>30}")
         for name, ms in k["ms"].items():
             e = k["error_vs_fp32"][name]
             print(f"{name:<20} {e[0]:>12.2e} {e[1]:>12.2e}   " + " / ".join(f"{t:.3f}" for t in ms))

@@ -33,7 +33,7 @@ from triton.compiler import ASTSource
 from bsmamba2.kernels import ssd, ssd_sm90
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_scan import band_inputs, gated_inputs, scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
+from ab_scan import band_inputs, scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
 
 DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
@@ -53,15 +53,7 @@ def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
     d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_sm90`'s; kernel="band": the fused
     band-axis launch of `ssd_short_sm90` (62 bands), whose loop is the head loop."""
     cap = _Capture()
-    if kernel == "gated":
-        from bsmamba2.kernels import gated_proj_sm90  # noqa: PLC0415
-
-        real = gated_proj_sm90._build()
-        y, z, w = gated_inputs(seqs * 62 * length // 2, device="cpu")
-        p, ss = torch.empty(2, y.shape[1], w.shape[-1], dtype=y.dtype), torch.empty(2, y.shape[1])
-        with mock.patch.object(gated_proj_sm90, "_kernel", lambda: cap):
-            gated_proj_sm90.gated_proj_sm90(y, z, w, p, ss)
-    elif kernel in ("band", "gluon"):
+    if kernel in ("band", "gluon"):
         from bsmamba2.kernels import ssd_short_sm90  # noqa: PLC0415
 
         module = ssd_short_sm90 if kernel == "band" else ssd_sm90
@@ -165,7 +157,7 @@ def compile_stats(stages: int | None = None, warps: int | None = None, keep: str
     if warps is not None:
         kwargs["num_warps"] = warps
     signature, constexprs, attrs, options = specialize(kernel, args, dict(kwargs))
-    if kernel_name in ("gluon", "band", "gated"):
+    if kernel_name in ("gluon", "band"):
         from triton.experimental.gluon._runtime import GluonASTSource
 
         src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -199,10 +191,9 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=None, help="num_warps (default: the launch's)")
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
-    ap.add_argument("--kernel", choices=["triton", "gluon", "band", "gated"], default="triton",
+    ap.add_argument("--kernel", choices=["triton", "gluon", "band"], default="triton",
                     help="the time-axis Triton kernel (`ssd._ssd_fwd_kernel`), its Hopper twin in Gluon (`ssd_sm90`), "
-                         "the fused band-axis Gluon kernel (`ssd_short_sm90`), or the "
-                         "Hopper out-projection (`gated_proj_sm90`)")
+                         "or the fused band-axis Gluon kernel (`ssd_short_sm90`)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")

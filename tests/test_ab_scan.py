@@ -54,16 +54,3 @@ def test_ab_scan_band_part_checks_each_variant(benchmark_script, monkeypatch):
     assert x.shape == (2, 62, 16, 64) and B.shape == (2, 62, 1, 128) and opt["z"].shape == x.shape
     assert x.data_ptr() != opt["z"].data_ptr() and x.untyped_storage().data_ptr() == B.untyped_storage().data_ptr()
     assert opt["x_conv"][0].stride(1) == 1  # tap-major, as the fused block keeps the conv weight
-
-
-def test_ab_scan_gated_part_checks_each_variant(benchmark_script):
-    """The `gated` part runs `gated_proj` on the fused block's layouts per variant, checked against the float32
-    twin; the inputs are laid out as the block lays them out."""
-    ab = benchmark_script("ab_scan")
-    res = ab.bench_gated([ab.parse_variant("default"), ab.parse_variant("triton:BSMAMBA2_GP_GLUON=0")], rows=70,
-                         rounds=0)
-    assert res["shape"] == [2, 70, 1024, 256] and set(res["error_vs_fp32"]) == {"default", "triton"}
-    assert all(0 < e < 2e-2 for pair in res["error_vs_fp32"].values() for e in pair), res
-    assert os.environ.get("BSMAMBA2_GP_GLUON") is None
-    y, z, w = ab.gated_inputs(3, device="cpu")
-    assert y.is_contiguous() and z.stride() == (2320, 2 * 2320, 1) and w.stride() == (1024, 1, 2048)

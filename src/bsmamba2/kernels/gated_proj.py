@@ -23,8 +23,7 @@ the sum.
 The kernel is bound by latency at low occupancy (Nsight Compute, H200, paper size: 225 registers and 91 KB of shared
 memory per program, so 2 programs of 4 warps per SM; issue slots 39% busy, DRAM at 48%, L2 at 68%). A 128-wide
 column block forms g once per column block and took 2.7-2.9 ms against 1.47; register caps that fit 3 programs per
-SM took 1.9-2.4 ms (spills, fewer stages). On Hopper GPUs `gated_proj` runs the Gluon kernel of
-`gated_proj_sm90` instead where it applies (128-row programs sharing each W tile, Σ g² summed in float32).
+SM took 1.9-2.4 ms (spills, fewer stages).
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2.kernels import gated_proj_sm90
 from bsmamba2.kernels.conv import fast_silu, silu
 from bsmamba2.kernels.ssd import _dot_dtype, _prec, ones_column
 
@@ -110,9 +108,6 @@ def gated_proj(y: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"gated_proj shapes disagree: y {tuple(y.shape)}, z {tuple(z.shape)}, w {tuple(w.shape)}")
     p = torch.empty(2, R, n, device=y.device, dtype=y.dtype)
     ss = torch.empty(2, R, device=y.device, dtype=torch.float32)
-    if R and os.environ.get("BSMAMBA2_GP_GLUON", "1") != "0" and gated_proj_sm90.applies(y, z, w):
-        gated_proj_sm90.gated_proj_sm90(y, z, w, p, ss)
-        return p, ss
     tile = _tile(e, n)
     dot = _dot_dtype(y)
     if R:

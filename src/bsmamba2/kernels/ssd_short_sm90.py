@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from bsmamba2.kernels.ssd import _direction
-from bsmamba2.kernels.ssd_sm90 import chunk_steps, gluon_api, gluon_importable, gluon_silu
+from bsmamba2.kernels.ssd_sm90 import chunk_steps, gluon_api, gluon_importable
 
 Q = 64  # rows of every tile (the sequence, padded), and headdim
 
@@ -54,10 +54,10 @@ def applies(x: Tensor, B: Tensor, C: Tensor, z: Tensor, conv_width: int) -> bool
     return (x.shape[1] <= Q and x.dtype in (torch.bfloat16, torch.float16) and B.dtype == x.dtype
             and C.dtype == x.dtype and z.dtype == x.dtype and x.shape[-1] == Q and n in (Q, 2 * Q)
             and 1 <= conv_width <= 4 and x.stride(-1) == 1 and z.stride(-1) == 1
-            and B.stride(-1) == 1 and C.stride(-1) == 1 and copyable(x) and copyable(z))
+            and B.stride(-1) == 1 and C.stride(-1) == 1 and _copyable(x) and _copyable(z))
 
 
-def copyable(t: Tensor) -> bool:
+def _copyable(t: Tensor) -> bool:
     """Whether the kernel's 16-byte copies can read t's rows: its start and its strides 16-element aligned (Triton
     specializes such arguments; without that the copies cannot be vectorized and the kernel does not compile)."""
     return t.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in t.stride()[:-1])
@@ -82,7 +82,16 @@ def _build():
     gluon, gl, async_copy, cp_async, barrier = api.gluon, api.gl, api.async_copy, api.cp_async, api.barrier
     fence_async_shared, warpgroup_mma = api.fence_async_shared, api.warpgroup_mma
     direction = gluon.jit(_direction.fn)  # `ssd`'s (scalar arithmetic only) as a Gluon function
-    _silu = gluon_silu()
+
+    @gluon.jit
+    def _silu(v, FAST: gl.constexpr):
+        """v · sigmoid(v) in float32; FAST: v/2 · (1 + tanh(v/2)) with the hardware tanh, as `conv.silu`."""
+        if FAST:
+            th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [v * 0.5], dtype=gl.float32,
+                                           is_pure=True, pack=1)
+            return 0.5 * v * (1.0 + th)
+        else:
+            return v / (1.0 + gl.exp(-v))
 
     @gluon.jit
     def _issue_head(x_ring, z_bufs, stage, x_seq, z_seq, h, tau, L, reverse, cols, sx_l, sx_h, sz_l, sz_h):

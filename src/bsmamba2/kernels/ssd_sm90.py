@@ -157,24 +157,6 @@ def gluon_api() -> SimpleNamespace:
 
 
 @functools.cache
-def gluon_silu():
-    """`silu(v, FAST)` as a Gluon function, for the Hopper kernels: v · sigmoid(v) in float32; FAST: v/2 · (1 +
-    tanh(v/2)) with the hardware tanh, as `conv.silu`."""
-    gluon, gl = gluon_api().gluon, gluon_api().gl
-
-    @gluon.jit
-    def silu(v, FAST: gl.constexpr):
-        if FAST:
-            th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [v * 0.5], dtype=gl.float32,
-                                           is_pure=True, pack=1)
-            return 0.5 * v * (1.0 + th)
-        else:
-            return v / (1.0 + gl.exp(-v))
-
-    return silu
-
-
-@functools.cache
 def _build():
     api = gluon_api()
     gluon, gl, async_copy, cp_async, barrier = api.gluon, api.gl, api.async_copy, api.cp_async, api.barrier
