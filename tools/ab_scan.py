@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 import torch
-from scan_inputs import band_inputs, scan_inputs  # noqa: F401  (tools/: the scan's inputs as the model lays them out)
+from scan_inputs import band_inputs, scan_inputs  # tools/: the scan's inputs as the model lays them out
 
 # The model and its inference timing exactly as the benchmarks measure them (benchmarks/common.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
