@@ -59,7 +59,7 @@ if [ "$PHASE" = train ]; then
     for arch in bsmamba2 bsroformer; do
       echo "[$arch] $(grep -a 'val uSDR' "$RUN_ROOT/$arch.log" | tail -1)"
     done
-    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader || true
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true
   done
   cp "$RUN_ROOT"/*.log "$OUT/"
   exit 0
