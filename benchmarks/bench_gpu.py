@@ -7,7 +7,8 @@ For each (model, backend) it measures, in one process:
     error      relative error ‖out − ref‖/‖ref‖ of the bf16-autocast output against the plain float32 path, on the
                same weights and input (BSMamba2 only; the reference runs at batch 1 to keep its memory small)
 
-Prints a table and writes JSON to --out (default $OUT/bench_gpu.json when $OUT is set).
+Prints a table and writes JSON (stamped with device, commit, date and command) to --out (default
+$OUT/bench_gpu.json when $OUT is set).
 
     PYTHONPATH=src python3 benchmarks/bench_gpu.py                      # everything, paper-size models
     PYTHONPATH=src python3 benchmarks/bench_gpu.py --runs mamba:triton --profile
@@ -16,8 +17,6 @@ Prints a table and writes JSON to --out (default $OUT/bench_gpu.json when $OUT i
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
 import statistics
@@ -28,56 +27,8 @@ import traceback
 import torch
 
 from bsmamba2 import mamba2
-from bsmamba2.config import BSMamba2Config, RoFormerConfig
-from bsmamba2.model import build_model
 
-SR = 44100
-
-
-def _sync() -> None:
-    torch.cuda.synchronize()
-
-
-def _time_cuda(fn, iters: int, warmup: int) -> list[float]:
-    """Seconds per call of `fn`, timed with CUDA events, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _make(arch: str, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    cfg = BSMamba2Config() if arch == "mamba" else RoFormerConfig()
-    return build_model(cfg).cuda()
-
-
-def bench_inference(model, batch: int, samples: int, iters: int, warmup: int) -> dict:
-    model.eval()
-    wave = torch.randn(batch, 2, samples, device="cuda") * 0.1
-
-    def step():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model.forward_waveform(wave)
-
-    torch.cuda.reset_peak_memory_stats()
-    times = _time_cuda(step, iters, warmup)
-    med = statistics.median(times)
-    return {"infer_s_per_batch": med, "infer_s_all": times, "audio_s_per_s": batch * samples / SR / med,
-            "infer_peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+from common import SR, build, out_path, print_stamp, rel_error, time_cuda, time_inference, write_json
 
 
 def bench_training(model, batch: int, samples: int, steps: int, warmup: int, checkpointing: bool) -> dict:
@@ -96,9 +47,9 @@ def bench_training(model, batch: int, samples: int, steps: int, warmup: int, che
         opt.step()
 
     step()  # allocate optimizer state before measuring memory
-    _sync()
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = _time_cuda(step, steps, warmup)
+    times = time_cuda(step, steps, warmup)
     model.activation_checkpointing = False
     del opt
     return {"train_s_per_step": statistics.median(times), "train_s_all": times,
@@ -120,7 +71,7 @@ def accuracy(model, samples: int) -> dict:
             ref = model.forward_waveform(wave).float()
         finally:
             mamba2.set_backend(backend)
-    return {"rel_err_bf16_vs_plain_fp32": _rel(out, ref), "rel_err_fp32_vs_plain_fp32": _rel(out32, ref)}
+    return {"rel_err_bf16_vs_plain_fp32": rel_error(out, ref), "rel_err_fp32_vs_plain_fp32": rel_error(out32, ref)}
 
 
 def profile(model, batch: int, samples: int, path: str | None, train: bool = False) -> str:
@@ -136,7 +87,7 @@ def profile(model, batch: int, samples: int, path: str | None, train: bool = Fal
             out = model.forward_waveform(wave)
         if train:
             out.float().abs().mean().backward()
-        _sync()
+        torch.cuda.synchronize()
 
     once()
     with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -165,12 +116,12 @@ def conv_sweep() -> list[dict]:
     rows = []
     for bc, per_step, warps in ((256, 8, 1), (256, 4, 1), (256, 4, 2), (128, 4, 1), (512, 4, 2)):
         conv._FWD_BLOCK_C, conv._FWD_ROWS, conv._FWD_WARPS = bc, per_step, warps
-        f = statistics.median(_time_cuda(lambda: conv.conv_silu_fwd(raw, w, b), 10, 2))
+        f = statistics.median(time_cuda(lambda: conv.conv_silu_fwd(raw, w, b), 10, 2))
         rows.append({"kernel": "conv_fwd", "block_c": bc, "rows": per_step, "warps": warps, "ms": f * 1e3})
         print(f"conv fwd block_c {bc} rows {per_step} warps {warps}: {f * 1e3:.2f} ms", flush=True)
     for bc, per_step, warps in ((256, 4, 1), (128, 4, 1), (256, 8, 1), (256, 4, 2)):
         conv._BWD_BLOCK_C, conv._BWD_ROWS, conv._BWD_WARPS = bc, per_step, warps
-        bw = statistics.median(_time_cuda(lambda: conv.conv_silu_bwd(dout, raw, w, b), 10, 2))
+        bw = statistics.median(time_cuda(lambda: conv.conv_silu_bwd(dout, raw, w, b), 10, 2))
         rows.append({"kernel": "conv_bwd", "block_c": bc, "rows": per_step, "warps": warps, "ms": bw * 1e3})
         print(f"conv bwd block_c {bc} rows {per_step} warps {warps}: {bw * 1e3:.2f} ms", flush=True)
     for name, value in saved.items():
@@ -204,8 +155,8 @@ def scan_sweep() -> list[dict]:
                     os.environ[f"BSMAMBA2_SSD_WARPS_{kern}"] = str(warps)
             label = f"scan {axis} warps {warps or 'default'} heads_first {heads_first}"
             try:
-                f = statistics.median(_time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
-                bw = statistics.median(_time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
+                f = statistics.median(time_cuda(lambda: ssd_fwd(x, dt, A, B, C, D, 2), 10, 2))
+                bw = statistics.median(time_cuda(lambda: ssd_bwd(dy, x, dt, A, B, C, D, 2), 10, 2))
             except Exception as e:  # a variant that does not compile (shared memory) is skipped
                 rows.append({"axis": axis, "warps": warps, "heads_first": heads_first, "error": str(e)[:200]})
                 print(f"{label}: {str(e)[:200]}", flush=True)
@@ -256,25 +207,17 @@ def main(argv: list[str] | None = None) -> int:
         print("needs a CUDA device", file=sys.stderr)
         return 1
     out_dir = os.environ.get("OUT")
-    out_path = args.out or (os.path.join(out_dir, "bench_gpu.json") if out_dir else None)
+    out = out_path(args.out, "bench_gpu.json")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     samples = int(round(args.seconds * SR))
-    meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "command": " ".join(sys.argv), "seconds": args.seconds,
-            "frames": samples // 441 + 1}
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
+    meta = {**print_stamp("cuda"), "seconds": args.seconds, "frames": samples // 441 + 1}
     from bsmamba2.kernels.ssd import block_q_for, time_scan_kernel
 
     probe = torch.zeros(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)  # the model's headdim and dtype
     bc = probe.new_zeros(1, 1, 1, 128)  # d_state 128
     meta["time_scan"] = time_scan_kernel(probe, bc, bc, block_q_for(meta["frames"]))
-    print(json.dumps(meta), flush=True)
+    print(f"time-axis scan: {meta['time_scan']}", flush=True)
     results = []
     if args.scan_sweep:
         meta["conv_sweep"] = conv_sweep()
@@ -287,10 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         if backend != "-":
             mamba2.set_backend(backend)
         try:
-            model = _make(arch)
+            model = build(arch, device="cuda")
             row["params"] = sum(p.numel() for p in model.parameters())
             t0 = time.perf_counter()
-            row.update(bench_inference(model, args.batch, samples, args.iters, warmup=2))
+            row.update(time_inference(model, args.batch, samples, args.iters, warmup=2))
             row["first_calls_s"] = time.perf_counter() - t0
             print(f"{run}: inference {row['audio_s_per_s']:.1f} audio-s/s", flush=True)
             if arch == "mamba":
@@ -319,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             model = None
             torch.cuda.empty_cache()
-        if out_path:
-            with open(out_path, "w") as f:
-                json.dump({"meta": meta, "results": results}, f, indent=1)
+        write_json(out, {"meta": meta, "results": results})
 
     print("\n" + format_table(results))
     return 0

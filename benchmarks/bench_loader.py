@@ -13,7 +13,6 @@ what a cold disk gives; a paper training step consumes 5 samples per GPU per mic
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,8 +28,7 @@ from bsmamba2.data.mixing import StreamSampler, build_datasets
 from bsmamba2.data.musdb import STEMS, load_musdb, read_excerpt
 from bsmamba2.trainconfig import DataConfig
 
-SR = 44100
-DEFAULT_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/musdb18hq-sample/train/Music Delta - 80s Rock"
+from common import SR, out_path, print_stamp, sample_track, write_json
 
 
 def make_root(sample: Path, folder: Path, tracks: int, seconds: float) -> Path:
@@ -81,7 +79,8 @@ def bench_read(track_path: Path, segment: int, repeats: int = 20) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, help="existing MUSDB18-HQ-layout root (default: build one in a temp dir)")
-    ap.add_argument("--sample-track", type=Path, default=DEFAULT_SAMPLE)
+    ap.add_argument("--sample-track", type=Path, default=None,
+                    help="a MUSDB18-HQ track folder to tile (default: the shared sample, $BSMAMBA2_SHARED)")
     ap.add_argument("--tracks", type=int, default=8)
     ap.add_argument("--track-seconds", type=float, default=180.0)
     ap.add_argument("--segment", type=float, default=8.0, help="excerpt seconds (paper: 8)")
@@ -91,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin-memory", action="store_true")
     ap.add_argument("--out", default=None, help="JSON output (default $OUT/bench_loader.json when $OUT is set)")
     args = ap.parse_args(argv)
+    meta = print_stamp("cpu")
+    meta["device"] = f"{meta['device'].split(',')[0]}, {os.cpu_count()} cores"
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or make_root(args.sample_track, Path(tmp), args.tracks, args.track_seconds)
+        root = args.root or make_root(args.sample_track or sample_track(), Path(tmp), args.tracks, args.track_seconds)
         cfg = DataConfig(root=str(root), segment_seconds=args.segment, valid_tracks=(), cache_dir=str(Path(tmp)))
         split = load_musdb(root, valid_tracks=())
         t0 = time.perf_counter()
@@ -109,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             r = bench_workers(train, w, args.batch, args.seconds, args.pin_memory)
             result["loader"].append(r)
             print(f"workers {w:2d}: {r['samples_per_s']:7.1f} samples/s ({r['audio_s_per_s']:.0f} audio-s/s)")
-    out = args.out or (os.path.join(os.environ["OUT"], "bench_loader.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).write_text(json.dumps(result, indent=1))
+    write_json(out_path(args.out, "bench_loader.json"), {"meta": meta, **result})
     return 0
 
 

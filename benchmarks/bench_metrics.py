@@ -20,10 +20,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BSMAMBA2_SHARED", ROOT.parent / "shared"))
-TRACK = SHARED / "data" / "musdb18hq-sample" / "train" / "Music Delta - 80s Rock"
-CKPT = SHARED / "fixtures" / "official" / "official_tiny_a.ckpt"
+from common import build, print_stamp, sample_track, shared_dir
 
 
 def museval_metrics():
@@ -39,8 +36,9 @@ def bench_metrics(tile: float | None) -> None:
     from bsmamba2.metrics import csdr, csdr_frames, usdr
 
     mm = museval_metrics()
-    vocals, sr = sf.read(TRACK / "vocals.wav", dtype="float32")  # (time, channels)
-    mixture, _ = sf.read(TRACK / "mixture.wav", dtype="float32")
+    track = sample_track()
+    vocals, sr = sf.read(track / "vocals.wav", dtype="float32")  # (time, channels)
+    mixture, _ = sf.read(track / "mixture.wav", dtype="float32")
     cases = [("real track", vocals, mixture)]
     if tile:
         reps = int(np.ceil(tile * sr / len(vocals)))
@@ -67,18 +65,17 @@ def bench_metrics(tile: float | None) -> None:
 def bench_evaluate(model_name: str, device: str, precision: str | None, segment: float) -> None:
     from bsmamba2 import evaluate as ev
     from bsmamba2.checkpoint import load_model
-    from bsmamba2.config import BSMamba2Config
-    from bsmamba2.model import build_model
     from bsmamba2.separate import Separator
 
+    track = sample_track()
     if model_name == "official-tiny":
-        model = load_model(CKPT)
+        model = load_model(shared_dir() / "fixtures" / "official" / "official_tiny_a.ckpt")
     else:  # the paper's size with random weights: timing only
-        model = build_model(BSMamba2Config()).eval()
+        model = build("bsmamba2").eval()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "musdb"
         (root / "test").mkdir(parents=True)
-        os.symlink(TRACK, root / "test" / TRACK.name)
+        os.symlink(track, root / "test" / track.name)
         tracks = ev.find_tracks(root, "test")
         sep = Separator(model, device=device, precision=precision, segment=segment, mode="paper")
         sep.separate(torch.zeros(2, sep.segment_samples), sep.sample_rate)  # warm-up (kernels, allocator)
@@ -106,7 +103,7 @@ def main() -> None:
     p.add_argument("--skip-metrics", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    print(f"device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_stamp(args.device)
     if not args.skip_metrics:
         bench_metrics(args.tile)
     if args.model != "none":

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,17 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("BSMAMBA2_SHARED", ROOT.parent / "shared"))
+from common import build, device_label, shared_dir, stamp
 
 
 def make_model(name: str):
     import torch
 
-    from bsmamba2.config import BSMamba2Config
-    from bsmamba2.model import build_model
-
-    torch.manual_seed(0)
     if name == "passthrough":  # no model work: measures the streaming pipeline alone (read, chunk, blend, write)
 
         class Passthrough(torch.nn.Module):
@@ -47,13 +40,11 @@ def make_model(name: str):
                 return 0.5 * x[:, None]
 
         return Passthrough()
-    if name == "paper":
-        return build_model(BSMamba2Config()).eval()
-    if name == "tiny":
-        return build_model(BSMamba2Config.tiny()).eval()
+    if name in ("paper", "tiny"):
+        return build("bsmamba2", tiny=name == "tiny").eval()
     from bsmamba2.checkpoint import load_model
 
-    path = SHARED / "fixtures" / "official" / "official_tiny_a.ckpt" if name == "official-tiny" else Path(name)
+    path = shared_dir() / "fixtures" / "official" / "official_tiny_a.ckpt" if name == "official-tiny" else Path(name)
     return load_model(path)
 
 
@@ -69,14 +60,6 @@ def music_like(seconds: float, sr: int = 44100, seed: int = 0):
     left = tone + beat + 0.02 * rng.standard_normal(n)
     right = 0.8 * tone + beat + 0.02 * rng.standard_normal(n)
     return np.stack([left, right]).astype(np.float32)
-
-
-def device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 # -- real-time factor ------------------------------------------------------------------------------------------------
@@ -114,7 +97,7 @@ def bench_rtf(args) -> dict:
     long_rtf = per_segment / (hop / 44100) if seg else best / args.seconds
     n_params = sum(p.numel() for p in model.parameters())
     result = {
-        "bench": "rtf", "model": args.model, "params": n_params, "device": device_name(sep.device),
+        "bench": "rtf", "model": args.model, "params": n_params, "device": device_label(sep.device),
         "precision": str(sep.dtype).replace("torch.", ""), "mode": args.mode, "segment_s": args.segment,
         "overlap": sep.overlap, "batch_size": args.batch_size, "audio_s": args.seconds,
         "seconds_taken": round(best, 3), "rtf": round(best / args.seconds, 4),
@@ -175,30 +158,33 @@ def write_long_file(path: Path, minutes: float, sr: int = 44100) -> None:
             f.write(block[:, : int(rest * 60 * sr)].T)
 
 
-_CHILD = r"""
-import json, resource, sys, time
-import torch
-sys.path.insert(0, {bench_dir!r})
-from bench_separate import make_model
-from bsmamba2.separate import Separator
-torch.set_num_threads({threads})
-model = make_model({model!r})
-sep = Separator(model, device="cpu", segment={segment}, overlap={overlap}, batch_size={batch}, mode={mode!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-done = [0.0]
-samples = []  # (audio minutes done, peak RSS so far in MiB)
-def progress(sec):
-    done[0] += sec
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if not samples or done[0] / 60 - samples[-1][0] >= {minutes} / 10:
-        samples.append((round(done[0] / 60, 2), round(peak)))
-start = time.perf_counter()
-res = sep.separate_file_result({src!r}, {out!r}, progress=progress)
-elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps(dict(base_kib=base, peak_kib=peak, elapsed=elapsed, duration=res.duration, samples=samples,
-                      outputs={{k: str(v) for k, v in res.outputs.items()}})))
-"""
+def memory_child(args) -> None:
+    """The measured process of `memory` (run by it as `bench_separate.py memory-child`): load the model, separate
+    the file, print one JSON line with the peak RSS along the file."""
+    import torch
+
+    from bsmamba2.separate import Separator
+
+    torch.set_num_threads(args.threads or 2)
+    model = make_model(args.model)
+    sep = Separator(model, device="cpu", segment=args.segment, overlap=args.overlap, batch_size=args.batch_size,
+                    mode=args.mode)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    done = [0.0]
+    samples = []  # (audio minutes done, peak RSS so far in MiB)
+
+    def progress(sec):
+        done[0] += sec
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if not samples or done[0] / 60 - samples[-1][0] >= args.minutes / 10:
+            samples.append((round(done[0] / 60, 2), round(peak)))
+
+    start = time.perf_counter()
+    res = sep.separate_file_result(args.src, args.dest, progress=progress)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(base_kib=base, peak_kib=peak, elapsed=elapsed, duration=res.duration, samples=samples,
+                          outputs={k: str(v) for k, v in res.outputs.items()})))
 
 
 def bench_memory(args) -> dict:
@@ -209,12 +195,12 @@ def bench_memory(args) -> dict:
         t0 = time.perf_counter()
         write_long_file(src, args.minutes)
         print(f"wrote {src} ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s", flush=True)
-        code = _CHILD.format(
-            bench_dir=str(Path(__file__).parent), threads=args.threads or 2, model=args.model, segment=args.segment,
-            overlap=args.overlap, batch=args.batch_size, mode=args.mode, src=str(src), out=str(Path(tmp) / "out"),
-            minutes=args.minutes,
-        )  # fmt: skip
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        child_args = ["memory-child", "--model", args.model, "--segment", str(args.segment), "--overlap",
+                      str(args.overlap), "--batch-size", str(args.batch_size), "--mode", args.mode, "--threads",
+                      str(args.threads or 2), "--minutes", str(args.minutes), "--src", str(src), "--dest",
+                      str(Path(tmp) / "out")]  # fmt: skip
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child_args], capture_output=True,
+                              text=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr)
             raise SystemExit(f"child failed with exit code {proc.returncode}")
@@ -244,8 +230,8 @@ def bench_memory(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
-    for name in ("rtf", "memory"):
-        s = sub.add_parser(name)
+    for name in ("rtf", "memory", "memory-child"):
+        s = sub.add_parser(name, help=argparse.SUPPRESS) if name == "memory-child" else sub.add_parser(name)
         s.add_argument("--model", default="paper" if name == "rtf" else "tiny")
         s.add_argument("--segment", type=float, default=8.0)
         s.add_argument("--overlap", type=float, default=0.5)
@@ -264,8 +250,16 @@ def main() -> None:
     m.add_argument("--minutes", type=float, default=10.0)
     m.add_argument("--tmp", default=None, help="folder for the generated file and outputs (needs ~3x the file size)")
     m.add_argument("--limit-gib", type=float, default=2.0, help="report FAIL above this peak RSS")
+    c = sub.choices["memory-child"]
+    c.add_argument("--minutes", type=float, required=True)
+    c.add_argument("--src", required=True)
+    c.add_argument("--dest", required=True)
     args = p.parse_args()
+    if args.bench == "memory-child":
+        memory_child(args)
+        return
     result = bench_rtf(args) if args.bench == "rtf" else bench_memory(args)
+    result.update({k: v for k, v in stamp().items() if k not in result})
     print("RESULT " + json.dumps(result))
     if result.get("fail"):
         sys.exit(1)

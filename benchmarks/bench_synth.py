@@ -24,6 +24,8 @@ from pathlib import Path  # noqa: E402
 
 from bsmamba2.data.synth import ACTIVITIES, generate_song  # noqa: E402
 
+from common import print_stamp  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="also time writing tracks under this folder")
     args = parser.parse_args()
 
+    print_stamp("cpu")
     generate_song(10_000, 2.0)  # warm-up: imports, FFT plans
     print(f"# bench_synth: {args.songs} songs x {args.seconds:g} s per pattern, 44.1 kHz stereo, 1 thread, "
           f"{platform.processor() or platform.machine()}, numpy/scipy")

@@ -18,37 +18,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
 import statistics
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from bsmamba2 import mamba2
-from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.losses import SeparationLoss
-from bsmamba2.model import build_model
 from bsmamba2.train import EMA, WaveformModel, setup_distributed, train_step
 
-SR = 44100
+from common import SR, build, out_path, stamp, write_json
 
 
 def bench(arch: str, args, ddp, checkpointing: bool) -> dict:
-    torch.manual_seed(0)
-    if arch == "bsmamba2":
-        cfg = BSMamba2Config.tiny() if args.tiny else BSMamba2Config()
-    else:
-        cfg = RoFormerConfig.tiny() if args.tiny else RoFormerConfig()
     device = ddp.device
     cuda = device.type == "cuda"
-    model = build_model(cfg).to(device).train()
+    model = build(arch, tiny=args.tiny, device=device).train()
     model.activation_checkpointing = checkpointing
     net = WaveformModel(model)
     if ddp.enabled:
@@ -145,13 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"(batch {args.batch}/GPU × {args.seconds:g} s), {r['samples_per_s']:.2f} samples/s, "
                           f"peak {peak}", flush=True)
     if ddp.main:
-        meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
-                "device": torch.cuda.get_device_name(ddp.device) if ddp.device.type == "cuda" else "cpu",
-                "backend": mamba2.get_backend(), "results": results}
-        out = args.out or (os.path.join(os.environ["OUT"], f"bench_train_w{ddp.world}.json")
-                           if os.environ.get("OUT") else None)
-        if out:
-            Path(out).write_text(json.dumps(meta, indent=1))
+        meta = {**stamp(ddp.device), "world": ddp.world, "backend": mamba2.get_backend(), "results": results}
+        print("# " + " ".join(f"{k}={meta[k]}" for k in ("date", "commit", "device", "backend")), flush=True)
+        write_json(out_path(args.out, f"bench_train_w{ddp.world}.json"), meta)
     if ddp.enabled:
         dist.destroy_process_group()
     return 0

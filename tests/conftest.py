@@ -88,12 +88,18 @@ def tiny_musdb(tmp_path_factory, sample_track) -> Path:
 
 
 @pytest.fixture(scope="session")
-def benchmark_script():
-    """Loads a script of benchmarks/ as a module: `benchmark_script("ab_scan")`."""
+def tool_script():
+    """Loads a script of tools/ as a module, `tool_script("ab_scan")`, with tools/ on the import path as when the
+    script runs (its siblings import each other). Benchmarks (benchmarks/) are never run by tests."""
     import importlib.util
+    import sys
+
+    tools = str(ROOT / "tools")
+    if tools not in sys.path:
+        sys.path.append(tools)
 
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module

@@ -1,4 +1,4 @@
-"""benchmarks/ab_scan.py: the A/B computes the same scan in every variant it times (float32 products through
+"""tools/ab_scan.py: the A/B computes the same scan in every variant it times (float32 products through
 Triton's CPU interpreter at a tiny size), against the baseline module's float32 scan and the float64 plain path."""
 
 import os
@@ -18,8 +18,8 @@ from bsmamba2.ssd import ssd_chunked  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ab_scan_variants_compute_the_plain_scan(benchmark_script):
-    ab = benchmark_script("ab_scan")
+def test_ab_scan_variants_compute_the_plain_scan(tool_script):
+    ab = tool_script("ab_scan")
     base = ab.load_baseline(str(ROOT / "src" / "bsmamba2" / "kernels" / "ssd.py"))
     variants = [ab.parse_variant("stages2:BSMAMBA2_SSD_STAGES=2"), ab.parse_variant("default")]
     assert variants[0] == ("stages2", {"BSMAMBA2_SSD_STAGES": "2"})
@@ -35,14 +35,14 @@ def test_ab_scan_variants_compute_the_plain_scan(benchmark_script):
         f = (lambda t: t.flip(1)) if flip else (lambda t: t)
         ref = f(ssd_chunked(*(f(t[k:k + 1].double()) for t in (x, dt)), A[k].double(),
                             *(f(t[k:k + 1].double()) for t in (B, C)), D[k].double(), chunk_size=16))
-        assert ab.bench_gpu._rel(y[k:k + 1], ref) < 1e-4
+        assert ab.common.rel_error(y[k:k + 1], ref) < 1e-4
 
 
-def test_ab_scan_band_part_checks_each_variant(benchmark_script, monkeypatch):
+def test_ab_scan_band_part_checks_each_variant(tool_script, monkeypatch):
     """The `band` part runs the fused band-axis call as the block does (views of one in-projection, every fused
     option) per variant, checked against the same call in float32, and leaks no variant's setting."""
     monkeypatch.setenv("BSMAMBA2_SSD_BLOCK", "64")  # the 62 bands in one chunk, as on the GPU
-    ab = benchmark_script("ab_scan")
+    ab = tool_script("ab_scan")
     variants = [ab.parse_variant("default"), ab.parse_variant("flat:BSMAMBA2_SSD_HEADS_FIRST=0")]
     res = ab.bench_band(variants, seqs=1, rounds=0)
     assert res["shape"] == [2, 62, 16, 64, 128]

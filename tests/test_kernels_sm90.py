@@ -2,7 +2,7 @@
 
 Triton's CPU interpreter does not run Gluon, so on the CPU the tests check the kernel's decay pre-pass against a
 step-by-step loop and compile the kernel for sm_90a (registers, spills, shared memory), in a fresh process as
-`sm90_loop_stats` does; the `gpu` tests run it on a Hopper GPU against the float64 plain scan.
+`tools/sm90_loop_stats.py` does; the `gpu` tests run it on a Hopper GPU against the float64 plain scan.
 """
 
 import json
@@ -67,13 +67,13 @@ def test_applies_only_on_hopper_cuda_inputs():
 
 
 def _compile_stats(kernel: str) -> dict:
-    """`benchmarks/sm90_loop_stats.py --kernel KERNEL --json` in a fresh process (other test modules turn on the
+    """`tools/sm90_loop_stats.py --kernel KERNEL --json` in a fresh process (other test modules turn on the
     interpreter, under which Triton builds no GPU code): the sm_90a compile's registers, shared memory and loop."""
     if not ssd_sm90.gluon_importable():
         pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_loop_stats.py"), "--kernel", kernel,
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "sm90_loop_stats.py"), "--kernel", kernel,
                           "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

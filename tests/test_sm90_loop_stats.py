@@ -1,4 +1,4 @@
-"""benchmarks/sm90_loop_stats.py: the listing parser counts what a loop issues, and the time-axis scan compiles for
+"""tools/sm90_loop_stats.py: the listing parser counts what a loop issues, and the time-axis scan compiles for
 sm_90a on this machine with the real launch's specialization (no GPU needed; Triton ships ptxas, cuobjdump and
 nvdisasm). The compile runs the script in a fresh process: other test modules turn on Triton's interpreter and a
 16-step chunk for the whole session."""
@@ -30,8 +30,8 @@ LISTING = """
 """
 
 
-def test_loop_stats_counts_the_loop_body_only(benchmark_script):
-    tool = benchmark_script("sm90_loop_stats")
+def test_loop_stats_counts_the_loop_body_only(tool_script):
+    tool = tool_script("sm90_loop_stats")
     stats = tool.loop_stats(LISTING)
     assert stats == {"loop_instructions": 7, "barriers": 1, "shuffles": 1, "async_copies": 1,
                      "plain_global_loads": 1, "tensor_core": 1, "exp2": 1, "local_memory": 0}
@@ -39,9 +39,9 @@ def test_loop_stats_counts_the_loop_body_only(benchmark_script):
         tool.loop_stats(LISTING.replace("BRA `(.L_x_0)", "EXIT"))
 
 
-def test_time_scan_specialized_as_launched(benchmark_script, monkeypatch):
+def test_time_scan_specialized_as_launched(tool_script, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # read at each launch: the capture sees compiled kernels
-    tool = benchmark_script("sm90_loop_stats")
+    tool = tool_script("sm90_loop_stats")
     kernel, args, kwargs = tool.captured_launch()
     signature, constexprs, attrs, options = tool.specialize(kernel, args, dict(kwargs))
     names = kernel.arg_names
@@ -55,7 +55,7 @@ def test_time_scan_specialized_as_launched(benchmark_script, monkeypatch):
 def test_time_scan_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSMAMBA2_SSD_BLOCK")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_loop_stats.py"), "--json"], env=env,
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "sm90_loop_stats.py"), "--json"], env=env,
                          capture_output=True, text=True, timeout=600)
     if run.returncode != 0 and "ships no" in run.stderr:  # a Triton package without the NVIDIA tools
         pytest.skip(run.stderr.strip().splitlines()[-1])

@@ -8,16 +8,15 @@
 `band`    the fused band-axis call alone (2 × 6408 sequences × 62 bands, every fused option, views of one bf16
           in-projection), for each of `--band-variants` (env settings of this tree's knobs), each checked first
           against the same call in float32.
-`model`   the paper-size model's inference (batch 8 × 8 s, bf16, `bench_gpu.bench_inference`) with the baseline
+`model`   the paper-size model's inference (batch 8 × 8 s, bf16, timed as bench_gpu.py times it) with the baseline
           scan patched in (when --baseline is given), against this tree's (and this tree's under each of
           `--model-variants`, e.g. tritonband:BSMAMBA2_SSD_GLUON_BAND=0).
 
-    PYTHONPATH=src python3 benchmarks/ab_scan.py --baseline base_ssd.py kernel model --out $OUT/ab_scan.json
+    PYTHONPATH=src python3 tools/ab_scan.py --baseline base_ssd.py kernel model --out ab_scan.json
 
-Results: RESULTS.md, "Fifteenth round" (kernel, model), "Seventeenth round" and "Eighteenth round" (band, model
-variants).
+What it decided: docs/perf-log.md (the scan rows).
 
-    PYTHONPATH=src python3 benchmarks/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8
+    PYTHONPATH=src python3 tools/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8
 """
 
 from __future__ import annotations
@@ -32,10 +31,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from scan_inputs import band_inputs, scan_inputs  # tools/: the scan's inputs as the model lays them out
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_gpu  # noqa: E402  (benchmarks/: the model, its inference timing, the relative error)
+# The model and its inference timing exactly as the benchmarks measure them (benchmarks/common.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
 
 
 def load_baseline(path: str):
@@ -68,43 +68,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, dict(kv.split("=", 1) for kv in rest.split(",") if kv)
 
 
-def scan_inputs(seqs: int, length: int, heads: int = 16, headdim: int = 64, d_state: int = 128, seed: int = 0,
-                device: str = "cuda", dtype=torch.bfloat16):
-    """Time-axis scan inputs as the model lays them out: x, B, C views of one (2, seqs, length, c) conv output,
-    dt float32 (2·seqs, length, heads), A/D (2, heads)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    e = heads * headdim
-    c = e + 2 * d_state
-    xbc = F.silu(torch.randn(2, seqs, length, c, generator=gen)).to(device, dtype)
-    x, B, C = xbc.view(2 * seqs, length, c).split([e, d_state, d_state], dim=-1)
-    dt = F.softplus(torch.randn(2 * seqs, length, heads, generator=gen) - 1.0).to(device)
-    A = -torch.exp(torch.rand(2, heads, generator=gen) * 2.0).to(device)
-    D = torch.randn(2, heads, generator=gen).to(device)
-    return x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)), C.unflatten(-1, (1, d_state)), D
-
-
-def band_inputs(seqs: int, length: int = 62, heads: int = 16, headdim: int = 64, d_state: int = 128,
-                conv_width: int = 4, seed: int = 0, device: str = "cuda", dtype=torch.bfloat16):
-    """Band-axis (one-chunk) scan inputs with every fused option, as the fused block lays them out: x, z, B, C and
-    raw dt are views of one (2, seqs·length, e + c + h) in-projection, with seqs sequences per direction;
-    → (x, dt, A, B, C, D) and the options (x_conv, bc_conv, dt_bias, z) for `ssd.ssd_fwd(..., dir_mode=2)`."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    e = heads * headdim
-    c = e + 2 * d_state
-    zx = (torch.randn(2, seqs * length, e + c + heads, generator=gen) * 0.5).to(device, dtype)
-    z, x, B, C, dt = zx.view(2 * seqs, length, -1).split([e, e, d_state, d_state, heads], dim=-1)
-    from bsmamba2.kernels.conv import conv_taps_major
-
-    weight = conv_taps_major((torch.randn(2, c, conv_width, generator=gen) * 0.5).to(device))  # as the block keeps it
-    bias = (torch.randn(2, c, generator=gen) * 0.1).to(device)
-    dt_bias = (torch.randn(2, heads, generator=gen) - 2.0).to(device)
-    A = -torch.exp(torch.rand(2, heads, generator=gen) * 2.0).to(device)
-    D = torch.randn(2, heads, generator=gen).to(device)
-    options = dict(x_conv=(weight, bias), bc_conv=(weight, bias), dt_bias=dt_bias, z=z.unflatten(-1, (heads, headdim)))
-    return (x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)), C.unflatten(-1, (1, d_state)),
-            D, options)
-
-
 def bench_kernel(base, variants, seqs: int, length: int, rounds: int) -> dict:
     """Each variant's relative error against the baseline's float32 scan, then `rounds` alternating timings
     (rounds=0: the check alone, as the CPU test runs it)."""
@@ -119,7 +82,7 @@ def bench_kernel(base, variants, seqs: int, length: int, rounds: int) -> dict:
     for name, (fn, settings) in calls.items():
         with env(settings):
             y = fn(x, dt, A, B, C, D, 2)
-        result["error_vs_baseline_fp32"][name] = bench_gpu._rel(y, ref)
+        result["error_vs_baseline_fp32"][name] = common.rel_error(y, ref)
     for _ in range(rounds):
         for name, (fn, settings) in calls.items():
             with env(settings):
@@ -148,7 +111,7 @@ def bench_band(variants, seqs: int, rounds: int) -> dict:
     for name, settings in variants:
         with env(settings):
             g, ss = call(x, B, C, opt)
-        result["error_vs_fp32"][name] = [bench_gpu._rel(g, ref_g), bench_gpu._rel(ss, ref_ss)]
+        result["error_vs_fp32"][name] = [common.rel_error(g, ref_g), common.rel_error(ss, ref_ss)]
     for _ in range(rounds):
         for name, settings in variants:
             with env(settings):
@@ -162,8 +125,8 @@ def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
     under each of `variants` (env settings), alternating."""
     from bsmamba2.kernels import block, ssd
 
-    model = bench_gpu._make("mamba")
-    samples = 8 * bench_gpu.SR
+    model = common.build("bsmamba2", device="cuda")
+    samples = 8 * common.SR
     new_fwd = ssd.ssd_fwd
     runs = ([] if base is None else [("baseline", base.ssd_fwd, {})]) + [("this tree", new_fwd, {})] \
         + [(n, new_fwd, s) for n, s in variants]
@@ -173,7 +136,7 @@ def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
             block.ssd_fwd = ssd.ssd_fwd = fn
             try:
                 with env(settings):
-                    out[name].append(bench_gpu.bench_inference(model, 8, samples, iters, 3)["audio_s_per_s"])
+                    out[name].append(common.time_inference(model, 8, samples, iters, 3)["audio_s_per_s"])
             finally:
                 block.ssd_fwd = ssd.ssd_fwd = new_fwd
     return out

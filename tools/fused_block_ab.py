@@ -1,7 +1,7 @@
 """Same-process A/B of the fused inference block (GPU): the paper-size model's inference at batch 8 in bf16, alternating
 the path without it (BSMAMBA2_FUSED=0) and with it (=1), so both run on the same machine in the same state.
 
-    PYTHONPATH=src python3 benchmarks/bench_fused_ab.py [--repeats 3] [--profile]
+    PYTHONPATH=src python3 tools/fused_block_ab.py [--repeats 3] [--profile]
 
 Prints the relative difference of the two outputs, then audio-seconds per second for each path per repeat (median of
 10 batches after 2 warm-up batches, CUDA events); `--profile` adds the kernel table of three fused batches.
@@ -13,10 +13,14 @@ import argparse
 import os
 import statistics
 
-import torch
-from bench_gpu import _make, _time_cuda
+import sys
+from pathlib import Path
 
-SR = 44100
+import torch
+
+# The model and the CUDA timing exactly as the benchmarks use them (benchmarks/common.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import SR, build, time_cuda  # noqa: E402
 
 
 def main() -> None:
@@ -27,9 +31,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("bench_fused_ab.py needs a CUDA device")
+        raise SystemExit("fused_block_ab.py needs a CUDA device")
     samples = int(args.seconds * SR)
-    model = _make("mamba").eval()
+    model = build("bsmamba2", device="cuda").eval()
     wave = torch.randn(args.batch, 2, samples, device="cuda") * 0.1
     audio = args.batch * samples / SR
 
@@ -47,7 +51,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in times:
             os.environ["BSMAMBA2_FUSED"] = mode
-            times[mode].append(statistics.median(_time_cuda(run, 10, 2)))
+            times[mode].append(statistics.median(time_cuda(run, 10, 2)))
     for mode, ts in times.items():
         label = "fused" if mode == "1" else "unfused"
         print(f"{label:8s} " + ", ".join(f"{audio / t:.1f}" for t in ts) + " audio-s/s", flush=True)

@@ -1,7 +1,7 @@
 """Plot training runs from RUN_DIR/history.json: validation uSDR (EMA weights) and mean training loss per epoch.
 
-    python benchmarks/plot_training.py runs/curve --out training_curve.png
-    python benchmarks/plot_training.py runs/bsmamba2 runs/bsroformer --out compare.png   # several runs side by side
+    python tools/plot_training.py runs/curve --out training_curve.png
+    python tools/plot_training.py runs/bsmamba2 runs/bsroformer --out compare.png   # several runs side by side
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ pointers divisible by 16 are marked so). Registers and stack come from the cubin
 `cuobjdump` it ships; the loop from its `nvdisasm`. Numbers depend on the Triton version, which is printed with
 them: the device has 3.6 (`pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR:src).
 
-    PYTHONPATH=src python3 benchmarks/sm90_loop_stats.py [--kernel triton|gluon|band] [--stages 3] [--keep DIR]
+    PYTHONPATH=src python3 tools/sm90_loop_stats.py [--kernel triton|gluon|band] [--stages 3] [--keep DIR]
 
-Used in RESULTS.md, "Fifteenth round" to "Eighteenth round"."""
+What its numbers decided: docs/perf-log.md (the sm_90 scan rows)."""
 
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ from triton.compiler import ASTSource
 
 from bsmamba2.kernels import ssd, ssd_sm90
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab_scan import band_inputs, scan_inputs  # noqa: E402  (the scan's inputs laid out as the model lays them out)
+from scan_inputs import band_inputs, scan_inputs  # tools/: the scan's inputs laid out as the model lays them out
 
 DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
