@@ -17,7 +17,7 @@ TRAIN_STARTUP=${TRAIN_STARTUP_SECONDS:-45}  # imports, activity detection, kerne
 CONFIG=${CONFIG:-experiments/demo_model/bsmamba2-demo.yaml}
 WORK=${WORK:-/tmp/demo_model}
 OUT=${OUT:?set OUT to the folder whose files come back}
-TRACKS=${TRACKS:-320} VALID_TRACKS=${VALID_TRACKS:-8} TEST_TRACKS=${TEST_TRACKS:-16} SONG_SECONDS=${SONG_SECONDS:-30}
+TRACKS=${TRACKS:-400} VALID_TRACKS=${VALID_TRACKS:-8} TEST_TRACKS=${TEST_TRACKS:-16} SONG_SECONDS=${SONG_SECONDS:-30}
 WORKERS=${WORKERS:-$(nproc)}
 DEVICE=${DEVICE:-auto}
 TRAIN_SET=${TRAIN_SET:-}               # extra `--set key=value` overrides (the CPU dry run uses this)
@@ -100,7 +100,10 @@ mkdir -p "$WORK/pack"
 cp "$WORK/train.log" "$LOG" "$WORK/data/synth.json" "$WORK/pack/"
 cp "$RUN/history.json" "$RUN/config.yaml" "$WORK/pack/" 2>/dev/null || true
 cp "$WORK/demo/spectrograms.png" "$WORK/demo/scores.json" "$WORK/pack/" 2>/dev/null || true
+cp "$OUT/eval.json" "$WORK/pack/" 2>/dev/null || true
 say "done; packing"
 cp "$LOG" "$WORK/pack/"
 tar -C "$WORK" -czf "$OUT/run.tar.gz" pack
+# at most 8 files come back: the parts, the model and the archive come first; eval.json is also in the archive
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then rm -f "$OUT/eval.json"; echo "eval.json is in run.tar.gz only" >&2; fi
 ls -la "$OUT"
