@@ -29,6 +29,28 @@ def test_demo_writes_audio_figure_and_scores(tmp_path, tiny_checkpoint, capsys):
     assert scores["song"]["vocal_regions"], "a sparse song still has sung phrases"
     printed = capsys.readouterr().out
     assert "uSDR" in printed and "leakage" in printed
+    # one line of meaning beside each of the model's scores
+    meaning = printed.split("what the model's scores mean:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in meaning] == ["uSDR", "cSDR", "leakage", "instrumental"]
+    assert f"{scores['model']['usdr']:.2f} dB" in meaning[0] and f"{scores['model']['leakage_db']:.1f} dB" in meaning[2]
+    # the leakage of every silent gap (>= 0.5 s) is in the scores and the figure
+    gaps = scores["leakage_per_gap"]
+    assert gaps and all(g["end"] - g["start"] >= 0.5 and g["leakage_db"] < 0 for g in gaps)
+    assert set(scores["timings_s"]) == {"load_model", "synthesize", "separate", "write_audio_and_score", "figure"}
+
+
+def test_explain_scores_reads_the_leakage_level():
+    from bsmamba2.commands.demo import explain_scores
+
+    scores = {"model": {"usdr": 9.0, "csdr": 2.0, "leakage_db": -34.0},
+              "mixture as estimate": {"usdr": -4.0, "csdr": -10.0, "leakage_db": 0.0}, "instrumental_usdr": 12.0,
+              "leakage_per_gap": [{"start": 0.0, "end": 2.0, "leakage_db": -36.0},
+                                  {"start": 3.0, "end": 5.0, "leakage_db": -31.2}]}
+    lines = explain_scores(scores)
+    assert len(lines) == 4 and "+13.0 dB over handing back the mixture" in lines[0]
+    assert "sound silent" in lines[2] and "worst gap -31 dB" in lines[2]
+    scores["model"]["leakage_db"] = -15.0
+    assert "clearly audible" in explain_scores(scores)[2]
 
 
 def test_bundled_model_if_present_loads_and_has_a_card():

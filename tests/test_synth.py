@@ -11,8 +11,8 @@ from scipy import signal
 
 from bsmamba2.cli import main
 from bsmamba2.data.musdb import load_musdb
-from bsmamba2.data.synth import (ACTIVITIES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS, Song, SynthDataset,
-                                 _sing_segment, generate_song)
+from bsmamba2.data.synth import (ACTIVITIES, HARD_LEAD_KINDS, MODES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS,
+                                 Song, SynthDataset, _sing_segment, generate_song)
 
 SR = 44100
 
@@ -221,6 +221,34 @@ def test_voice_model_formants_follow_the_vowel(vowel):
     assert f2 == pytest.approx(VOWELS[vowel][1], rel=0.2)
 
 
+def test_vocal_free_and_varied_songs():
+    quiet = generate_song(21, 4.0, "none")
+    assert not np.any(quiet.stems["vocals"]) and quiet.vocal_regions == []
+    np.testing.assert_allclose(sum(quiet.stems[k] for k in STEMS), quiet.mixture, atol=1e-6)
+    assert 0.3 <= np.abs(quiet.mixture).max() < 1.0
+    drawn, leads, ratios = set(), [], []
+    for seed in range(10):
+        song = generate_song(seed, 4.0, "varied")
+        again = generate_song(seed, 4.0, "varied")
+        np.testing.assert_array_equal(song.mixture, again.mixture)
+        np.testing.assert_allclose(sum(song.stems[k] for k in STEMS), song.mixture, atol=1e-6)
+        assert np.abs(song.mixture).max() < 1.0 and max(np.abs(song.stems[k]).max() for k in STEMS) < 1.0
+        activity = song.info["drawn_activity"]
+        drawn.add(activity)
+        assert activity in MODES[:4]
+        if activity == "none":
+            assert not np.any(song.stems["vocals"]) and song.vocal_regions == []
+        else:  # the singing is that of the classic mode drawn; only levels, reverb and the extra lead differ
+            assert song.vocal_regions == generate_song(seed, 4.0, activity).vocal_regions
+        leads += [o for o in song.info["other"] if o.startswith("hard lead")]
+        ratios.append(song.info["vocal_to_accompaniment_db"])
+    assert len(drawn) >= 3
+    assert 4 <= len(leads) and all(o[len("hard lead ("):-1] in HARD_LEAD_KINDS for o in leads)
+    assert min(ratios) < -5 or max(ratios) > 3  # a wider vocal level than the classic -5..+3 dB
+    with pytest.raises(ValueError, match="vocal_activity"):
+        SynthDataset(SR, vocal_activity="loud")
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="vocal_activity"):
         generate_song(0, 2.0, "loud")
@@ -231,7 +259,7 @@ def test_bad_arguments_are_rejected():
 def test_cli_writes_a_valid_musdb_layout(tmp_path):
     root = tmp_path / "synth"
     argv = ["synth", "--out", str(root), "--tracks", "2", "--valid-tracks", "1", "--test-tracks", "1", "--seconds",
-            "3", "--seed", "4", "--test-activity", "sparse"]
+            "3", "--seed", "4", "--test-activity", "sparse", "--valid-activity", "none"]
     assert main(argv + ["--workers", "2"]) == 0
     train = sorted(p.name for p in (root / "train").iterdir())
     valid = sorted(p.name for p in (root / "valid").iterdir())
@@ -254,7 +282,7 @@ def test_cli_writes_a_valid_musdb_layout(tmp_path):
             total = sum(data[s].astype(np.int32) for s in STEMS)
             np.testing.assert_array_equal(total, data["mixture"])
             meta = json.loads((folder / REGIONS_FILENAME).read_text())
-            assert meta["vocal_activity"] == ("sparse" if split == "test" else "mixed")
+            assert meta["vocal_activity"] == {"test": "sparse", "valid": "none"}.get(split, "mixed")
             song = generate_song(meta["seed"], 3.0, meta["vocal_activity"])
             assert [tuple(r) for r in meta["vocal_regions"]] == song.vocal_regions
             np.testing.assert_allclose(data["vocals"].T / 32768.0, song.stems["vocals"], atol=1 / 32768)

@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from bsmamba2.data.synth import ACTIVITIES, REGIONS_FILENAME, SAMPLE_RATE, STEMS, generate_song
+from bsmamba2.data.synth import MODES, REGIONS_FILENAME, SAMPLE_RATE, STEMS, generate_song
 
 HELP = "synthesize songs with controllable vocal density in the MUSDB18-HQ layout"
 SPLITS = {"train": 0, "test": 1, "valid": 2}
@@ -39,11 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-tracks", type=int, default=0, help="test tracks (default 0)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each song (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
-    parser.add_argument("--vocal-activity", choices=ACTIVITIES, default="mixed",
-                        help="sparse: 0.5-2 s phrases, long gaps; dense: long phrases, short gaps; mixed: both")
-    parser.add_argument("--test-activity", choices=ACTIVITIES, default=None,
-                        help="vocal activity of the test split (default: as --vocal-activity; "
-                        "validation follows --vocal-activity)")
+    parser.add_argument("--vocal-activity", choices=MODES, default="mixed",
+                        help="sparse: 0.5-2 s phrases, long gaps; dense: long phrases, short gaps; mixed: both; "
+                        "none: no vocals; varied: per song one of those, a wide vocal level, reverb and a "
+                        "hard-negative lead in the singing range (a training mix)")
+    parser.add_argument("--test-activity", choices=MODES, default=None,
+                        help="vocal activity of the test split (default: as --vocal-activity)")
+    parser.add_argument("--valid-activity", choices=MODES, default=None,
+                        help="vocal activity of the validation split (default: as --vocal-activity)")
     parser.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help="Hz (default 44100)")
     parser.add_argument("--subtype", choices=SUBTYPES, default="PCM_16", help="WAV sample format (default PCM_16)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating in parallel (default 1)")
@@ -55,7 +58,8 @@ def track_name(seed: int, index: int) -> str:
 
 
 def _job_settings(args: argparse.Namespace, split: str) -> dict:
-    activity = args.test_activity if split == "test" and args.test_activity else args.vocal_activity
+    activity = {"test": args.test_activity, "valid": getattr(args, "valid_activity", None)}.get(split)
+    activity = activity or args.vocal_activity
     return {"seconds": float(args.seconds), "vocal_activity": activity, "sample_rate": int(args.sample_rate),
             "subtype": args.subtype}
 

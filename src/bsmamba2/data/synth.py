@@ -19,6 +19,11 @@ What is in a song:
   (sometimes on "ooh"/"aah"), panned to one side, 4-10 dB down - MUSDB18's vocal stems include backing vocals.
 - Vocal activity: "sparse" (0.5-2 s phrases with 2-7 s gaps), "dense" (2.5-8 s phrases, short gaps), "mixed"
   (the three densities, persisting for a while, mixed within a song).
+- "none": a song without vocals. "varied" (for training): per song, the activity is drawn (sparse 35%, mixed 20%,
+  dense 30%, none 15%), the vocal level -12..+6 dB against the accompaniment, the vocal reverb send -24..-3 dB in
+  a 0.3-3 s hall, and in 80% of songs an extra hard-negative lead joins "other": saw, square, flute, string, sax,
+  whistle or overdriven guitar with fundamentals ~220 Hz-1.3 kHz (the singing range), vibrato and glides, mostly
+  answering the singer in the gaps. These draws use their own random stream: the classic modes are unchanged.
 - Drums: synthesized kick, snare, closed/open hi-hat, crash, ride and toms, placed from style templates (rock,
   four-on-the-floor, half-time, funk, ballad) with random variations, ghost notes, fills, swing and humanized timing.
 - Bass on the chord roots (with fifths, octaves and approach notes) in several rhythms and timbres.
@@ -51,6 +56,18 @@ log = logging.getLogger(__name__)
 
 STEMS: tuple[str, ...] = ("vocals", "drums", "bass", "other")
 ACTIVITIES: tuple[str, ...] = ("sparse", "mixed", "dense")
+# What `generate_song` accepts: the activity patterns, "none" (a song without vocals) and "varied" (a training mix:
+# per song, the activity (or none), the vocal level, the reverb and a hard-negative lead are drawn; see VARIED).
+MODES: tuple[str, ...] = ACTIVITIES + ("none", "varied")
+VARIED = {
+    "activity": {"sparse": 0.35, "mixed": 0.2, "dense": 0.3, "none": 0.15},
+    "vocal_to_accompaniment_db": (-12.0, 6.0),  # the classic modes draw -5..+3
+    "vocal_reverb_db": (-24.0, -3.0),  # wet send of the vocal hall; the classic modes draw -16..-6
+    "hall_rt60_s": (0.3, 3.0),  # classic: 0.5..2.2
+    "hard_lead_prob": 0.8,  # an extra lead in the singing range (HARD_LEAD_KINDS), on top of the usual "other"
+    "hard_lead_db": (-6.0, 4.0),  # its level against the rest of "other"
+    "hard_lead_answer_prob": 0.7,  # how often it plays in the vocal gaps (else anywhere)
+}
 REGIONS_FILENAME = "vocal_regions.json"
 SAMPLE_RATE = 44100
 
@@ -844,7 +861,7 @@ def _render_other(rng: np.random.Generator, plan: _Plan, sr: int, n: int, sectio
         playing[0] = playing[0] or not any(playing)
         pan = rng.uniform(-0.7, 0.7)
         if inst == "lead":
-            track = _render_lead(rng, plan, sr, n, vocal_spans, pan)
+            track, _ = _render_lead(rng, plan, sr, n, vocal_spans, pan)
         else:
             mono = np.zeros(n)
             timbre = {
@@ -899,20 +916,33 @@ def _render_other(rng: np.random.Generator, plan: _Plan, sr: int, n: int, sectio
     return out, chosen
 
 
+LEAD_KINDS = ("saw", "square", "flute", "string")
+# Hard negatives for the vocal model: leads in the singing range (fundamentals ~220 Hz-1.3 kHz) with vibrato and
+# glides, answering the singer in the gaps - pitched, expressive, but no formants and no consonants.
+HARD_LEAD_KINDS = ("saw", "square", "flute", "string", "sax", "whistle", "guitar")
+
+
 def _render_lead(rng: np.random.Generator, plan: _Plan, sr: int, n: int, vocal_spans: list[tuple[float, float]],
-                 pan: float) -> np.ndarray:
-    """A monophonic lead with vibrato and portamento but a fixed (non-vocal) timbre: (2, n)."""
-    kind = str(rng.choice(["saw", "square", "flute", "string"]))
-    low = int(rng.integers(55, 67))
+                 pan: float, kinds: Sequence[str] = LEAD_KINDS, low_range: tuple[int, int] = (55, 67),
+                 answer_prob: float = 0.5) -> tuple[np.ndarray, str]:
+    """A monophonic lead with vibrato and portamento but a fixed (non-vocal) timbre: (2, n), and its kind."""
+    kind = str(rng.choice(list(kinds)))
+    low = int(rng.integers(*low_range))
     notes = plan.scale_midi(low, low + 14)
     timbre = {
         "saw": dict(slope=1.0, cutoff=rng.uniform(1500, 4000)),
         "square": dict(slope=1.0, cutoff=rng.uniform(1500, 4000), odd=True),
         "flute": dict(slope=3.0, cutoff=2500),
         "string": dict(slope=1.0, cutoff=rng.uniform(2000, 3500)),
-    }[kind]
+    }.get(kind)
+    if timbre is None:  # the hard-negative kinds draw nothing above, so the classic leads keep their streams
+        timbre = {
+            "sax": dict(slope=1.2, cutoff=3500, extra={2: 0.6, 3: 0.5}),
+            "whistle": dict(slope=8.0, cutoff=2000),
+            "guitar": dict(slope=1.0, cutoff=3000),
+        }[kind]
     # Phrases: in the vocal gaps (call and response) or anywhere.
-    answer = rng.random() < 0.5 and len(vocal_spans) > 0
+    answer = rng.random() < answer_prob and len(vocal_spans) > 0
     phrases = []
     if answer:
         for (s0, e0), (s1, _) in zip(vocal_spans, vocal_spans[1:] + [(plan.seconds, plan.seconds)]):
@@ -948,11 +978,13 @@ def _render_lead(rng: np.random.Generator, plan: _Plan, sr: int, n: int, vocal_s
         f0 = _midi_to_hz(pitch)
         tim = dict(timbre, attack=0.04, decay=0.1, sustain=0.9, release=0.1)
         x = _note(sr, f0, p1 - p0, tim, rng)
-        if kind == "flute":  # breathy, but without formants
+        if kind in ("flute", "sax"):  # breathy, but without formants
             x += 0.05 * signal.sosfilt(_bandpass(1000, 6000, sr), rng.standard_normal(x.shape[0])) * (
                 np.abs(x) > 0).astype(float)
+        elif kind == "guitar":  # overdriven
+            x = np.tanh(4.0 * x / (np.abs(x).max() + 1e-9)) * np.abs(x).max()
         _add(out, int(p0 * sr), x)
-    return _pan(out, pan)
+    return _pan(out, pan), kind
 
 
 # -------------------------------------------------------------------------------------------------------- reverb
@@ -1042,13 +1074,13 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
     Args:
         seed: a non-negative int, or a sequence of them (e.g. (base_seed, track_index)).
         seconds: length of the song (>= 1).
-        vocal_activity: "sparse", "mixed" or "dense".
+        vocal_activity: "sparse", "mixed" or "dense"; "none" (no vocals); "varied" (drawn per song, see VARIED).
         sample_rate: Hz (>= 16000).
     Returns:
         Song with stereo float32 stems that sum to the mixture.
     """
-    if vocal_activity not in ACTIVITIES:
-        raise ValueError(f"vocal_activity must be one of {', '.join(ACTIVITIES)}, not {vocal_activity!r}")
+    if vocal_activity not in MODES:
+        raise ValueError(f"vocal_activity must be one of {', '.join(MODES)}, not {vocal_activity!r}")
     if not seconds >= 1.0:
         raise ValueError(f"seconds must be at least 1, got {seconds}")
     if sample_rate < 16000:
@@ -1063,10 +1095,23 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
     if rng_arr.random() < 0.05:
         drums_on = [False] * n_sec  # a song without drums
 
-    vocal, regions, vinfo = _render_vocals(_rng(seed, 2), plan, vocal_activity, sr, n)
+    variety = _draw_variety(_rng(seed, 7)) if vocal_activity == "varied" else None
+    activity = variety["activity"] if variety else vocal_activity
+    if activity == "none":
+        vocal, regions, vinfo = np.zeros((2, n)), [], {"voice": None, "harmony": False}
+    else:
+        vocal, regions, vinfo = _render_vocals(_rng(seed, 2), plan, activity, sr, n)
     drums = _render_drums(_rng(seed, 3), plan, sr, n, drums_on)
     bass, bass_kind = _render_bass(_rng(seed, 4), plan, sr, n, bass_on)
     other, instruments = _render_other(_rng(seed, 5), plan, sr, n, n_sec, regions)
+    if variety and variety["hard_lead"]:
+        lead_rng = _rng(seed, 8)
+        lead, kind = _render_lead(lead_rng, plan, sr, n, regions, lead_rng.uniform(-0.5, 0.5), HARD_LEAD_KINDS,
+                                  (57, 74), VARIED["hard_lead_answer_prob"])
+        r_lead, r_other = _rms(lead, np.abs(lead).max(axis=0) > 1e-4 * (np.abs(lead).max() + 1e-12)), _rms(other)
+        if r_lead > 0:
+            other = other + lead / r_lead * max(r_other, 1e-3) * _db(variety["hard_lead_db"])
+            instruments = instruments + [f"hard lead ({kind})"]
 
     rng = _rng(seed, 6)
     stems = {"vocals": vocal, "drums": drums, "bass": bass, "other": other}
@@ -1079,15 +1124,16 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
         if r > 0:
             stems[name] = x / r * 0.1 * _db(off)
     # Reverb: a hall for vocals and other, a short room for drums; bass stays dry.
-    hall = _reverb_ir(rng, sr, rng.uniform(0.5, 2.2))
-    _apply_reverb(stems, hall, {"vocals": _db(rng.uniform(-16, -6)), "other": _db(rng.uniform(-14, -5))})
+    hall = _reverb_ir(rng, sr, rng.uniform(0.5, 2.2) if variety is None else variety["hall_rt60_s"])
+    vocal_wet = rng.uniform(-16, -6) if variety is None else variety["vocal_reverb_db"]
+    _apply_reverb(stems, hall, {"vocals": _db(vocal_wet), "other": _db(rng.uniform(-14, -5))})
     room = _reverb_ir(rng, sr, rng.uniform(0.15, 0.4))
     _apply_reverb(stems, room, {"drums": _db(rng.uniform(-18, -8))})
     # Vocal level relative to the accompaniment, measured over the sung phrases.
     mask = np.zeros(n, dtype=bool)
     for s, e in regions:
         mask[int(s * sr):int(e * sr)] = True
-    vocal_ratio = rng.uniform(-5, 3)
+    vocal_ratio = rng.uniform(-5, 3) if variety is None else variety["vocal_to_accompaniment_db"]
     accomp = stems["drums"] + stems["bass"] + stems["other"]
     r_acc = _rms(accomp, mask) if mask.any() else _rms(accomp)
     r_voc = _rms(stems["vocals"], mask)
@@ -1112,8 +1158,24 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
         "vocal_to_accompaniment_db": round(vocal_ratio, 2),
         **vinfo,
     }
+    if vocal_activity == "varied":
+        info["drawn_activity"] = activity
+        info["vocal_reverb_db"] = round(vocal_wet, 2)
     log.debug("song %s: %s", info["seed"], info)
     return Song(sr, out, mix, regions, info)
+
+
+def _draw_variety(rng: np.random.Generator) -> dict:
+    """The per-song settings of the "varied" mode (its own random stream, so the classic modes are unchanged)."""
+    names, weights = zip(*VARIED["activity"].items())
+    return {
+        "activity": str(rng.choice(names, p=np.array(weights) / sum(weights))),
+        "vocal_to_accompaniment_db": float(rng.uniform(*VARIED["vocal_to_accompaniment_db"])),
+        "vocal_reverb_db": float(rng.uniform(*VARIED["vocal_reverb_db"])),
+        "hall_rt60_s": float(rng.uniform(*VARIED["hall_rt60_s"])),
+        "hard_lead": bool(rng.random() < VARIED["hard_lead_prob"]),
+        "hard_lead_db": float(rng.uniform(*VARIED["hard_lead_db"])),
+    }
 
 
 class SynthDataset:
@@ -1140,9 +1202,9 @@ class SynthDataset:
                  vocal_activity: str | Sequence[str] = ("sparse", "mixed", "dense"), song_seconds: float | None = None,
                  sample_rate: int = SAMPLE_RATE):
         activities = (vocal_activity,) if isinstance(vocal_activity, str) else tuple(vocal_activity)
-        bad = [a for a in activities if a not in ACTIVITIES]
+        bad = [a for a in activities if a not in MODES]
         if bad or not activities:
-            raise ValueError(f"vocal_activity must be among {', '.join(ACTIVITIES)}, got {list(activities)}")
+            raise ValueError(f"vocal_activity must be among {', '.join(MODES)}, got {list(activities)}")
         unknown = [t for t in targets if t not in STEMS]
         if unknown or not targets:
             raise ValueError(f"targets must be among {', '.join(STEMS)}, got {list(targets)}")
