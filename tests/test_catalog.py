@@ -38,6 +38,15 @@ LIBRARY = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread, as torchrun gives each process: on a busy 2-core machine two threads spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def micro_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -64,7 +73,7 @@ def reference(library, micro_ckpt, tmp_path_factory) -> Path:
     """Outputs of a plain one-process `bsmamba2 separate` of good/."""
     out = tmp_path_factory.mktemp("reference")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # module fixtures run before the autouse one
     try:
         assert main(["separate", str(library / "good"), "-o", str(out), "-c", str(micro_ckpt), *OPTIONS, "-q"]) == 0
     finally:
