@@ -231,3 +231,20 @@ def test_one_process_catalog_resumes_a_plain_run(library, micro_ckpt, reference,
     lines = json_lines(capsys.readouterr().out)
     assert lines[-1]["event"] == "summary" and lines[-1]["skipped"] == len(LIBRARY) and lines[-1]["ok"] == 0
     assert outputs(out) == outputs(reference)
+
+
+@pytest.mark.gpu
+def test_cuda_catalog_equals_a_plain_run_whatever_the_packing(library, micro_ckpt, tmp_path):
+    """On a GPU (fp32): pinned buffers and two calls in flight change nothing; one worker or four (other files
+    sharing each call) give the same bytes as a plain run on the same GPU."""
+    files = sorted((library / "good").iterdir())
+    plain = tmp_path / "plain"
+    assert main(["separate", str(library / "good"), "-o", str(plain), "-c", str(micro_ckpt), "--segment", "2",
+                 "--batch-size", "4", "--device", "cuda", "-q"]) == 0  # fmt: skip
+    sep = Separator(micro_ckpt, device="cuda", segment=2.0, batch_size=4)
+    for workers in (1, 4):
+        out = tmp_path / f"catalog{workers}"
+        options = catalog.Options(out_dir=out, settings=sep.settings(), template="{track}/{stem}.{ext}")
+        report = catalog.separate_catalog(sep, files, options, workers=workers, progress="none")
+        assert report.ok == len(files) and report.failed == 0
+        assert outputs(out) == outputs(plain)

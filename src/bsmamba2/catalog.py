@@ -2,9 +2,10 @@
 
     torchrun --nnodes N --nproc-per-node G -m bsmamba2 separate LIBRARY... -o OUT [the options of `separate`]
 
-One process per GPU (`LOCAL_RANK` picks it; gloo-free: only the job's own torch.distributed store is used, so CPU jobs
-need nothing else). A plain `bsmamba2 separate` is a world of one and keeps its simple file-by-file loop;
-`--progress json` runs this engine in one process.
+One process per GPU (`LOCAL_RANK` picks it). The processes share nothing but the job's own torch.distributed store
+(the one torchrun's rendezvous already runs: no process group, no NCCL or gloo collective, no extra service), so the
+same code runs CPU processes in the tests. A plain `bsmamba2 separate` is a world of one and keeps its simple
+file-by-file loop; `--progress json` runs this engine in one process (an in-memory store).
 
 Work assignment. Rank 0 lists the inputs, drops those a previous run finished (`separate.Manifest` rules: same input
 hash, checkpoint and settings, outputs present), orders the rest longest first and publishes the list in the store.
@@ -73,6 +74,7 @@ PROGRESS_MODES = ("bar", "json", "none")
 STORE_PREFIX = "bsmamba2-catalog"
 STORE_TIMEOUT = _dt.timedelta(days=7)  # waits on rank 0's plan and on the slowest process; torchrun ends dead jobs
 POLL_S = 0.5
+JSON_EVERY_S = 10.0
 # Test-only: "R:K" makes rank R SIGKILL itself mid-file once K files of the job are done (`_test_kill_hook`).
 TEST_KILL_ENV = "BSMAMBA2_CATALOG_TEST_KILL"
 
@@ -124,7 +126,7 @@ class Job:
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out waiting for {what}; is every process of the job still running?")
-            time.sleep(0.02)
+            time.sleep(0.05)
 
 
 def launched() -> bool:
@@ -403,11 +405,14 @@ class Shard:
     """This process's append-only manifest shard: one JSON line per event, each written with one `write` call."""
 
     def __init__(self, out_dir: Path, job_id: str, rank: int):
-        folder = Path(out_dir) / SHARD_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{job_id}-rank{rank:05d}.jsonl"
+        self.path = self.path_of(out_dir, job_id, rank)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
+
+    @staticmethod
+    def path_of(out_dir: str | os.PathLike, job_id: str, rank: int) -> Path:
+        return Path(out_dir) / SHARD_DIR / f"{job_id}-rank{rank:05d}.jsonl"
 
     def write(self, key: str, durable: bool = False, **record) -> None:
         line = (json.dumps({"key": key, **record}, sort_keys=True) + "\n").encode()
@@ -666,12 +671,15 @@ def work(job: Job, separator: Separator, options: Options, todo: list[list], job
         finally:
             batcher.leave()
 
-    threads = []
+    threads = torch.get_num_threads()
+    if separator.device.type == "cuda":  # the workers' CPU ops: a few threads each, not a team each per core
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) // max(1, job.local_world * workers))))
+    pool = []
     for i in range(workers):
         batcher.enter()
         thread = threading.Thread(target=worker, name=f"catalog-worker-{i}", daemon=True)
         thread.start()
-        threads.append(thread)
+        pool.append(thread)
     try:
         batcher.run()
     except BaseException as err:
@@ -679,10 +687,11 @@ def work(job: Job, separator: Separator, options: Options, todo: list[list], job
         batcher.stop(Stopped(f"stopped ({type(err).__name__})"))
         raise
     finally:
-        for thread in threads:  # each aborts its file (no partial output) and records it as interrupted
+        for thread in pool:  # each aborts its file (no partial output) and records it as interrupted
             thread.join(timeout=30)
         shard.close()
         counters.audio(0.0, flush=True)
+        torch.set_num_threads(threads)
     stats.wall_s = time.perf_counter() - start
     b = batcher.stats
     stats.model_s, stats.starved_s, stats.calls, stats.rows, stats.pad_rows = (
@@ -721,10 +730,11 @@ class Report:
         return sum(busy) / len(busy) if busy else 0.0
 
     def line(self) -> str:
+        unit = "GPU" if all(str(r.get("device", "")).startswith("cuda") for r in self.ranks) else "process"
         return (
             f"{self.ok} separated, {self.failed} failed, {self.skipped} skipped of {self.files_total} files; "
-            f"{self.audio_s / 3600:.3f} h of audio in {self.wall_s:.1f} s on {self.world} process(es): "
-            f"{self.audio_s_per_s_per_gpu:.1f} audio-s/s per GPU, model busy {100 * self.busy:.0f}%; "
+            f"{self.audio_s / 3600:.3f} h of audio in {self.wall_s:.1f} s on {self.world} {unit}(s): "
+            f"{self.audio_s_per_s_per_gpu:.1f} audio-s/s per {unit}, model busy {100 * self.busy:.0f}%; "
             f"manifest: {self.manifest}"
         )
 
@@ -742,7 +752,9 @@ class _Progress:
         self.start = time.perf_counter()
         self._stop = threading.Event()
         self._bar = None
-        self._last_json = ""
+        self._last_files: tuple[int, int] = (-1, -1)
+        self._last_audio = -1.0
+        self._last_line = 0.0
         if mode == "bar":
             from tqdm import tqdm
 
@@ -770,10 +782,11 @@ class _Progress:
                 f"files {snap['files_ok'] + snap['files_failed']}/{self.files} failed {snap['files_failed']} "
                 f"{snap['audio_s_done'] / 3600:.2f}/{self.total / 3600:.2f} h", refresh=False)  # fmt: skip
             self._bar.refresh()
-        elif self.mode == "json":
-            key = json.dumps({k: v for k, v in snap.items() if k not in ("elapsed_s", "eta_s", "audio_s_per_s")})
-            if key != self._last_json:
-                self._last_json = key
+        elif self.mode == "json":  # a line when a file finishes, else every JSON_EVERY_S while audio progresses
+            files = (snap["files_ok"], snap["files_failed"])
+            now = time.monotonic()
+            if files != self._last_files or (snap["audio_s_done"] != self._last_audio and now - self._last_line >= JSON_EVERY_S):
+                self._last_files, self._last_audio, self._last_line = files, snap["audio_s_done"], now
                 print(json.dumps(snap), file=self.stream, flush=True)
 
     def _loop(self) -> None:
@@ -845,6 +858,11 @@ def separate_catalog(
         job.add("ranks_done")
         if job.main:
             job.wait_until(lambda: job.store.add("ranks_done", 0) >= job.world, "every process to finish")
+            unseen = [r for r in range(job.world) if not Shard.path_of(options.out_dir, job_id, r).exists()]
+            if unseen:
+                log.warning("the manifest shards of rank(s) %s are not visible here: -o %s must be a folder that every "
+                            "machine of the job sees (a shared file system), or their files will be redone",
+                            unseen, options.out_dir)  # fmt: skip
             merge_shards(options.out_dir)
             ranks = [json.loads(job.get(f"stats/{r}")) for r in range(job.world)]
             report = Report(
@@ -867,7 +885,9 @@ def run(job: Job, args: argparse.Namespace, separator: Separator, files: list[Pa
         subtype=settings.get("subtype"), sample_rate=args.sample_rate, downmix=args.downmix,
         stems=settings.get("stems"), bitrate=settings.get("bitrate"), overwrite=args.overwrite,
     )  # fmt: skip
-    progress = "none" if args.quiet else getattr(args, "progress", "bar")
+    progress = getattr(args, "progress", "bar")
+    if args.quiet and progress == "bar":
+        progress = "none"
     stream = stream or sys.stdout
 
     def on_signal(signum, frame):  # torchrun stops the other processes of a failed job with SIGTERM
