@@ -16,8 +16,8 @@ Inside one process. `workers` threads each run the ordinary per-file pipeline, `
 (decode, resample, cut into segments, overlap-add, resample back, encode, write to a temporary name and rename), whose
 model call is swapped (`Separator.with_model_call`) for a hand-off to the batcher. The batcher, on the main thread,
 pools the waiting segments of all workers into model calls of `batch_size` rows, so short files do not run
-half-empty calls, and keeps two calls in flight on a GPU (pinned buffers, asynchronous copies): while the GPU runs,
-the workers decode, blend, encode and write other files. Its time in the model over the wall time is the busy
+half-empty calls, and keeps two calls in flight on a GPU (pinned buffers, copies on a side stream): while the GPU
+runs, the workers decode, blend, encode and write other files. Its time in the model over the wall time is the busy
 fraction reported at the end.
 
 Byte identity. A segment's result must not depend on what else shares its model call, or a file's bytes would depend
@@ -180,9 +180,10 @@ class _Request:
 class _InFlight:
     rows: list[tuple[_Request, int]]
     out: torch.Tensor  # (batch, stems, channels, time) on the CPU (pinned on a GPU), valid after `ready`
-    ready: torch.cuda.Event | None
-    start: torch.cuda.Event | None
-    cpu_s: float  # CPU: seconds in the model call
+    cpu_s: float = 0.0  # CPU: seconds in the model call
+    start: torch.cuda.Event | None = None  # GPU: around the model on the compute stream
+    end: torch.cuda.Event | None = None
+    ready: torch.cuda.Event | None = None  # GPU: the copy back is done
 
 
 @dataclass
@@ -192,7 +193,7 @@ class BatcherStats:
     calls: int = 0
     rows: int = 0  # real segments
     pad_rows: int = 0  # zero rows filling short calls
-    model_s: float = 0.0  # GPU: time between events around each call (copies in, model, copy out); CPU: wall
+    model_s: float = 0.0  # GPU: time between events around the model on the compute stream; CPU: wall
     starved_s: float = 0.0  # nothing in flight and no full call waiting: the model waited for the workers
 
 
@@ -212,6 +213,7 @@ class Batcher:
         self.batch_size = int(batch_size or separator.batch_size)
         self.segment = separator.segment_samples  # rows of this length are padded to full calls
         self.cuda = separator.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(separator.device) if self.cuda else None
         self.after_rows = after_rows
         self.stats = BatcherStats()
         self._cond = threading.Condition()
@@ -339,20 +341,34 @@ class Batcher:
         if not self.cuda:
             t = time.perf_counter()
             y = self.separator.apply_on_device(x)
-            return _InFlight(rows, y, None, None, time.perf_counter() - t)
-        start = torch.cuda.Event(enable_timing=True)
-        ready = torch.cuda.Event(enable_timing=True)
-        start.record()
-        y = self.separator.apply_on_device(x.to(self.separator.device, non_blocking=True))
-        out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
-        out.copy_(y, non_blocking=True)
-        ready.record()
-        return _InFlight(rows, out, ready, start, 0.0)
+            return _InFlight(rows, y, cpu_s=time.perf_counter() - t)
+        # Copies run on a side stream, so the copy in of this call and the copy out of the last one overlap the
+        # model's work on the compute stream; `record_stream` keeps each buffer alive until the other stream is done.
+        device = self.separator.device
+        with torch.cuda.device(device):
+            compute = torch.cuda.current_stream(device)
+            copy = self._copy_stream
+            loaded, start, end, ready = (torch.cuda.Event(enable_timing=t) for t in (False, True, True, False))
+            with torch.cuda.stream(copy):
+                x_dev = x.to(device, non_blocking=True)
+                loaded.record(copy)
+            compute.wait_event(loaded)
+            x_dev.record_stream(compute)
+            start.record(compute)
+            y = self.separator.apply_on_device(x_dev)
+            end.record(compute)
+            out = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)
+            copy.wait_event(end)
+            with torch.cuda.stream(copy):
+                out.copy_(y, non_blocking=True)
+                ready.record(copy)
+            y.record_stream(copy)
+        return _InFlight(rows, out, start=start, end=end, ready=ready)
 
     def _deliver(self, call: _InFlight) -> None:
         if call.ready is not None:
             call.ready.synchronize()
-            self.stats.model_s += call.start.elapsed_time(call.ready) / 1000.0
+            self.stats.model_s += call.start.elapsed_time(call.end) / 1000.0
         else:
             self.stats.model_s += call.cpu_s
         with self._cond:
