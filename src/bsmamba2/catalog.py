@@ -74,6 +74,7 @@ PROGRESS_MODES = ("bar", "json", "none")
 STORE_PREFIX = "bsmamba2-catalog"
 STORE_TIMEOUT = _dt.timedelta(days=7)  # waits on rank 0's plan and on the slowest process; torchrun ends dead jobs
 POLL_S = 0.5
+STALE_CALLS = 4  # a waiting row goes into the next call, full or not, once this many calls have passed it
 JSON_EVERY_S = 10.0
 # Test-only: "R:K" makes rank R SIGKILL itself mid-file once K files of the job are done (`_test_kill_hook`).
 TEST_KILL_ENV = "BSMAMBA2_CATALOG_TEST_KILL"
@@ -217,7 +218,8 @@ class Batcher:
         self.after_rows = after_rows
         self.stats = BatcherStats()
         self._cond = threading.Condition()
-        self._pending: dict[tuple[int, int], deque[tuple[int, _Request, int]]] = {}
+        # (channels, time) -> rows waiting: (sequence number, model calls made before it came, request, row)
+        self._pending: dict[tuple[int, int], deque[tuple[int, int, _Request, int]]] = {}
         self._n_pending = 0
         self._seq = 0
         self._live = 0  # workers that may still call
@@ -244,7 +246,7 @@ class Batcher:
                 raise self._error
             queue = self._pending.setdefault(key, deque())
             for i in range(x.shape[0]):
-                queue.append((self._seq, req, i))
+                queue.append((self._seq, self.stats.calls, req, i))
                 self._seq += 1
             self._n_pending += x.shape[0]
             self._waiting += 1
@@ -311,18 +313,18 @@ class Batcher:
             return None
 
     def _take(self, full_only: bool) -> list[tuple[_Request, int]] | None:
-        """Pop up to `batch_size` rows of one shape: a full call, or (not `full_only`) the oldest row's shape."""
+        """Pop up to `batch_size` rows of one shape: a full call, or the oldest row's shape when `full_only` is
+        false or that row has waited STALE_CALLS calls (a rare shape, e.g. a mono file's last rows, is not starved)."""
         if not self._n_pending:
             return None
-        if full_only:
+        _, calls, key = min((q[0][0], q[0][1], k) for k, q in self._pending.items())
+        if full_only and self.stats.calls - calls < STALE_CALLS:
             keys = [k for k, q in self._pending.items() if len(q) >= self.batch_size]
             if not keys:
                 return None
             key = keys[0]
-        else:
-            key = min((q[0][0], k) for k, q in self._pending.items() if q)[1]
         queue = self._pending[key]
-        rows = [queue.popleft()[1:] for _ in range(min(self.batch_size, len(queue)))]
+        rows = [queue.popleft()[2:] for _ in range(min(self.batch_size, len(queue)))]
         if not queue:
             del self._pending[key]
         self._n_pending -= len(rows)
