@@ -749,9 +749,10 @@ class Report:
 
     def line(self) -> str:
         unit = "GPU" if all(str(r.get("device", "")).startswith("cuda") for r in self.ranks) else "process"
+        units = unit if self.world == 1 else {"GPU": "GPUs", "process": "processes"}[unit]
         return (
             f"{self.ok} separated, {self.failed} failed, {self.skipped} skipped of {self.files_total} files; "
-            f"{self.audio_s / 3600:.3f} h of audio in {self.wall_s:.1f} s on {self.world} {unit}(s): "
+            f"{self.audio_s / 3600:.3f} h of audio in {self.wall_s:.1f} s on {self.world} {units}: "
             f"{self.audio_s_per_s_per_gpu:.1f} audio-s/s per {unit}, model busy {100 * self.busy:.0f}%; "
             f"manifest: {self.manifest}"
         )
@@ -826,6 +827,9 @@ class _Progress:
         if exc[0] is None and self.mode != "none":
             self._show()
         if self._bar is not None:
+            if exc[0] is None:  # every file ended: the estimate of the last one's length no longer matters
+                self._bar.n = self._bar.total
+                self._bar.refresh()
             self._bar.close()
 
 
