@@ -195,6 +195,12 @@ def test_torchrun_three_processes_kill_one_then_rerun(library, micro_ckpt, refer
     good = {str((library / "good" / name).resolve()) for name, *_ in LIBRARY}
     broken = str((library / "bad" / "broken.mp3").resolve())
     assert len(done) >= 3 and done < good  # the hook fired after 3 files, with the killed rank's file unfinished
+    # torchrun stopped the other ranks with SIGTERM: they aborted their files (no temporary output left) and exited
+    # without needing the SIGKILL that follows 30 s later
+    assert "forcefully exiting" not in first.stderr
+    for key, entry in after_kill.items():
+        if entry["status"] == "interrupted":
+            assert not list((out / Path(key).stem).glob(".*.part")), key
 
     second = torchrun(args)
     assert second.returncode == 1, second.stderr[-3000:]  # the corrupt file failed

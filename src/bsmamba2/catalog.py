@@ -144,7 +144,8 @@ def join(args: argparse.Namespace | None = None) -> Job:
     """Join the torchrun job of this process (a world of one without torchrun) and pin its GPU.
 
     Under torchrun, `args.device` "auto"/"cuda" becomes "cuda:LOCAL_RANK" (one process per GPU); the store is the
-    rendezvous store torchrun already runs. Processes other than rank 0 log only errors.
+    rendezvous store torchrun already runs. Processes other than rank 0 stay silent until the catalog runs (rank 0
+    reports what concerns every process, such as a missing input), then log only their own files' errors.
     """
     if launched():
         store, rank, world = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
@@ -161,7 +162,7 @@ def join(args: argparse.Namespace | None = None) -> Job:
             torch.cuda.set_device(local_rank)
             args.device = f"cuda:{local_rank}"
     if not job.main:
-        logging.getLogger("bsmamba2").setLevel(logging.ERROR)
+        logging.getLogger("bsmamba2").setLevel(logging.CRITICAL)
     return job
 
 
@@ -911,6 +912,8 @@ def run(job: Job, args: argparse.Namespace, separator: Separator, files: list[Pa
     if args.quiet and progress == "bar":
         progress = "none"
     stream = stream or sys.stdout
+    if not job.main:
+        logging.getLogger("bsmamba2").setLevel(logging.ERROR)
 
     def on_signal(signum, frame):  # torchrun stops the other processes of a failed job with SIGTERM
         job.stopping.set()
