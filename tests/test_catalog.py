@@ -1,7 +1,7 @@
 """The catalog engine (`bsmamba2.catalog`): torchrun with 3 CPU processes against a plain one-process
 `bsmamba2 separate`, a SIGKILLed process and the rerun, a corrupt file, and the pooling of segments into model calls.
 
-The model is a micro BSMamba2 (dim 8, 13 bands over a 256-point STFT at 4 kHz) so that a 2.5-minute file takes a
+The model is a micro BSMamba2 (dim 8, 13 bands over a 256-point STFT at 4 kHz) so that a 3-minute file takes a
 few CPU seconds; inputs are resampled to and from its rate like any other.
 """
 
@@ -28,11 +28,12 @@ from bsmamba2.model import build_model
 from bsmamba2.separate import MANIFEST_NAME, Manifest, Separator
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = dict(dim=8, band_widths=(8,) * 8 + (16,) * 4 + (1,), stft=STFTConfig(sample_rate=4000, n_fft=256, hop_length=128))
+MICRO = dict(dim=8, band_widths=(8,) * 8 + (16,) * 4 + (1,),
+             stft=STFTConfig(sample_rate=4000, n_fft=256, hop_length=128))
 OPTIONS = ["--segment", "2", "--batch-size", "4", "--device", "cpu"]
-# name, sample rate, channels, seconds: four formats, four files under one 2-s segment, one of 2.5 minutes at 2 kHz
+# name, sample rate, channels, seconds: four formats, four files under one 2-s segment, one of 3 minutes at 2 kHz
 LIBRARY = [
-    ("long.flac", 2000, 1, 150.0), ("a.wav", 8000, 2, 0.3), ("b.ogg", 22050, 1, 0.6), ("c.wav", 44100, 2, 0.05),
+    ("long.flac", 2000, 1, 180.0), ("a.wav", 8000, 2, 0.3), ("b.ogg", 22050, 1, 0.6), ("c.wav", 44100, 2, 0.05),
     ("d.mp3", 44100, 2, 3.0), ("e.mp3", 48000, 1, 2.0), ("f.flac", 16000, 2, 4.0), ("g.flac", 4000, 2, 2.5),
     ("h.ogg", 44100, 2, 5.0), ("i.wav", 4000, 2, 7.3), ("j.wav", 32000, 1, 1.7),
 ]  # fmt: skip
@@ -50,7 +51,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def micro_ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    return save_model(build_model(BSMamba2Config.tiny(**MICRO)).eval(), tmp_path_factory.mktemp("ckpt") / "micro.safetensors")
+    path = tmp_path_factory.mktemp("ckpt") / "micro.safetensors"
+    return save_model(build_model(BSMamba2Config.tiny(**MICRO)).eval(), path)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,8 @@ def library(tmp_path_factory) -> Path:
     for name, sr, channels, seconds in LIBRARY:
         t = np.arange(int(sr * seconds)) / sr
         tone = 0.2 * np.sin(2 * np.pi * (110 + 40 * rng.random()) * t)[:, None]
-        sf.write(str(root / "good" / name), (tone + 0.05 * rng.standard_normal((t.size, channels))).astype(np.float32), sr)
+        wave = tone + 0.05 * rng.standard_normal((t.size, channels))
+        sf.write(str(root / "good" / name), wave.astype(np.float32), sr)
     (root / "bad").mkdir()
     (root / "bad" / "broken.mp3").write_bytes(rng.bytes(5000))
     return root
@@ -233,8 +236,8 @@ def test_one_process_catalog_resumes_a_plain_run(library, micro_ckpt, reference,
     for name in [*outputs(reference), MANIFEST_NAME]:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_bytes((reference / name).read_bytes())
-    rc = main(["separate", str(library / "good"), "-o", str(out), "-c", str(micro_ckpt), *OPTIONS, "--progress", "json"])
-    assert rc == 0
+    args = [str(library / "good"), "-o", str(out), "-c", str(micro_ckpt), *OPTIONS, "--progress", "json"]
+    assert main(["separate", *args]) == 0
     lines = json_lines(capsys.readouterr().out)
     assert lines[-1]["event"] == "summary" and lines[-1]["skipped"] == len(LIBRARY) and lines[-1]["ok"] == 0
     assert outputs(out) == outputs(reference)

@@ -46,7 +46,6 @@ import argparse
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import signal
 import socket
@@ -147,6 +146,9 @@ def join(args: argparse.Namespace | None = None) -> Job:
     rendezvous store torchrun already runs. Processes other than rank 0 stay silent until the catalog runs (rank 0
     reports what concerns every process, such as a missing input), then log only their own files' errors.
     """
+    if not dist.is_available():
+        raise ValueError("this PyTorch build has no torch.distributed, which the catalog engine needs for its store; "
+                         "run `bsmamba2 separate` without torchrun and without --progress json")
     if launched():
         store, rank, world = next(dist.rendezvous("env://", timeout=STORE_TIMEOUT))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -166,7 +168,7 @@ def join(args: argparse.Namespace | None = None) -> Job:
     return job
 
 
-# -- the batcher: pools the segments of all workers into fixed-shape model calls ----------------------------------------
+# -- the batcher: pools the segments of all workers into fixed-shape model calls ---------------------------------------
 class _Request:
     """One worker's model call (rows of one (channels, time) shape), answered when every row has come back."""
 
@@ -415,7 +417,7 @@ def _test_kill_hook(job: Job) -> Callable[[int], None] | None:
     return after_rows
 
 
-# -- the manifest: per-process shards, merged by rank 0 -----------------------------------------------------------------
+# -- the manifest: per-process shards, merged by rank 0 ----------------------------------------------------------------
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
@@ -490,7 +492,7 @@ def remove_stale_parts(targets: dict[str, Path]) -> None:
                 part.unlink(missing_ok=True)
 
 
-# -- planning (rank 0) ----------------------------------------------------------------------------------------------------
+# -- planning (rank 0) -------------------------------------------------------------------------------------------------
 @dataclass
 class Options:
     """The per-file options of `bsmamba2 separate` and the settings recorded in the manifest."""
@@ -541,7 +543,7 @@ def plan(separator: Separator, files: list[Path], options: Options, threads: int
     return {"todo": todo, "skipped": len(probed) - len(todo)}
 
 
-# -- one process's work ---------------------------------------------------------------------------------------------------
+# -- one process's work ------------------------------------------------------------------------------------------------
 @dataclass
 class RankStats:
     """Totals of one process; `busy` = model time / wall time."""
@@ -719,7 +721,7 @@ def work(job: Job, separator: Separator, options: Options, todo: list[list], job
     return stats
 
 
-# -- the whole job ----------------------------------------------------------------------------------------------------------
+# -- the whole job -----------------------------------------------------------------------------------------------------
 @dataclass
 class Report:
     """The job's outcome, the same on every process."""
@@ -805,7 +807,8 @@ class _Progress:
         elif self.mode == "json":  # a line when a file finishes, else every JSON_EVERY_S while audio progresses
             files = (snap["files_ok"], snap["files_failed"])
             now = time.monotonic()
-            if files != self._last_files or (snap["audio_s_done"] != self._last_audio and now - self._last_line >= JSON_EVERY_S):
+            moved = snap["audio_s_done"] != self._last_audio and now - self._last_line >= JSON_EVERY_S
+            if files != self._last_files or moved:
                 self._last_files, self._last_audio, self._last_line = files, snap["audio_s_done"], now
                 print(json.dumps(snap), file=self.stream, flush=True)
 
