@@ -33,7 +33,8 @@ Manifest. Each process appends one JSON line per event (start, done, failed) to 
 `OUT/.catalog/<job>-rank<R>.jsonl`, with one `write` call; rank 0 merges all shards into `OUT/manifest.json`
 (temporary file and rename) at the end, and at the start of the next run, so the files a killed job finished count
 as done and the rerun of the same command does only the rest. Entries are those of `separate.Manifest` plus rank,
-host, job, output hashes, timing and error.
+host, job, attempts, output hashes, timing and error. OUT must be one folder that every machine sees, written by one
+job at a time (a second job on it would redo work and lose manifest records, never leave a partial output).
 
 Progress. Counters live in the store; rank 0 shows one bar over all processes (audio seconds, files, ETA) or prints
 JSON lines (`--progress json`), the others stay quiet; a one-line summary ends the job. A file's error never stops
