@@ -180,12 +180,12 @@ def test_merge_shards_survives_a_torn_line_and_counts_attempts(tmp_path):
 
 
 def test_torchrun_three_processes_kill_one_then_rerun(library, micro_ckpt, reference, tmp_path):
-    """Run 1: rank 1 SIGKILLs itself mid-file once 3 files are done -> the job fails, no partial output. Run 2, the
-    same command: only the unfinished files run, each once; every output is byte-identical to the plain run; the
-    corrupt file is recorded as failed; one manifest."""
+    """Run 1: the process separating the 3-minute file SIGKILLs itself mid-file once 3 files are done -> the job
+    fails, no partial output. Run 2, the same command: only the unfinished files run, each once; every output is
+    byte-identical to the plain run; the corrupt file is recorded as failed; one manifest."""
     out = tmp_path / "out"
     args = [str(library), "-o", str(out), "-c", str(micro_ckpt), *OPTIONS, "--progress", "json"]
-    first = torchrun(args, {catalog.TEST_KILL_ENV: "1:3"})
+    first = torchrun(args, {catalog.TEST_KILL_ENV: "3"})
     assert first.returncode != 0, first.stderr[-3000:]
     assert "kills itself mid-file" in first.stderr
     expected = outputs(reference)
@@ -197,7 +197,7 @@ def test_torchrun_three_processes_kill_one_then_rerun(library, micro_ckpt, refer
     done = {k for k, e in after_kill.items() if e["status"] == "done"}
     good = {str((library / "good" / name).resolve()) for name, *_ in LIBRARY}
     broken = str((library / "bad" / "broken.mp3").resolve())
-    assert len(done) >= 3 and done < good  # the hook fired after 3 files, with the killed rank's file unfinished
+    assert len(done) >= 3 and str((library / "good" / "long.flac").resolve()) not in done
     # torchrun stopped the other ranks with SIGTERM: they aborted their files (no temporary output left) and exited
     # without needing the SIGKILL that follows 30 s later
     assert "forcefully exiting" not in first.stderr

@@ -76,7 +76,7 @@ STORE_TIMEOUT = _dt.timedelta(days=7)  # waits on rank 0's plan and on the slowe
 POLL_S = 0.5
 STALE_CALLS = 4  # a waiting row goes into the next call, full or not, once this many calls have passed it
 JSON_EVERY_S = 10.0
-# Test-only: "R:K" makes rank R SIGKILL itself mid-file once K files of the job are done (`_test_kill_hook`).
+# Test-only: "K" makes the process with the longest file SIGKILL itself mid-file once K files are done (`_TestKill`).
 TEST_KILL_ENV = "BSMAMBA2_CATALOG_TEST_KILL"
 
 
@@ -399,23 +399,26 @@ class Batcher:
             req.done.set()
 
 
-def _test_kill_hook(job: Job) -> Callable[[int], None] | None:
-    """The test-only hook of TEST_KILL_ENV ("R:K"): rank R SIGKILLs itself when segments come back to it once K
-    files of the job are done, so it dies mid-file while other files are finished."""
-    spec = os.environ.get(TEST_KILL_ENV)
-    if not spec:
-        return None
-    who, count = (int(v) for v in spec.split(":"))
-    if who != job.rank:
-        return None
+class _TestKill:
+    """Test-only, TEST_KILL_ENV="K": the process that claims the plan's first (longest) file SIGKILLs itself when
+    segments come back to it once K files of the job are done, so it dies mid-file while others are finished."""
 
-    def after_rows(n: int) -> None:
-        if job.add("files_ok", 0) >= count:
-            log.error("%s: rank %d kills itself mid-file (test hook)", TEST_KILL_ENV, job.rank)
+    def __init__(self, job: Job, count: int):
+        self.job, self.count, self.armed = job, count, False
+
+    @classmethod
+    def from_env(cls, job: Job) -> "_TestKill | None":
+        spec = os.environ.get(TEST_KILL_ENV)
+        return cls(job, int(spec)) if spec else None
+
+    def claimed(self, index: int) -> None:
+        self.armed = self.armed or index == 0
+
+    def after_rows(self, n: int) -> None:
+        if self.armed and self.job.add("files_ok", 0) >= self.count:
+            log.error("%s: rank %d kills itself mid-file (test hook)", TEST_KILL_ENV, self.job.rank)
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
-
-    return after_rows
 
 
 # -- the manifest: per-process shards, merged by rank 0 ----------------------------------------------------------------
@@ -602,7 +605,8 @@ def work(job: Job, separator: Separator, options: Options, todo: list[list], job
     """Run this process's share of `todo` (claimed one by one from the store) until none is left."""
     start = time.perf_counter()
     workers = int(workers or default_workers(separator, job))
-    batcher = Batcher(separator, after_rows=_test_kill_hook(job), stopping=job.stopping)
+    test_kill = _TestKill.from_env(job)
+    batcher = Batcher(separator, after_rows=test_kill.after_rows if test_kill else None, stopping=job.stopping)
     shard = Shard(options.out_dir, job_id, job.rank)
     prior = Manifest(options.out_dir)  # read-only here: input hashes of unchanged files are reused
     counters = _Counters(job)
@@ -686,6 +690,8 @@ def work(job: Job, separator: Separator, options: Options, todo: list[list], job
                 index = job.add("next") - 1
                 if index >= len(todo):
                     break
+                if test_kill is not None:
+                    test_kill.claimed(index)
                 path, seconds = todo[index]
                 one(Path(path), float(seconds))
         except Exception as err:  # noqa: BLE001 - a store failure: let the main thread report it
