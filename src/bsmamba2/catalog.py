@@ -24,12 +24,13 @@ Byte identity. A segment's result must not depend on what else shares its model 
 on timing. The choice: every model call has one shape (`batch_size` rows of one segment; zero rows pad the rare
 short call), and the model treats batch rows independently (no batch statistics; band and time mixers reshape rows
 apart). On CPU in float32 the tests check it bit for bit: a row alone, at any position, next to any other rows, gives
-the same bits, and a 3-process job writes files byte-identical to a one-process `bsmamba2 separate`. On a GPU, bit
-identity across packings also needs kernels that do not depend on a row's position in the call (cuBLAS may split
-the work of one GEMM by tile); `benchmarks/bench_catalog.py --check` compares files with a plain run to measure it.
-Either way every output is complete or absent: files are renamed into place only when whole.
+the same bits, and a 3-process job writes files byte-identical to a one-process `bsmamba2 separate` (whose last
+call per file has fewer rows). On a GPU the same needs GEMM kernels that do not depend on the number of rows or a
+row's position (a library may pick another algorithm or split for another shape): the CUDA test checks it in fp32
+and `benchmarks/bench_catalog.py --check N` measures it for the paper-size model in bf16. Either way every output
+is complete or absent: files are renamed into place only when whole.
 
-Manifest. Each process appends one JSON line per event (start, done, failed) to its own shard,
+Manifest. Each process appends one JSON line per event (start, done, failed, interrupted) to its own shard,
 `OUT/.catalog/<job>-rank<R>.jsonl`, with one `write` call; rank 0 merges all shards into `OUT/manifest.json`
 (temporary file and rename) at the end, and at the start of the next run, so the files a killed job finished count
 as done and the rerun of the same command does only the rest. Entries are those of `separate.Manifest` plus rank,
