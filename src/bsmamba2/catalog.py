@@ -79,6 +79,7 @@ STALE_CALLS = 4  # a waiting row goes into the next call, full or not, once this
 JSON_EVERY_S = 10.0
 # Test-only: "K" makes the process with the longest file SIGKILL itself mid-file once K files are done (`_TestKill`).
 TEST_KILL_ENV = "BSMAMBA2_CATALOG_TEST_KILL"
+COMMAND_LOGGER = "bsmamba2.separate"  # where `bsmamba2 separate` reports problems with its inputs
 
 
 class Stopped(RuntimeError):
@@ -145,8 +146,8 @@ def join(args: argparse.Namespace | None = None) -> Job:
     """Join the torchrun job of this process (a world of one without torchrun) and pin its GPU.
 
     Under torchrun, `args.device` "auto"/"cuda" becomes "cuda:LOCAL_RANK" (one process per GPU); the store is the
-    rendezvous store torchrun already runs. Processes other than rank 0 stay silent until the catalog runs (rank 0
-    reports what concerns every process, such as a missing input), then log only their own files' errors.
+    rendezvous store torchrun already runs. Processes other than rank 0 log only errors, and leave those about the
+    inputs (a missing path, a template clash) to rank 0, which finds the same ones.
     """
     if not dist.is_available():
         raise ValueError("this PyTorch build has no torch.distributed, which the catalog engine needs for its store; "
@@ -166,7 +167,8 @@ def join(args: argparse.Namespace | None = None) -> Job:
             torch.cuda.set_device(local_rank)
             args.device = f"cuda:{local_rank}"
     if not job.main:
-        logging.getLogger("bsmamba2").setLevel(logging.CRITICAL)
+        logging.getLogger("bsmamba2").setLevel(logging.ERROR)
+        logging.getLogger(COMMAND_LOGGER).setLevel(logging.CRITICAL)  # until `run`
     return job
 
 
@@ -776,8 +778,10 @@ class Report:
 class _Progress:
     """Rank 0's view of the whole job from the store: a tqdm bar, JSON lines, or nothing."""
 
-    def __init__(self, job: Job, mode: str, files: int, skipped: int, audio_total: float, stream: IO[str]):
+    def __init__(self, job: Job, mode: str, files: int, skipped: int, audio_total: float, stream: IO[str],
+                 failed_inputs: int = 0):  # fmt: skip
         self.job, self.mode, self.files, self.skipped, self.total = job, mode, files, skipped, audio_total
+        self.failed_inputs = failed_inputs  # inputs that never reached the plan (missing paths)
         self.stream = stream
         self.start = time.perf_counter()
         self._stop = threading.Event()
@@ -793,12 +797,13 @@ class _Progress:
         self._thread = threading.Thread(target=self._loop, name="catalog-progress", daemon=True)
 
     def snapshot(self) -> dict:
-        ok, failed = self.job.add("files_ok", 0), self.job.add("files_failed", 0)
+        ok, failed = self.job.add("files_ok", 0), self.job.add("files_failed", 0) + self.failed_inputs
         done_s = min(self.total, self.job.add("audio_ms", 0) / 1000.0)
         elapsed = time.perf_counter() - self.start
         rate = done_s / elapsed if elapsed > 0 else 0.0
         return {
-            "event": "progress", "files_total": self.files + self.skipped, "files_ok": ok, "files_failed": failed,
+            "event": "progress", "files_total": self.files + self.skipped + self.failed_inputs, "files_ok": ok,
+            "files_failed": failed,
             "files_skipped": self.skipped, "audio_s_done": round(done_s, 1), "audio_s_total": round(self.total, 1),
             "elapsed_s": round(elapsed, 1), "audio_s_per_s": round(rate, 2),
             "eta_s": round((self.total - done_s) / rate, 1) if rate > 0 else None,
@@ -808,8 +813,9 @@ class _Progress:
         snap = self.snapshot()
         if self._bar is not None:
             self._bar.n = snap["audio_s_done"]
+            ended, files = snap["files_ok"] + snap["files_failed"], self.files + self.failed_inputs
             self._bar.set_postfix_str(
-                f"files {snap['files_ok'] + snap['files_failed']}/{self.files} failed {snap['files_failed']} "
+                f"files {ended}/{files} failed {snap['files_failed']} "
                 f"{snap['audio_s_done'] / 3600:.2f}/{self.total / 3600:.2f} h", refresh=False)  # fmt: skip
             self._bar.refresh()
         elif self.mode == "json":  # a line when a file finishes, else every JSON_EVERY_S while audio progresses
@@ -880,7 +886,7 @@ def separate_catalog(
         log.info("catalog job %s: %d file(s) to separate (%.2f h of audio), %d skipped, on %d process(es)", job_id,
                  len(items), total_audio / 3600, todo["skipped"], job.world)  # fmt: skip
     show = progress if job.main else "none"
-    with _Progress(job, show, len(items), todo["skipped"], total_audio, stream):
+    with _Progress(job, show, len(items), todo["skipped"], total_audio, stream, failed_inputs):
         if show == "bar":
             from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -924,7 +930,7 @@ def run(job: Job, args: argparse.Namespace, separator: Separator, files: list[Pa
         progress = "none"
     stream = stream or sys.stdout
     if not job.main:
-        logging.getLogger("bsmamba2").setLevel(logging.ERROR)
+        logging.getLogger(COMMAND_LOGGER).setLevel(logging.NOTSET)
 
     def on_signal(signum, frame):  # torchrun stops the other processes of a failed job with SIGTERM
         job.stopping.set()
