@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -54,7 +54,7 @@ def make_library(folder: Path, songs: int, minutes: tuple[float, float], jobs: i
     folder.mkdir(parents=True, exist_ok=True)
     lo, hi = minutes
     lengths = [60 * (lo + (hi - lo) * i / max(1, songs - 1)) for i in range(songs)]
-    with ProcessPoolExecutor(max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # numpy and libsndfile release the GIL
         return list(pool.map(_write_song, [(folder, i, s) for i, s in enumerate(lengths)]))
 
 
