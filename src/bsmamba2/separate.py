@@ -14,6 +14,7 @@ sample rate. No file-format code lives here: `bsmamba2.audio` does the reading a
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -390,7 +391,12 @@ class Separator:
 
     # -- model call ----------------------------------------------------------------------------------------------
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, channels, time) float32 -> (batch, stems, channels, time) float32 on the CPU.
+        """(batch, channels, time) float32 -> (batch, stems, channels, time) float32 on the CPU."""
+        return self.apply_on_device(x).cpu()
+
+    def apply_on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """The model call: (batch, channels, time) float32 -> (batch, stems, channels, time) float32, left on the
+        model's device so that a caller can overlap the copy back with other work (`bsmamba2.catalog` does).
 
         Mono input to a stereo model is duplicated and the outputs averaged back to mono; a mono model runs each
         channel of a stereo input as its own batch item.
@@ -416,7 +422,15 @@ class Separator:
             y = y.mean(dim=2, keepdim=True)  # (b, s, 1, t)
         else:
             y = y.reshape(batch, channels, y.shape[1], length).transpose(1, 2)  # (b, s, c, t)
-        return y.cpu()
+        return y
+
+    def with_model_call(self, fn: ModelFn) -> "Separator":
+        """A shallow copy that sends its segments to `fn` instead of the model, with the same chunking, resampling,
+        blending and writing. `fn` must return what `apply_on_device(x).cpu()` would; `bsmamba2.catalog` uses it to
+        pool the segments of many files into each model call."""
+        other = copy.copy(self)
+        other._apply = fn
+        return other
 
     def _engine(self, channels: int) -> OverlapAdd:
         return OverlapAdd(

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from bsmamba2 import catalog
 from bsmamba2.audio import (
     AUDIO_EXTENSIONS,
     DEFAULT_MP3_BITRATE,
@@ -71,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fold inputs with more than two channels to stereo instead of failing")
     g.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-file summaries")
+    p.add_argument("--progress", choices=catalog.PROGRESS_MODES, default="bar",
+                   help="bar (default), none, or json: one JSON line per update on stdout for schedulers (runs the "
+                        "catalog engine, as `torchrun ... -m bsmamba2 separate` does on every GPU)")
 
 
 def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -121,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    quiet = args.quiet
+    job = catalog.join(args) if catalog.wanted(args) else None  # torchrun: this process's GPU is pinned here
+    quiet = args.quiet or args.progress == "none"
     out_dir: Path = args.out_dir
     stems = [s.strip() for s in args.stems.split(",") if s.strip()] if args.stems else None
 
@@ -167,6 +172,8 @@ def _run(args: argparse.Namespace) -> int:
     if clashes:
         log.warning("nothing separated: %d input(s) share output files with another input", len(clashes))
         return 1
+    if job is not None:
+        return catalog.run(job, args, separator, files, failures, settings)
 
     done = skipped = 0
     failed = len(failures)
