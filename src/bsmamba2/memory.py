@@ -35,7 +35,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GiB = 2.0**30
-MARGIN = 0.08  # fraction of the usable memory left to the allocator's fragmentation (train.memory_margin)
+MARGIN = 0.05  # fraction of the usable memory left to the allocator's fragmentation (train.memory_margin)
 RESERVE_BYTES = 0.5 * GiB  # and a fixed reserve for the CUDA libraries' workspaces (cuBLAS, cuFFT) on top
 
 

@@ -6,7 +6,9 @@
 
 Recipe: AdamW (lr 5e-4), bf16 autocast on GPU, gradient clipping at 3, gradient accumulation so that
 batch × processes × accumulation = `train.effective_batch`, an EMA of the weights (decay 0.999) that is what
-validation scores and export writes, validation uSDR at every epoch end.
+validation scores and export writes, validation uSDR at every epoch end. Activation checkpointing
+(`train.activation_checkpointing: auto`) is chosen before the first step from a measured footprint: the fastest
+selection of axis modules to recompute that fits the GPU's free memory (`bsmamba2.memory`).
 
 Resumability: RUN_DIR/last.pt (and best.pt, by validation uSDR) hold the model, EMA, optimiser, grad scaler, step,
 epoch, RNG states and the data position; the training data are a pure function of (seed, sample index) (see
@@ -379,7 +381,7 @@ def train(
     if tc.activation_checkpointing not in (True, False, "auto"):
         raise ValueError(f"train.activation_checkpointing={tc.activation_checkpointing!r}; expected auto, true or false")
     if not 0.0 <= tc.memory_margin < 1.0:
-        raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.08")
+        raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
     if dc.sample_rate != config.model.stft.sample_rate:
         raise ValueError(f"data.sample_rate={dc.sample_rate} but the model works at {config.model.stft.sample_rate} Hz; "
                          "resample the dataset or change one of them")
