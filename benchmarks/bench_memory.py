@@ -6,6 +6,8 @@ For each model (the shipped paper configs, bf16, batch 5 × 8 s by default) one 
     auto@N the same with the allocator capped at N GiB (`torch.cuda.set_per_process_memory_fraction`): a 24 GB card
            (23.5 GiB: its ~0.5 GiB CUDA context is outside the cap); it must train without running out of memory
     off    no checkpointing (may run out of memory on an 80 GB card: reported, not fatal)
+    saved  what one time-axis and one band-axis module keep for backward at these shapes: each tensor autograd
+           saves (shape, dtype, GiB; one row per storage), the inputs to a leaner backward
 Each mode: a fresh model, AdamW, EMA and the paper's loss; one step (optimiser state), `--warmup` steps, then the
 median of `--steps` timed steps (`bsmamba2.train.train_step`, the training loop's own step) and the peak memory over
 the timed steps (allocated and reserved). Writes JSON (`--out`, or $OUT/bench_memory.json when $OUT is set).
@@ -136,6 +138,40 @@ def bench(arch: str, mode: str, args, device: torch.device, cap_gib: float | Non
     return result
 
 
+def saved_for_backward(arch: str, args, device: torch.device) -> list[dict]:
+    """The tensors one time-axis and one band-axis module of layer 0 save for backward (forward only, under the
+    training autocast), one entry per storage, largest first."""
+    cfg = run_config(arch, args)
+    cuda = device.type == "cuda"
+    model = build_model(cfg.model).to(device).train()
+    samples = round(args.seconds * cfg.data.sample_rate)
+    frames = samples // cfg.model.stft.hop_length + 1
+    b, k, d = args.batch, len(cfg.model.band_widths), cfg.model.dim
+    rows = []
+    for axis, (sequences, length) in (("time", (b * k, frames)), ("band", (b * frames, k))):
+        x = torch.randn(sequences, length, d, device=device, requires_grad=True)  # (s, l, d)
+        storages: dict[int, dict] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), {"axis": axis, "shape": list(t.shape), "dtype": str(t.dtype),
+                                                     "gib": storage.nbytes() / GiB})
+            return t
+
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+        with ctx, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            xin = x.to(torch.bfloat16) if cuda else x  # the latent is bf16 between modules under autocast
+            model.layers[0][0 if axis == "time" else 1](xin)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        rows += sorted((r for ptr, r in storages.items() if ptr not in params and ptr != x.untyped_storage().data_ptr()),
+                       key=lambda r: -r["gib"])
+        del x
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
 def format_row(r: dict) -> str:
     def num(key: str, fmt: str) -> str:
         return format(r[key], fmt) if r.get(key) is not None else "-"
@@ -148,7 +184,8 @@ def format_row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--archs", default="bsmamba2,bsroformer")
-    ap.add_argument("--modes", default="full,auto,cap,off", help="any of full, auto, cap (auto under --cap-gib), off")
+    ap.add_argument("--modes", default="saved,full,auto,cap,off",
+                    help="any of saved, full, auto, cap (auto under --cap-gib), off")
     ap.add_argument("--cap-gib", type=float, default=23.5, help="memory cap of the simulated smaller card")
     ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -168,6 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             if mode == "cap" and not cuda:
                 continue  # a memory cap means nothing on CPU
+            if mode == "saved":
+                rows = saved_for_backward(arch, args, device)
+                results.append({"arch": arch, "mode": "saved", "tensors": rows})
+                for axis in ("time", "band"):
+                    mine = [r for r in rows if r["axis"] == axis]
+                    print(f"{arch:<10} saved for backward by one {axis}-axis module: "
+                          f"{sum(r['gib'] for r in mine):.2f} GiB in {len(mine)} tensors", flush=True)
+                    for r in mine[:10]:
+                        print(f"{'':<12}{r['gib']:7.3f} GiB  {r['dtype']:<15} {r['shape']}", flush=True)
+                    if len(mine) > 10:
+                        print(f"{'':<12}{sum(r['gib'] for r in mine[10:]):7.3f} GiB  in {len(mine) - 10} smaller",
+                              flush=True)
+                continue
             try:
                 r = bench(arch, "auto" if mode == "cap" else mode, args, device, args.cap_gib if mode == "cap" else None)
             except Exception as err:  # keep going: one failing configuration should not hide the others

@@ -7,7 +7,8 @@
    not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each un-checkpointed module), the
    part in parentheses proportional to the batch.
 2. `memory_budget`: what this process may allocate: free device memory plus what its allocator already holds,
-   capped by `torch.cuda.set_per_process_memory_fraction`, less a margin for the allocator's fragmentation.
+   capped by `torch.cuda.set_per_process_memory_fraction`, less a margin, divided by the fragmentation measured in
+   the dry runs (the caching allocator's reserved / allocated bytes at the peak).
 3. `choose_plan` (pure): the first of `plans_by_speed` whose predicted peak fits the budget. When none does (not even
    with every module checkpointed), `batch_advice` says which batch size and accumulation would fit.
 
@@ -35,7 +36,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GiB = 2.0**30
-MARGIN = 0.05  # fraction of the usable memory left to the allocator's fragmentation (train.memory_margin)
+MARGIN = 0.05  # fraction of the usable memory kept free beyond the measured fragmentation (train.memory_margin)
 RESERVE_BYTES = 0.5 * GiB  # and a fixed reserve for the CUDA libraries' workspaces (cuBLAS, cuFFT) on top
 
 
@@ -143,10 +144,13 @@ def batch_advice(budget: float, footprint: Footprint, batch_size: int, effective
 
 class CudaPeak:
     """Memory probe of a CUDA device: the peak bytes allocated while a function runs, above what was allocated
-    before it (`__call__`); what is allocated now (`allocated`); give cached blocks back (`release`)."""
+    before it (`__call__`); what is allocated now (`allocated`); give cached blocks back (`release`).
+    `fragmentation`: the largest ratio of peak reserved to peak allocated bytes seen (>= 1), what the caching
+    allocator holds beyond what the step uses at its peak."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.fragmentation = 1.0
 
     def __call__(self, step: Callable[[], None]) -> float:
         torch.cuda.synchronize(self.device)
@@ -154,7 +158,9 @@ class CudaPeak:
         base = torch.cuda.memory_allocated(self.device)
         step()
         torch.cuda.synchronize(self.device)
-        return float(torch.cuda.max_memory_allocated(self.device) - base)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.fragmentation = max(self.fragmentation, torch.cuda.max_memory_reserved(self.device) / max(peak, 1))
+        return float(peak - base)
 
     def allocated(self) -> float:
         return float(torch.cuda.memory_allocated(self.device))
@@ -237,16 +243,17 @@ def measure_footprint(
     return Footprint(depth, batch, fixed, full, (max(0.0, keep_time - full), max(0.0, keep_band - full)))
 
 
-def memory_budget(device: torch.device, margin: float = MARGIN, reserve: float = RESERVE_BYTES) -> tuple[float, float]:
+def memory_budget(device: torch.device, margin: float = MARGIN, fragmentation: float = 1.0,
+                  reserve: float = RESERVE_BYTES) -> tuple[float, float]:
     """(budget, usable) bytes for this process's peak allocation on a CUDA device: usable = free + what this process
     already holds (its allocator's cache included), capped by `set_per_process_memory_fraction`; budget = usable less
-    `margin` of it and `reserve`."""
+    `margin` of it, divided by the measured `fragmentation` (reserved / allocated at the peak), less `reserve`."""
     free, total = torch.cuda.mem_get_info(device)
     usable = free + torch.cuda.memory_reserved(device)
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     if fraction < 1.0:
         usable = min(usable, fraction * total)
-    return usable * (1.0 - margin) - reserve, float(usable)
+    return usable * (1.0 - margin) / fragmentation - reserve, float(usable)
 
 
 @dataclass(frozen=True)
@@ -260,15 +267,17 @@ class Decision:
     message: str
 
 
-def decide(budget: float, footprint: Footprint, batch_size: int, effective_batch: int, world: int = 1) -> Decision:
-    """The plan for `footprint` within `budget` and a one-line log or error message (pure)."""
+def decide(budget: float, footprint: Footprint, batch_size: int, effective_batch: int, world: int = 1,
+           budget_note: str = "") -> Decision:
+    """The plan for `footprint` within `budget` and a one-line log or error message (pure); `budget_note` says
+    where the budget comes from."""
     plan = choose_plan(budget, footprint, plans_by_speed(footprint))
     if plan is None or footprint.batch != batch_size:
         return Decision(None, math.inf, budget, footprint,
                         batch_advice(budget, footprint, batch_size, effective_batch, world))
     a_t, a_b = (f"{a / GiB:.2f}" if math.isfinite(a) else "over budget" for a in footprint.per_module)
     message = (f"activation checkpointing (auto): {plan.describe()}; predicted peak "
-               f"{footprint.peak(plan) / GiB:.1f} GiB of a {budget / GiB:.1f} GiB budget (measured "
+               f"{footprint.peak(plan) / GiB:.1f} GiB of a {budget / GiB:.1f} GiB budget{budget_note} (measured "
                f"{footprint.peak(CheckpointPlan.full(footprint.depth)) / GiB:.1f} GiB with all checkpointed, "
                f"+{a_t} / +{a_b} GiB per time-axis / band-axis module kept)")
     return Decision(plan, footprint.peak(plan), budget, footprint, message)
@@ -307,11 +316,12 @@ def auto_checkpointing(
     probe = CudaPeak(device)
     probe.release()
     footprint = measure_footprint(model, loss_fn, batch_size, samples, autocast, probe, extra_fixed)
-    budget, _ = memory_budget(device, margin)
+    budget, usable = memory_budget(device, margin, probe.fragmentation)
     if agree is not None:  # every rank: the largest footprint per sample and the smallest budget over processes
         fp = footprint
         per_sample = [fp.full / fp.batch, fp.per_module[0] / fp.batch, fp.per_module[1] / fp.batch]
         neg_budget, fixed, full, a_t, a_b, short = agree([-budget, fp.fixed, *per_sample, float(fp.batch != batch_size)])
         budget, b = -neg_budget, (1 if short else batch_size)
         footprint = Footprint(depth, b, fixed, full * b, (a_t * b, a_b * b))
-    return decide(budget, footprint, batch_size, effective_batch, world)
+    note = f" ({usable / GiB:.1f} GiB usable, {100 * margin:g}% margin, fragmentation {probe.fragmentation:.3f})"
+    return decide(budget, footprint, batch_size, effective_batch, world, note if agree is None else " (all ranks)")
