@@ -2,9 +2,9 @@
 
 `train.activation_checkpointing: auto` runs `auto_checkpointing` once before the first step:
 
-1. `measure_footprint`: three dry-run steps (forward, loss, backward; no optimiser step) at the real shapes, reading
-   the peak memory: every axis module checkpointed; then layer 0's time-axis module not; then its band-axis module
-   not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each un-checkpointed module), the
+1. `measure_footprint`: a warm-up and three dry-run steps (forward, loss, backward; no optimiser step) at the real
+   shapes, reading the peak memory: every axis module checkpointed; then layer 0's time-axis module not; then its
+   band-axis module not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each un-checkpointed module), the
    part in parentheses proportional to the batch.
 2. `memory_budget`: what this process may allocate: free device memory plus what its allocator already holds,
    capped by `torch.cuda.set_per_process_memory_fraction`, less a margin, divided by the fragmentation measured in
@@ -128,6 +128,9 @@ def batch_advice(budget: float, footprint: Footprint, batch_size: int, effective
     need = footprint.peak(full, batch_size)
     head = (f"train.batch_size={batch_size} does not fit: a training step needs {need / GiB:.1f} GiB even with full "
             f"activation checkpointing, {budget / GiB:.1f} GiB are available")
+    if need <= budget:  # extrapolated from batch 1, after the dry run at batch_size ran out of memory
+        head = (f"train.batch_size={batch_size} does not fit: a training step ran out of memory even with full "
+                f"activation checkpointing, {budget / GiB:.1f} GiB are available")
     per_process = effective_batch // world
     for b in range(min(batch_size - 1, per_process), 0, -1):
         if per_process % b == 0 and footprint.peak(full, b) <= budget:
