@@ -163,8 +163,8 @@ def saved_for_backward(arch: str, args, device: torch.device) -> list[dict]:
             xin = x.to(torch.bfloat16) if cuda else x  # the latent is bf16 between modules under autocast
             model.layers[0][0 if axis == "time" else 1](xin)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        rows += sorted((r for ptr, r in storages.items() if ptr not in params and ptr != x.untyped_storage().data_ptr()),
-                       key=lambda r: -r["gib"])
+        skip = params | {x.untyped_storage().data_ptr()}  # the weights, and the float32 input made here
+        rows += sorted((r for ptr, r in storages.items() if ptr not in skip), key=lambda r: -r["gib"])
         del x
     del model
     if cuda:
@@ -177,8 +177,9 @@ def format_row(r: dict) -> str:
         return format(r[key], fmt) if r.get(key) is not None else "-"
 
     status = "OUT OF MEMORY" if r.get("oom") else r.get("error", "")
-    return (f"{r['arch']:<10} {r['mode']:<14} {str(r.get('checkpointed_modules', '-')):>4} {num('s_per_step', '.3f'):>7} "
-            f"{num('peak_gib', '.1f'):>7} {num('reserved_gib', '.1f'):>8}  {status}")
+    ckpt = str(r.get("checkpointed_modules", "-"))
+    return (f"{r['arch']:<10} {r['mode']:<14} {ckpt:>4} {num('s_per_step', '.3f'):>7} {num('peak_gib', '.1f'):>7} "
+            f"{num('reserved_gib', '.1f'):>8}  {status}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                               flush=True)
                 continue
             try:
-                r = bench(arch, "auto" if mode == "cap" else mode, args, device, args.cap_gib if mode == "cap" else None)
+                cap = args.cap_gib if mode == "cap" else None
+                r = bench(arch, "auto" if mode == "cap" else mode, args, device, cap)
             except Exception as err:  # keep going: one failing configuration should not hide the others
                 traceback.print_exc()
                 r = {"arch": arch, "mode": mode, "error": repr(err)}

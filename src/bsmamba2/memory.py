@@ -4,8 +4,8 @@
 
 1. `measure_footprint`: a warm-up and three dry-run steps (forward, loss, backward; no optimiser step) at the real
    shapes, reading the peak memory: every axis module checkpointed; then layer 0's time-axis module not; then its
-   band-axis module not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each un-checkpointed module), the
-   part in parentheses proportional to the batch.
+   band-axis module not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each module kept
+   un-checkpointed), the part in parentheses proportional to the batch.
 2. `memory_budget`: what this process may allocate: free device memory plus what its allocator already holds,
    capped by `torch.cuda.set_per_process_memory_fraction`, less a margin, divided by the fragmentation measured in
    the dry runs (the caching allocator's reserved / allocated bytes at the peak).
@@ -323,7 +323,8 @@ def auto_checkpointing(
     if agree is not None:  # every rank: the largest footprint per sample and the smallest budget over processes
         fp = footprint
         per_sample = [fp.full / fp.batch, fp.per_module[0] / fp.batch, fp.per_module[1] / fp.batch]
-        neg_budget, fixed, full, a_t, a_b, short = agree([-budget, fp.fixed, *per_sample, float(fp.batch != batch_size)])
+        short = float(fp.batch != batch_size)  # measured at batch 1: the batch ran out of memory on this rank
+        neg_budget, fixed, full, a_t, a_b, short = agree([-budget, fp.fixed, *per_sample, short])
         budget, b = -neg_budget, (1 if short else batch_size)
         footprint = Footprint(depth, b, fixed, full * b, (a_t * b, a_b * b))
     note = f" ({usable / GiB:.1f} GiB usable, {100 * margin:g}% margin, fragmentation {probe.fragmentation:.3f})"

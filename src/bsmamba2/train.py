@@ -379,7 +379,8 @@ def train(
     if tc.precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision={tc.precision!r}; expected bf16, fp16 or fp32")
     if tc.activation_checkpointing not in (True, False, "auto"):
-        raise ValueError(f"train.activation_checkpointing={tc.activation_checkpointing!r}; expected auto, true or false")
+        raise ValueError(f"train.activation_checkpointing={tc.activation_checkpointing!r}; "
+                         "expected auto, true or false")
     if not 0.0 <= tc.memory_margin < 1.0:
         raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
     if dc.sample_rate != config.model.stft.sample_rate:
