@@ -11,8 +11,8 @@ import torch
 
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.losses import SeparationLoss
-from bsmamba2.memory import (GiB, CheckpointPlan, Footprint, auto_checkpointing, batch_advice, choose_plan, decide,
-                             measure_footprint, plans_by_speed)
+from bsmamba2.memory import (GiB, CheckpointPlan, Footprint, agree_over_processes, auto_checkpointing, batch_advice,
+                             choose_plan, decide, measure_footprint, memory_budget, plans_by_speed)
 from bsmamba2.model import build_model
 
 # The paper's BSMamba2 at batch 5 on a GPU, roughly: 20 GiB with all 12 axis modules checkpointed, ~4.6 GiB more for
@@ -88,6 +88,35 @@ def test_batch_advice_keeps_the_effective_batch():
     assert decide(100.0 * GiB, at_one, 5, 60).message.startswith(
         "train.batch_size=5 does not fit: a training step ran out of memory even with full activation checkpointing")
     assert "train.batch_size=4 " in decide(17.0 * GiB, at_one, 5, 60).message
+
+
+def test_processes_agree_on_the_largest_footprint_and_the_smallest_budget():
+    other = Footprint(6, 5, 0.7 * GiB, 19.0 * GiB, (4.8 * GiB, 4.6 * GiB))  # another rank's measurement
+    other_budget = 70.0 * GiB
+
+    def agree(values):  # what Dist.max gives with two processes
+        mine = [-other_budget, other.fixed, other.full / 5, other.per_module[0] / 5, other.per_module[1] / 5, 0.0]
+        return [max(a, b) for a, b in zip(values, mine)]
+
+    fp, budget = agree_over_processes(PAPER, 74.0 * GiB, 5, agree)
+    assert budget == other_budget and fp.batch == 5
+    assert (fp.fixed, fp.full) == (0.7 * GiB, 19.6 * GiB) and fp.per_module == pytest.approx((4.8 * GiB, 4.7 * GiB))
+    # one rank could not run batch 5 at all: everyone gets the advice from its batch-1 footprint
+    at_one = Footprint(6, 1, 0.6 * GiB, 3.92 * GiB, (math.inf, math.inf))
+    fp, _ = agree_over_processes(at_one, 10.0 * GiB, 5, agree)
+    assert fp.batch == 1 and fp.per_module == (math.inf, math.inf)
+    assert decide(10.0 * GiB, fp, 5, 60, world=2).plan is None
+
+
+def test_memory_budget_counts_the_cache_and_the_per_process_cap(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 10 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)
+    budget, usable = memory_budget(torch.device("cuda"), margin=0.05, fragmentation=1.1, reserve=0.5 * GiB)
+    assert usable == 70 * GiB and budget == pytest.approx(70 * GiB * 0.95 / 1.1 - 0.5 * GiB)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 0.3)  # a 24 GB card
+    budget, usable = memory_budget(torch.device("cuda"), margin=0.0, fragmentation=1.0, reserve=0.0)
+    assert usable == budget == pytest.approx(24 * GiB)
 
 
 # ---------------------------------------------------------------- partial checkpointing in the models

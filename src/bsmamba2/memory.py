@@ -286,6 +286,18 @@ def decide(budget: float, footprint: Footprint, batch_size: int, effective_batch
     return Decision(plan, footprint.peak(plan), budget, footprint, message)
 
 
+def agree_over_processes(footprint: Footprint, budget: float, batch_size: int,
+                         agree: Callable[[list[float]], list[float]]) -> tuple[Footprint, float]:
+    """The largest footprint (per sample, each term) and the smallest budget over processes, through `agree`
+    (element-wise maximum over processes), so that every process makes the same choice. A process whose dry run at
+    `batch_size` ran out of memory (measured at batch 1) makes every process take that footprint at batch 1."""
+    fp = footprint
+    per_sample = [fp.full / fp.batch, fp.per_module[0] / fp.batch, fp.per_module[1] / fp.batch]
+    neg_budget, fixed, full, a_t, a_b, short = agree([-budget, fp.fixed, *per_sample, float(fp.batch != batch_size)])
+    b = 1 if short else batch_size
+    return Footprint(fp.depth, b, fixed, full * b, (a_t * b, a_b * b)), -neg_budget
+
+
 def auto_checkpointing(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -320,12 +332,7 @@ def auto_checkpointing(
     probe.release()
     footprint = measure_footprint(model, loss_fn, batch_size, samples, autocast, probe, extra_fixed)
     budget, usable = memory_budget(device, margin, probe.fragmentation)
-    if agree is not None:  # every rank: the largest footprint per sample and the smallest budget over processes
-        fp = footprint
-        per_sample = [fp.full / fp.batch, fp.per_module[0] / fp.batch, fp.per_module[1] / fp.batch]
-        short = float(fp.batch != batch_size)  # measured at batch 1: the batch ran out of memory on this rank
-        neg_budget, fixed, full, a_t, a_b, short = agree([-budget, fp.fixed, *per_sample, short])
-        budget, b = -neg_budget, (1 if short else batch_size)
-        footprint = Footprint(depth, b, fixed, full * b, (a_t * b, a_b * b))
+    if agree is not None:
+        footprint, budget = agree_over_processes(footprint, budget, batch_size, agree)
     note = f" ({usable / GiB:.1f} GiB usable, {100 * margin:g}% margin, fragmentation {probe.fragmentation:.3f})"
     return decide(budget, footprint, batch_size, effective_batch, world, note if agree is None else " (all ranks)")
