@@ -71,6 +71,9 @@ def test_configs_load_and_override():
     assert paper.train.precision == "bf16" and paper.train.grad_clip == 3.0 and paper.train.ema_decay == 0.999
     rof = load_run_config("bsroformer-paper.yaml")
     assert (rof.model.arch, rof.model.dim, rof.train.batch_size, rof.train.effective_batch) == ("bsroformer", 384, 4, 64)
+    # the paper configs fit the user's GPU: checkpointing is measured and chosen before the first step
+    assert paper.train.activation_checkpointing == rof.train.activation_checkpointing == "auto"
+    assert load_run_config("tiny", ["train.activation_checkpointing=true"]).train.activation_checkpointing is True
     cfg = load_run_config("tiny", ["train.lr=3e-4", "model.mamba.d_state=4", "data.stems=[vocals, other]"])
     assert cfg.train.lr == 3e-4 and cfg.model.mamba.d_state == 4 and cfg.data.stems == ("vocals", "other")
     assert run_config_from_dict(run_config_to_dict(cfg)) == cfg
@@ -224,6 +227,27 @@ def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
     _assert_same_state(model.state_dict(), ckpt["ema"]["model"], "exported EMA")
     assert model.config == run_config_from_dict(ckpt["config"]).model
     assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 1
+
+
+def test_checkpointing_setting_is_checked_and_auto_is_none_on_cpu(tmp_path, caplog):
+    import contextlib
+
+    from bsmamba2.losses import SeparationLoss
+    from bsmamba2.model import build_model
+    from bsmamba2.train import Dist, _choose_checkpointing
+
+    with pytest.raises(ValueError, match="expected auto, true or false"):
+        train(_config(tmp_path, "train.activation_checkpointing=some"), tmp_path / "run")
+    with pytest.raises(ValueError, match="train.memory_margin"):
+        train(_config(tmp_path, "train.memory_margin=1.5"), tmp_path / "run")
+    config = _config(tmp_path)
+    model = build_model(config.model)
+    model.activation_checkpointing = True
+    optimizer = torch.optim.AdamW(model.parameters())
+    with caplog.at_level("INFO", logger="bsmamba2.train"):
+        _choose_checkpointing(model, optimizer, SeparationLoss(), config, Dist(), contextlib.nullcontext)
+    assert model.activation_checkpointing is False
+    assert "activation checkpointing (auto): none on cpu" in caplog.text
 
 
 def test_train_step_accumulation_and_checkpointing_match_one_batch():

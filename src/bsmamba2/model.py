@@ -27,7 +27,7 @@ class BandSplitModel(nn.Module):
         self.audio_channels = 2 if config.stereo else 1
         self.stems = tuple(config.stems)
         self.sample_rate = config.stft.sample_rate
-        self.activation_checkpointing = False
+        self.activation_checkpointing: bool | frozenset[tuple[int, int]] = False  # see `_checkpoints`
         sizes = band_feature_sizes(config.band_widths, self.audio_channels)
         self.layers = nn.ModuleList(self.make_layer() for _ in range(config.depth))
         self.final_norm = RMSNorm(config.dim)
@@ -87,9 +87,15 @@ class BandSplitModel(nn.Module):
                         **hints(xn_bt, (b * t, k, d), None if xn_bk is None else xn_bk.transpose(1, 2), next_time))
         return x  # no layers
 
-    def _run(self, fn, x: Tensor, module: nn.Module) -> Tensor:
+    def _checkpoints(self, layer: int, axis: int) -> bool:
+        """Whether layer `layer`'s time-axis (axis 0) or band-axis (axis 1) module recomputes its activations in
+        backward. `activation_checkpointing` is True (all), False (none) or a set of (layer, axis) pairs."""
+        chosen = self.activation_checkpointing
+        return chosen if isinstance(chosen, bool) else (layer, axis) in chosen
+
+    def _run(self, fn, x: Tensor, module: nn.Module, checkpointed: bool) -> Tensor:
         # Activation checkpointing per axis module: only one module's intermediates are alive at a time.
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        if checkpointed and self.training and torch.is_grad_enabled():
             return checkpoint(fn, x, module, use_reentrant=False)
         return fn(x, module)
 
@@ -103,9 +109,9 @@ class BandSplitModel(nn.Module):
         if self._writes_into_layouts():
             x = self._layers_without_copies(x)
         else:
-            for time_module, band_module in self.layers:
-                x = self._run(self._along_time, x, time_module)
-                x = self._run(self._along_bands, x, band_module)
+            for i, (time_module, band_module) in enumerate(self.layers):
+                x = self._run(self._along_time, x, time_module, self._checkpoints(i, 0))
+                x = self._run(self._along_bands, x, band_module, self._checkpoints(i, 1))
         x = self.final_norm(x)
         masks = [est.forward_spec(x, self.audio_channels) for est in self.mask_estimators]  # n × (b, c, f, t)
         # stacked in their own memory order (frequency fastest on the grouped path, as the mixture's spectrum)

@@ -6,7 +6,9 @@
 
 Recipe: AdamW (lr 5e-4), bf16 autocast on GPU, gradient clipping at 3, gradient accumulation so that
 batch × processes × accumulation = `train.effective_batch`, an EMA of the weights (decay 0.999) that is what
-validation scores and export writes, validation uSDR at every epoch end.
+validation scores and export writes, validation uSDR at every epoch end. Activation checkpointing
+(`train.activation_checkpointing: auto`) is chosen before the first step from a measured footprint: the fastest
+selection of axis modules to recompute that fits the GPU's free memory (`bsmamba2.memory`).
 
 Resumability: RUN_DIR/last.pt (and best.pt, by validation uSDR) hold the model, EMA, optimiser, grad scaler, step,
 epoch, RNG states and the data position; the training data are a pure function of (seed, sample index) (see
@@ -42,6 +44,7 @@ from tqdm import tqdm
 from bsmamba2.data.mixing import AlignedDataset, StreamSampler, build_datasets
 from bsmamba2.data.musdb import load_musdb
 from bsmamba2.losses import SeparationLoss
+from bsmamba2.memory import auto_checkpointing
 from bsmamba2.metrics import usdr
 from bsmamba2.model import build_model
 from bsmamba2.trainconfig import RunConfig, run_config_from_dict, run_config_to_dict
@@ -132,6 +135,14 @@ class Dist:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
+        return t.tolist()
+
+    def max(self, values: list[float]) -> list[float]:
+        """Element-wise maximum of scalars over processes."""
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
 
@@ -305,6 +316,24 @@ def validate(
     return {"usdr": usdr_sum / max(count, 1), "loss": loss_sum / max(batches, 1)}
 
 
+def _choose_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, config: RunConfig,
+                          ddp: Dist, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """`train.activation_checkpointing: auto`: set `model.activation_checkpointing` to the fastest selection of axis
+    modules that fits the GPU (`bsmamba2.memory`), the same on every process; stop with what would fit if none."""
+    tc = config.train
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    # not yet allocated: AdamW's two moments (created by the first step unless resumed), DDP's gradient buckets
+    extra = (0 if optimizer.state else 2 * param_bytes) + (param_bytes if ddp.enabled else 0)
+    samples = round(config.data.segment_seconds * config.data.sample_rate)
+    decision = auto_checkpointing(model, loss_fn, tc.batch_size, samples, autocast, tc.effective_batch, ddp.world,
+                                  extra, tc.memory_margin, agree=ddp.max if ddp.enabled else None)
+    if decision.plan is None:
+        raise ValueError(decision.message)
+    model.activation_checkpointing = decision.plan.selection()
+    if ddp.main:
+        log.info("%s", decision.message)
+
+
 def _summary_writer(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -349,6 +378,11 @@ def train(
         raise ValueError("no training data: pass --data ROOT (MUSDB18-HQ layout) or set data.root in the config")
     if tc.precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"train.precision={tc.precision!r}; expected bf16, fp16 or fp32")
+    if tc.activation_checkpointing not in (True, False, "auto"):
+        raise ValueError(f"train.activation_checkpointing={tc.activation_checkpointing!r}; "
+                         "expected auto, true or false")
+    if not 0.0 <= tc.memory_margin < 1.0:
+        raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
     if dc.sample_rate != config.model.stft.sample_rate:
         raise ValueError(f"data.sample_rate={dc.sample_rate} but the model works at {config.model.stft.sample_rate} Hz; "
                          "resample the dataset or change one of them")
@@ -367,7 +401,7 @@ def train(
     if cuda:
         torch.set_float32_matmul_precision("high")
     model = build_model(config.model).to(ddp.device)
-    model.activation_checkpointing = bool(tc.activation_checkpointing)
+    model.activation_checkpointing = tc.activation_checkpointing is True  # auto: decided before the first step
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[tc.precision] if cuda else None
@@ -407,6 +441,9 @@ def train(
             log.info("resumed from %s at step %d (epoch %d)", last_path, step, step // steps_per_epoch)
     if ddp.main:
         _atomic_write_text(yaml.safe_dump(run_config_to_dict(config), sort_keys=False), out / "config.yaml")
+    loss_fn = SeparationLoss(tc.time_weight, tc.stft_windows, tc.stft_hop, tc.stft_min_nfft).to(ddp.device)
+    if tc.activation_checkpointing == "auto":
+        _choose_checkpointing(model, optimizer, loss_fn, config, ddp, autocast)
 
     net: nn.Module = WaveformModel(model)
     if tc.compile:
@@ -431,7 +468,6 @@ def train(
         drop_last=True,
     )
     batches = iter(loader)
-    loss_fn = SeparationLoss(tc.time_weight, tc.stft_windows, tc.stft_hop, tc.stft_min_nfft).to(ddp.device)
     mono = model.audio_channels == 1
 
     writer = _summary_writer(out / "tb") if ddp.main else None
