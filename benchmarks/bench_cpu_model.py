@@ -16,7 +16,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time, torch
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 arch, seconds, threads, repeats = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 torch.manual_seed(0)

@@ -29,7 +29,7 @@ import torch
 
 from bsmamba2 import mamba2
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 
 SR = 44100
 
@@ -197,7 +197,7 @@ def scan_sweep() -> list[dict]:
         variants = [(w, "1") for w in (4, 8)] + ([] if l <= 64 else [(None, "0")])
         for warps, heads_first in variants:
             os.environ["BSMAMBA2_SSD_HEADS_FIRST"] = heads_first
-            for kern in ("FWD", "FWD_SHORT", "BWD", "BWD_STATES"):
+            for kern in ("FWD", "FWD_BAND", "BWD", "BWD_STATES"):
                 if warps is None:
                     os.environ.pop(f"BSMAMBA2_SSD_WARPS_{kern}", None)  # the tuned defaults
                 else:

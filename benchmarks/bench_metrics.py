@@ -68,7 +68,7 @@ def bench_evaluate(model_name: str, device: str, precision: str | None, segment:
     from bsmamba2 import evaluate as ev
     from bsmamba2.checkpoint import load_model
     from bsmamba2.config import BSMamba2Config
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
     from bsmamba2.separate import Separator
 
     if model_name == "official-tiny":

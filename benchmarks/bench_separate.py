@@ -35,7 +35,7 @@ def make_model(name: str):
     import torch
 
     from bsmamba2.config import BSMamba2Config
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
 
     torch.manual_seed(0)
     if name == "passthrough":  # no model work: measures the streaming pipeline alone (read, chunk, blend, write)

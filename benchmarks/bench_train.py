@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bsmamba2 import mamba2
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.losses import SeparationLoss
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.train import EMA, WaveformModel, setup_distributed, train_step
 
 SR = 44100

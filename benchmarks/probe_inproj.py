@@ -28,7 +28,7 @@ import triton.language as tl
 
 from bsmamba2.kernels.conv import conv_silu_fwd, fast_silu, silu
 from bsmamba2.kernels.gated_proj import gated_proj
-from bsmamba2.kernels.ssd import ones_column
+from bsmamba2.kernels.ssd_common import ones_column
 
 
 @triton.jit

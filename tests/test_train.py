@@ -232,7 +232,7 @@ def test_train_step_accumulation_and_checkpointing_match_one_batch():
 
     from bsmamba2.config import BSMamba2Config
     from bsmamba2.losses import SeparationLoss
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
     from bsmamba2.train import WaveformModel, train_step
 
     torch.manual_seed(0)
