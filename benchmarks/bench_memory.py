@@ -39,7 +39,7 @@ import torch
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.losses import SeparationLoss
 from bsmamba2.memory import GiB
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.train import EMA, Dist, WaveformModel, _choose_checkpointing, train_step
 from bsmamba2.trainconfig import load_run_config
 

@@ -26,7 +26,7 @@ def build(arch: str, tiny: bool = False, seed: int = 0, device=None):
     import torch
 
     from bsmamba2.config import BSMamba2Config, RoFormerConfig
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
 
     if arch not in ("bsmamba2", "mamba", "bsroformer", "roformer"):
         raise ValueError(f"unknown architecture {arch!r}: use bsmamba2 or bsroformer")

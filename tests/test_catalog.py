@@ -24,7 +24,7 @@ from bsmamba2 import catalog
 from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main
 from bsmamba2.config import BSMamba2Config, STFTConfig
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.separate import MANIFEST_NAME, Manifest, Separator
 
 ROOT = Path(__file__).resolve().parents[1]

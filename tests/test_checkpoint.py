@@ -12,7 +12,8 @@ import torch
 from bsmamba2.checkpoint import (Placeholder, UnsafeCheckpointError, infer_config, load_model, official_state_dict,
                                  read_metadata, read_official_checkpoint, save_model)
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
-from bsmamba2.model import BSMamba2, build_model
+from bsmamba2.build import build_model
+from bsmamba2.model import BSMamba2
 
 
 def test_official_tiny_loads_with_config_inferred(official_ckpt):

@@ -16,7 +16,7 @@ from bsmamba2.audio import audio_info, read_audio, write_audio
 from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main
 from bsmamba2.config import BSMamba2Config
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 
 SR = 44100
 PCM16_STEP = 1 / 32767

@@ -14,7 +14,7 @@ import torch
 from bsmamba2.data.activity import detect_activity, salient_starts
 from bsmamba2.data.mixing import AlignedDataset, RandomMixDataset, StreamSampler, build_datasets
 from bsmamba2.data.musdb import load_musdb, read_excerpt
-from bsmamba2.trainconfig import PAPER_VALID_TRACKS, ActivityConfig, DataConfig
+from bsmamba2.trainconfig import PAPER_VALID_TRACKS, DataConfig, SalienceConfig
 
 SR = 44100
 STEMS = ("vocals", "drums", "bass", "other")
@@ -70,7 +70,7 @@ def test_read_excerpt_equals_full_read(tiny_musdb):
 # ---------------------------------------------------------------- source activity
 
 
-def _salient_reference(audio: np.ndarray, segment: int, cfg: ActivityConfig) -> list[int]:
+def _salient_reference(audio: np.ndarray, segment: int, cfg: SalienceConfig) -> list[int]:
     """Obvious twin of `salient_starts`: loop over windows, split into chunks, compare with the window quantile."""
     hop = int(round(segment * (1 - cfg.overlap)))
     chunk = segment // cfg.n_chunks
@@ -91,14 +91,14 @@ def _salient_reference(audio: np.ndarray, segment: int, cfg: ActivityConfig) -> 
 def test_salient_starts_match_reference_on_real_audio(sample_track):
     audio = sf.read(str(sample_track / "vocals.wav"), dtype="float32", always_2d=True)[0].T.copy()
     audio[:, 2 * SR : 4 * SR] *= 1e-4  # a quiet stretch (-80 dB): windows over most of it are not salient
-    cfg = ActivityConfig()
+    cfg = SalienceConfig()
     got = salient_starts(audio, SR, cfg)
     assert got.tolist() == _salient_reference(audio, SR, cfg)
     assert 0 in got and 2 * SR not in got and int(2.5 * SR) not in got and 5 * SR in got
 
 
 def test_salient_starts_edge_cases():
-    cfg = ActivityConfig()
+    cfg = SalienceConfig()
     assert salient_starts(np.zeros((2, 1000), np.float32), 44100, cfg).size == 0  # shorter than a window
     assert salient_starts(np.zeros((2, 3 * SR), np.float32), SR, cfg).size == 0  # digital silence
     rng = np.random.default_rng(0)
@@ -111,7 +111,7 @@ def test_salient_starts_edge_cases():
 def test_activity_cache_keyed_by_inputs(tiny_musdb, tmp_path):
     split = load_musdb(tiny_musdb)
     cache = tmp_path / "cache"
-    first = detect_activity(split.train, STEMS, SR, ActivityConfig(), cache)
+    first = detect_activity(split.train, STEMS, SR, SalienceConfig(), cache)
     files = list(cache.glob("activity-*.json"))
     assert len(files) == 1
     # Cut B's vocals are silent for 1.2 s: windows starting at 0 and 0.5 s are dropped, the others kept
@@ -121,14 +121,14 @@ def test_activity_cache_keyed_by_inputs(tiny_musdb, tmp_path):
     data = json.loads(files[0].read_text())
     data["starts"]["Cut A"]["bass"] = [7]
     files[0].write_text(json.dumps(data))
-    assert detect_activity(split.train, STEMS, SR, ActivityConfig(), cache)["Cut A"]["bass"] == [7]
+    assert detect_activity(split.train, STEMS, SR, SalienceConfig(), cache)["Cut A"]["bass"] == [7]
     # other settings or a changed file: another key, recomputed
-    other = detect_activity(split.train, STEMS, SR, ActivityConfig(rms_floor=1e-2), cache)
+    other = detect_activity(split.train, STEMS, SR, SalienceConfig(rms_floor=1e-2), cache)
     assert other["Cut A"]["bass"] != [7] and len(list(cache.glob("activity-*.json"))) == 2
     path = tiny_musdb / "train" / "Cut A" / "bass.wav"
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
-    assert detect_activity(split.train, STEMS, SR, ActivityConfig(), cache)["Cut A"]["bass"] == first["Cut A"]["bass"]
+    assert detect_activity(split.train, STEMS, SR, SalienceConfig(), cache)["Cut A"]["bass"] == first["Cut A"]["bass"]
 
 
 # ---------------------------------------------------------------- datasets
@@ -137,7 +137,7 @@ def test_activity_cache_keyed_by_inputs(tiny_musdb, tmp_path):
 @pytest.fixture(scope="module")
 def activity(tiny_musdb, tmp_path_factory):
     split = load_musdb(tiny_musdb)
-    return split, detect_activity(split.train + split.valid, STEMS, SR, ActivityConfig(), None)
+    return split, detect_activity(split.train + split.valid, STEMS, SR, SalienceConfig(), None)
 
 
 def test_random_mix_is_paper_recipe(activity):
@@ -184,7 +184,7 @@ def test_random_mix_draws_stems_independently_and_silences_at_rate(activity):
 def test_random_mix_errors_without_salient_audio(activity):
     split, starts = activity
     with pytest.raises(ValueError, match="shorter data.segment_seconds"):
-        long = detect_activity(split.train, STEMS, 10 * SR, ActivityConfig(), None)  # no 10-s window in 2.5 s
+        long = detect_activity(split.train, STEMS, 10 * SR, SalienceConfig(), None)  # no 10-s window in 2.5 s
         RandomMixDataset(split.train, long, STEMS, ("vocals",), 10 * SR)
     with pytest.raises(ValueError, match="not among the data stems"):
         RandomMixDataset(split.train, starts, STEMS, ("piano",), SR)

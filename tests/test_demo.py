@@ -9,7 +9,7 @@ from bsmamba2 import pretrained
 from bsmamba2.checkpoint import load_model, save_model
 from bsmamba2.cli import main
 from bsmamba2.config import BSMamba2Config
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,9 @@ triton = pytest.importorskip("triton")
 
 import torch.nn.functional as F  # noqa: E402
 
-from bsmamba2 import kernels, mamba2  # noqa: E402
+from bsmamba2 import kernels, switches  # noqa: E402
 from bsmamba2.config import BSMamba2Config, Mamba2Config  # noqa: E402
-from bsmamba2.kernels.block import bimamba2_block_forward  # noqa: E402
+from bsmamba2.fused_block import bimamba2_block_forward  # noqa: E402
 from bsmamba2.kernels.ssd import (SSDScan, block_q_for, causal_cb, causal_cb_reference, ssd_bwd,  # noqa: E402
                                   ssd_fwd, ssd_scan)
 from bsmamba2.mamba2 import BiMamba2Block  # noqa: E402
@@ -30,8 +30,16 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel(a, b):
+    """‖a − b‖ / ‖b‖ in float64; complex values compared whole (real and imaginary parts), not cast to real."""
+    a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a, b))
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def test_rel_compares_complex_values_whole():
+    ref = torch.tensor([1 + 1j, 2 - 1j], dtype=torch.complex64)
+    assert rel(ref, ref) == 0
+    assert rel(ref.real + 0j, ref) == pytest.approx(2**0.5 / 7**0.5)  # same real parts: the imaginary ones count
 
 
 def random_scan_inputs(s, l, h, p, g, n, ndir, seed):
@@ -109,9 +117,9 @@ def test_scan_bfloat16():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("length", [13, 45])
 def test_scan_forward_16bit_with_vanishing_steps(dtype, length):
-    """The one-chunk kernel (length 13) folds the skip term D x into its product as (D / dt)(x dt) where the
-    operand dtype can hold D / dt (bf16, float32) and starts from D x where it cannot (float16); the long kernel
-    (45) always starts from D x. Steps of exactly 0 and 1e-20 (a softplus that underflowed) must still give D x
+    """The band-axis kernel (length 13, one chunk) folds the skip term D x into its product as (D / dt)(x dt) where
+    the operand dtype can hold D / dt (bf16, float32) and starts from D x where it cannot (float16); the time-axis
+    kernel (45) always starts from D x. Steps of exactly 0 and 1e-20 (a softplus that underflowed) must still give D x
     there, with no inf or NaN."""
     x, dt, A, B, C, D = random_scan_inputs(2, length, 2, 16, 1, 16, 2, seed=11)
     dt[:, ::5] = 0.0
@@ -122,11 +130,11 @@ def test_scan_forward_16bit_with_vanishing_steps(dtype, length):
     assert rel(y, ref) < 2e-2
 
 
-@pytest.mark.parametrize("one_chunk", [True, False])  # the one-chunk forward's flat grid; the long kernels' order
-def test_scan_sequence_major_grid(monkeypatch, one_chunk):
+@pytest.mark.parametrize("band", [True, False])  # the band-axis forward's flat grid; the time-axis kernels' order
+def test_scan_sequence_major_grid(monkeypatch, band):
     """The kernels' grids for more sequences than the grid's second dimension holds give the same result."""
     monkeypatch.setenv("BSMAMBA2_SSD_HEADS_FIRST", "0")
-    length = (13 if one_chunk else 70) if DEV == "cpu" else (50 if one_chunk else 700)
+    length = (13 if band else 70) if DEV == "cpu" else (50 if band else 700)
     check_scan(2, length, 2, 16, 1, 16, 2, torch.float32, seed=4, tol=1e-3 if DEV == "cuda" else 1e-4)
 
 
@@ -200,9 +208,9 @@ def test_final_norm_kernel_matches_plain_norm(shape, monkeypatch):
     """The band-split models' final norm as one kernel (no autograd, Triton backend) against its plain form: the
     same values in float32; under autocast written in the autocast dtype; a zero row stays zero."""
     from bsmamba2.kernels.norm import l2_scale
-    from bsmamba2.spectral import RMSNorm
+    from bsmamba2.spectral import ScaledL2Norm
 
-    norm = RMSNorm(shape[-1]).to(DEV)
+    norm = ScaledL2Norm(shape[-1]).to(DEV)
     with torch.no_grad():
         norm.gamma.add_(0.5 * torch.randn_like(norm.gamma))
     x = 3 * torch.randn(shape, device=DEV)
@@ -211,7 +219,7 @@ def test_final_norm_kernel_matches_plain_norm(shape, monkeypatch):
     out = l2_scale(x, norm.gamma, norm.scale, 1e-12, torch.float32)
     assert out.shape == x.shape and rel(out, ref) < 1e-6 and not out[0, 0].any()
     if DEV == "cpu":  # the kernel through the interpreter
-        monkeypatch.setattr(mamba2, "resolve_backend", lambda device: "triton")
+        monkeypatch.setattr(switches, "resolve_backend", lambda device: "triton")
     with torch.no_grad():
         assert rel(norm(x), ref) < 1e-6
         with torch.autocast(DEV, dtype=torch.bfloat16):
@@ -234,7 +242,7 @@ def test_band_split_kernel_path_matches_loop(monkeypatch):
             p.add_(0.5 * torch.randn_like(p))
     x = torch.randn(2, 5, sum(split.feature_sizes), device=DEV)
     if DEV == "cpu":  # the kernel through the interpreter
-        monkeypatch.setattr(mamba2, "resolve_backend", lambda device: "triton")
+        monkeypatch.setattr(switches, "resolve_backend", lambda device: "triton")
     with torch.no_grad():
         ref = split.forward_reference(x)
         assert rel(split.forward_grouped(x), ref) < 1e-5
@@ -253,7 +261,7 @@ def test_band_split_kernel_path_matches_loop(monkeypatch):
 def test_mixer_core_node_matches_chained_functions(length):
     """The block's one-node conv → scan → gated norm (gradients written into shared buffers) vs the chain of the
     separate autograd functions on split views: output and every input gradient, float32."""
-    from bsmamba2.kernels.block import _MixerCore, _mixer_core_reference
+    from bsmamba2.kernels.block import MixerCore, mixer_core_reference
 
     torch.manual_seed(length)
     s, e, h, p, g, n, k = 3, 16, 4, 4, 2, 6, 4
@@ -264,7 +272,7 @@ def test_mixer_core_node_matches_chained_functions(length):
               1 + 0.1 * torch.randn(2, e, device=DEV)]
     args = ((e, c, h, p, g, n), 1e-5, e // 2)
     outs, grads = [], []
-    for fn in (_MixerCore.apply, _mixer_core_reference):
+    for fn in (MixerCore.apply, mixer_core_reference):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
         out = fn(*leaves, *args)
         go = torch.randn(out.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
@@ -302,11 +310,11 @@ def test_fast_block_matches_plain_block_float32():
     y = bimamba2_block_forward(blk, x)
     gy = torch.randn_like(y)
     fast = torch.autograd.grad((y * gy).sum(), params)
-    mamba2.set_backend("torch")
+    switches.set_backend("torch")
     try:
         yr = blk(x)
     finally:
-        mamba2.set_backend("auto")
+        switches.set_backend("auto")
     plain = torch.autograd.grad((yr * gy).sum(), params)
     assert rel(y, yr) < 1e-5
     names = ["x"] + [nm for nm, _ in blk.named_parameters()]
@@ -323,11 +331,11 @@ def test_fast_block_writes_into_transposed_out():
     with torch.no_grad():
         y = bimamba2_block_forward(blk, x)
         written = bimamba2_block_forward(blk, x, out=buf.transpose(1, 2))  # (b, k, t, d) view
-        mamba2.set_backend("torch")
+        switches.set_backend("torch")
         try:
             yr = blk(x)
         finally:
-            mamba2.set_backend("auto")
+            switches.set_backend("auto")
     assert written.data_ptr() == buf.data_ptr()
     assert torch.equal(buf.transpose(1, 2).reshape(6, 21, 16), y)
     assert rel(y - x, yr - x) < 1e-5
@@ -379,7 +387,7 @@ def test_fused_scan_options_match_chained_reference(length, taps_major):
     assert gated.shape == (2 * s, length, h, p) and ss.shape == (2 * s, length, h) and ss.dtype == torch.float32
     assert rel(gated, ref) < 1e-5 and rel(ss, ref_ss) < 1e-5
     long = torch.zeros(2 * s, block_q_for(1000) + 1, h, p, device=DEV)
-    with pytest.raises(ValueError, match="one-chunk"):
+    with pytest.raises(ValueError, match="band-axis sequences"):
         ssd_fwd(long, long[..., 0], A, long[..., :g, :1], long[..., :g, :1], D, dir_mode=2, dt_bias=dt_bias)
 
 
@@ -389,8 +397,8 @@ def test_fused_inference_block_matches_plain_block(length, monkeypatch):
     against the plain block and against the autograd fast path, float32, into a new tensor and into a strided out."""
     from bsmamba2.kernels import block as fast
 
-    orig, calls = fast._fused_inference, []
-    monkeypatch.setattr(fast, "_fused_inference", lambda *a: calls.append(1) or orig(*a))
+    orig, calls = fast.block_inference, []
+    monkeypatch.setattr(fast, "block_inference", lambda *a: calls.append(1) or orig(*a))
     cfg = Mamba2Config(expand=2, d_state=16, headdim=8, chunk_size=16)
     blk = _block(16, cfg, seed=7)
     x = torch.randn(6, length, 16, device=DEV)
@@ -398,11 +406,11 @@ def test_fused_inference_block_matches_plain_block(length, monkeypatch):
     with torch.no_grad():
         y = bimamba2_block_forward(blk, x)
         bimamba2_block_forward(blk, x, out=buf.transpose(1, 2))
-        mamba2.set_backend("torch")
+        switches.set_backend("torch")
         try:
             yr = blk(x)
         finally:
-            mamba2.set_backend("auto")
+            switches.set_backend("auto")
     ya = bimamba2_block_forward(blk, x)  # autograd enabled: the unfused fast path
     assert len(calls) == 2
     assert rel(y - x, yr - x) < 1e-5 and rel(y - x, ya.detach() - x) < 1e-5
@@ -453,7 +461,7 @@ def test_fused_blocks_chain_the_prenorm(monkeypatch):
     instead of normalizing (one norm pass for the whole stack): same output as without the chaining, and as the
     plain path."""
     from bsmamba2.kernels import block as fast
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
 
     torch.manual_seed(0)
     cfg = BSMamba2Config.tiny(depth=2, band_widths=(8,) * 4 + (993,))  # few bands: quick in the interpreter
@@ -462,7 +470,7 @@ def test_fused_blocks_chain_the_prenorm(monkeypatch):
     with torch.no_grad():
         plain = model(spec)  # plain PyTorch without CUDA
         if DEV == "cpu":  # the kernels through the interpreter
-            monkeypatch.setattr(mamba2, "resolve_backend", lambda device: "triton")
+            monkeypatch.setattr(switches, "resolve_backend", lambda device: "triton")
         norms, orig = [], fast.rms_scale
         monkeypatch.setattr(fast, "rms_scale", lambda *a: norms.append(1) or orig(*a))
         chained = model(spec)
@@ -482,13 +490,13 @@ def test_available_reports_interpreter_or_cuda():
 
 
 def _block_grads(blk, x, gy, backend, bf16):
-    mamba2.set_backend(backend)
+    switches.set_backend(backend)
     try:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             y = blk(x)
         grads = torch.autograd.grad((y.float() * gy).sum(), [x] + list(blk.parameters()))
     finally:
-        mamba2.set_backend("auto")
+        switches.set_backend("auto")
     return [y] + list(grads)
 
 
@@ -520,16 +528,16 @@ def test_gpu_fast_block_paper_size(dtype):
 def test_gpu_fused_inference_block_paper_size(dtype):
     """The fused inference block (no autograd) at paper size on both axes' lengths against the plain block in
     float32: ≤1e-3 in float32, ≤2e-2 under bf16 or float16 autocast (float16 takes its own branches in the
-    one-chunk scan, `ssd._intra_chunk`)."""
+    band-axis scan, `ssd_band._intra_chunk`)."""
     blk = _block(256, Mamba2Config(), seed=3)
     for s, l in ((40, 62), (4, 801)):
         x = torch.randn(s, l, 256, device=DEV)
         with torch.no_grad():
-            mamba2.set_backend("torch")
+            switches.set_backend("torch")
             try:
                 ref = blk(x)
             finally:
-                mamba2.set_backend("auto")
+                switches.set_backend("auto")
             with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
                 y = bimamba2_block_forward(blk, x)
         assert rel(y - x, ref - x) <= (1e-3 if dtype == torch.float32 else 2e-2), (s, l)
@@ -556,18 +564,18 @@ def test_gpu_official_fixture_through_fast_path(official_ckpt, official_io):
     from bsmamba2.checkpoint import load_model
 
     model = load_model(official_ckpt).cuda()
-    mamba2.set_backend("triton")
+    switches.set_backend("triton")
     try:
         with torch.no_grad():
             spec = model(torch.from_numpy(official_io["mixture_spec"])[None].cuda())[0, 0].cpu()
     finally:
-        mamba2.set_backend("auto")
+        switches.set_backend("auto")
     assert rel(spec, torch.from_numpy(official_io["vocals_spec"])) <= 1e-4
 
 
 @pytest.mark.gpu
 def test_gpu_auto_backend_picks_triton():
-    assert mamba2.resolve_backend(torch.device("cuda")) == "triton"
+    assert switches.resolve_backend(torch.device("cuda")) == "triton"
     model = BSMamba2Config.tiny()
     assert model.mamba.chunk_size == 16
 

@@ -25,6 +25,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rel(a, b):
+    """‖a − b‖ / ‖b‖ in float64; complex values compared whole (real and imaginary parts), not cast to real."""
+    a, b = (torch.view_as_real(t) if t.is_complex() else t for t in (a, b))
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 

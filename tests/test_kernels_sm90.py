@@ -1,4 +1,4 @@
-"""The Hopper time-axis scan in Gluon (`bsmamba2.kernels.ssd_sm90`) against the plain scan.
+"""The Hopper time-axis scan in Gluon (`bsmamba2.kernels.ssd_time_sm90`) against the plain scan.
 
 Triton's CPU interpreter does not run Gluon, so on the CPU the tests check the kernel's decay pre-pass against a
 step-by-step loop and compile the kernel for sm_90a (registers, spills, shared memory), in a fresh process as
@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from bsmamba2.kernels import ssd_short_sm90, ssd_sm90  # noqa: E402
+from bsmamba2.kernels import ssd_band_sm90, ssd_time_sm90  # noqa: E402
 from bsmamba2.ssd import ssd_chunked  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,12 +39,12 @@ def test_chunk_steps_match_a_step_by_step_loop(dir_mode):
     dt = F.softplus(torch.randn(s, l, h, generator=gen))
     ndir = 2 if dir_mode == 2 else 1
     A = -torch.rand(ndir, h, generator=gen) - 0.1
-    st = ssd_sm90.chunk_steps_reference(dt, A, dir_mode, block_q=q)
+    st = ssd_time_sm90.chunk_steps_reference(dt, A, dir_mode, block_q=q)
     nc = math.ceil(l / q)
     assert st.shape == (s, h, nc, 2, q) and st.is_contiguous()
     wide = torch.zeros(s, l, h + 2)
     wide[..., 1:h + 1] = dt
-    fast = ssd_sm90.chunk_steps(wide[..., 1:h + 1].to(DEV), A.to(DEV), dir_mode, block_q=q).cpu()
+    fast = ssd_time_sm90.chunk_steps(wide[..., 1:h + 1].to(DEV), A.to(DEV), dir_mode, block_q=q).cpu()
     assert fast.shape == st.shape
     torch.testing.assert_close(fast, st, rtol=1e-5, atol=1e-5)
     for i in range(s):
@@ -56,20 +56,20 @@ def test_chunk_steps_match_a_step_by_step_loop(dir_mode):
                 step = 0.0 if tau >= l else dt[i, l - 1 - tau if reverse else tau, k].item()
                 assert st[i, k, c, 0, r].item() == pytest.approx(step, abs=1e-7)
                 cum = sum(0.0 if t >= l else dt[i, l - 1 - t if reverse else t, k].item()
-                          for t in range(c * q, tau + 1)) * A[d, k].item() * ssd_sm90.LOG2E.value
+                          for t in range(c * q, tau + 1)) * A[d, k].item() * ssd_time_sm90.LOG2E.value
                 assert st[i, k, c, 1, r].item() == pytest.approx(cum, rel=1e-5, abs=1e-5)
 
 
 def test_applies_only_on_hopper_cuda_inputs():
     x = torch.zeros(2, 10, 4, 64, dtype=torch.bfloat16)
     B = torch.zeros(2, 10, 1, 128, dtype=torch.bfloat16)
-    assert not ssd_sm90.applies(x, B, B)  # CPU tensors
+    assert not ssd_time_sm90.applies(x, B, B)  # CPU tensors
 
 
 def _compile_stats(kernel: str) -> dict:
     """`tools/sm90_loop_stats.py --kernel KERNEL --json` in a fresh process (other test modules turn on the
     interpreter, under which Triton builds no GPU code): the sm_90a compile's registers, shared memory and loop."""
-    if not ssd_sm90.gluon_importable():
+    if not ssd_time_sm90.gluon_importable():
         pytest.skip("this Triton has no Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
@@ -110,7 +110,7 @@ def _reference(x, dt, A, B, C, D, dir_mode):
 def test_gpu_sm90_scan_matches_float64(dir_mode, length, dtype, has_d):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs a Hopper GPU")
-    if not ssd_sm90.gluon_importable():
+    if not ssd_time_sm90.gluon_importable():
         pytest.skip("this Triton has no Gluon")
     gen = torch.Generator().manual_seed(length + dir_mode)
     s, h, p, n = 4, 4, 64, 128
@@ -122,8 +122,8 @@ def test_gpu_sm90_scan_matches_float64(dir_mode, length, dtype, has_d):
     ndir = 2 if dir_mode == 2 else 1
     A = -torch.exp(torch.rand(ndir, h, generator=gen) * 2.0).cuda()
     D = torch.randn(ndir, h, generator=gen).cuda() if has_d else None
-    assert ssd_sm90.applies(x, B, C)
-    y = ssd_sm90.ssd_fwd_sm90(x, dt, A, B, C, D, dir_mode)
+    assert ssd_time_sm90.applies(x, B, C)
+    y = ssd_time_sm90.time_fwd_sm90(x, dt, A, B, C, D, dir_mode)
     ref = _reference(x, dt, A, B, C, D, dir_mode)
     assert torch.isfinite(y).all()
     err = ((y.double() - ref).norm() / ref.norm()).item()
@@ -148,7 +148,7 @@ def test_gpu_ssd_fwd_takes_the_sm90_kernel_when_asked(monkeypatch):
     triton_y = ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
     monkeypatch.setenv("BSMAMBA2_SSD_GLUON", "1")
     gluon_y = ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
-    direct = ssd_sm90.ssd_fwd_sm90(x, dt, A, B, C, D, 2)
+    direct = ssd_time_sm90.time_fwd_sm90(x, dt, A, B, C, D, 2)
     assert torch.equal(gluon_y, direct)
     assert ((gluon_y.float() - triton_y.float()).norm() / triton_y.float().norm()).item() < 2e-2
 
@@ -161,8 +161,8 @@ def test_chunk_steps_softplus_matches_twin():
     raw = torch.randn(s, l, h + 3, generator=gen)[..., 2:h + 2] * 2.0
     A = -torch.rand(2, h, generator=gen) - 0.1
     dt_bias = torch.randn(2, h, generator=gen) - 1.0
-    st = ssd_sm90.chunk_steps_reference(raw, A, 2, dt_bias=dt_bias)
-    fast = ssd_sm90.chunk_steps(raw.to(DEV), A.to(DEV), 2, dt_bias=dt_bias.to(DEV)).cpu()
+    st = ssd_time_sm90.chunk_steps_reference(raw, A, 2, dt_bias=dt_bias)
+    fast = ssd_time_sm90.chunk_steps(raw.to(DEV), A.to(DEV), 2, dt_bias=dt_bias.to(DEV)).cpu()
     torch.testing.assert_close(fast, st, rtol=1e-5, atol=1e-5)
     d0 = F.softplus(raw[0, :, 3] + dt_bias[0, 3])  # forward half: scan order is memory order
     torch.testing.assert_close(st[0, 3, 0, 0, :l], d0)
@@ -174,7 +174,7 @@ def test_chunk_steps_softplus_matches_twin():
 def test_band_applies_only_on_hopper_cuda_inputs():
     x = torch.zeros(2, 62, 4, 64, dtype=torch.bfloat16)
     B = torch.zeros(2, 62, 1, 128, dtype=torch.bfloat16)
-    assert not ssd_short_sm90.applies(x, B, B, x, 4)  # CPU tensors
+    assert not ssd_band_sm90.applies(x, B, B, x, 4)  # CPU tensors
 
 
 def test_band_kernel_compiles_for_sm90():
@@ -182,7 +182,7 @@ def test_band_kernel_compiles_for_sm90():
     within the launch's register cap (three programs per SM), shared memory for four, tensor-core products, and x
     and z by cp.async. (Triton 3.6, the GPU machines': 168 registers, no spills in the head loop.)"""
     stats = _compile_stats("band")
-    assert stats["kernel"] == "band" and stats["registers"] <= ssd_short_sm90.MAXNREG, stats
+    assert stats["kernel"] == "band" and stats["registers"] <= ssd_band_sm90.MAXNREG, stats
     assert stats["shared_bytes"] <= 57 * 1024, stats
     assert stats["tensor_core"] > 0 and stats["async_copies"] > 0, stats
 
@@ -216,7 +216,7 @@ def test_gpu_band_kernel_matches_float64(length, dtype, groups, d_state, monkeyp
     plain PyTorch; and against the Triton pair (BSMAMBA2_SSD_GLUON_BAND=0) within 16-bit rounding."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs a Hopper GPU")
-    if not ssd_sm90.gluon_importable():
+    if not ssd_time_sm90.gluon_importable():
         pytest.skip("this Triton has no Gluon")
     from test_kernels import _fused_scan_reference
 

@@ -13,7 +13,7 @@ from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.losses import SeparationLoss
 from bsmamba2.memory import (GiB, CheckpointPlan, Footprint, agree_over_processes, auto_checkpointing, batch_advice,
                              choose_plan, decide, measure_footprint, memory_budget, plans_by_speed)
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 
 # The paper's BSMamba2 at batch 5 on a GPU, roughly: 20 GiB with all 12 axis modules checkpointed, ~4.6 GiB more for
 # each one that keeps its activations (75 GiB with none checkpointed); band-axis modules slightly larger here.

@@ -7,7 +7,8 @@ import torch
 from bsmamba2.checkpoint import load_model
 from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.mamba2 import BiMamba2Block, Mamba2
-from bsmamba2.model import BSMamba2, build_model, count_parameters
+from bsmamba2.build import build_model, count_parameters
+from bsmamba2.model import BSMamba2
 from bsmamba2.roformer import BSRoFormer
 from bsmamba2.spectral import istft, stft
 from bsmamba2.ssd import ssd_sequential
@@ -152,7 +153,7 @@ def test_input_validation_messages():
 
 @pytest.mark.parametrize("length", [1, 3, 50])
 def test_causal_depthwise_conv_equals_conv1d(length):
-    from bsmamba2.mamba2 import causal_depthwise_conv
+    from bsmamba2.functional import causal_depthwise_conv
 
     conv = torch.nn.Conv1d(12, 12, 4, groups=12, padding=3).double()
     x = torch.randn(2, length, 12, dtype=torch.float64)
@@ -189,7 +190,7 @@ def test_block_out_argument_checks():
 def test_block_writes_the_next_prenorm_on_any_path():
     """`scaled=(xn, eps)`: a block whose path does not fuse it (here the plain CPU one) writes rms_scale of its
     output into xn itself, into a strided view too; `x_scaled=` changes nothing there; both need no_grad."""
-    from bsmamba2.mamba2 import rms_scale
+    from bsmamba2.functional import rms_scale
 
     blk = BiMamba2Block(16, BSMamba2Config.tiny().mamba)
     x = torch.randn(6, 5, 16)
@@ -213,8 +214,10 @@ def test_inference_layer_loop_without_copies_matches_training_loop(arch):
     spec = torch.randn(2, 2, cfg.stft.n_fft // 2 + 1, 9, dtype=torch.complex64)
     with torch.no_grad():
         fast = model(spec)
-    assert model._writes_into_layouts() is False  # grad enabled again outside the block
+    copy_free = getattr(model, "_writes_into_layouts", None)  # BSMamba2 only: the baseline has no such path
+    assert (copy_free is None) is (arch == "bsroformer")
+    assert copy_free is None or copy_free() is False  # grad enabled again outside the block
     slow = model(spec).detach()
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        assert model._writes_into_layouts() is (arch == "bsmamba2")
+        assert copy_free is None or copy_free() is True

@@ -14,7 +14,7 @@ import bsmamba2.separate as separate_module
 from bsmamba2.audio import AudioError, read_audio, write_audio
 from bsmamba2.checkpoint import save_model
 from bsmamba2.config import BSMamba2Config
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.separate import Manifest, OverlapAdd, Separator, overlap_window
 
 SR = 44100

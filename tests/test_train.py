@@ -233,7 +233,7 @@ def test_checkpointing_setting_is_checked_and_auto_is_none_on_cpu(tmp_path, capl
     import contextlib
 
     from bsmamba2.losses import SeparationLoss
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
     from bsmamba2.train import Dist, _choose_checkpointing
 
     with pytest.raises(ValueError, match="expected auto, true or false"):
@@ -256,7 +256,7 @@ def test_train_step_accumulation_and_checkpointing_match_one_batch():
 
     from bsmamba2.config import BSMamba2Config
     from bsmamba2.losses import SeparationLoss
-    from bsmamba2.model import build_model
+    from bsmamba2.build import build_model
     from bsmamba2.train import WaveformModel, train_step
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@
 
 What it decided: docs/perf-log.md (the scan rows).
 
-    PYTHONPATH=src python3 tools/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8
+    PYTHONPATH=src python3 tools/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_BAND=8
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
                     help="name:KEY=VALUE,... (the kernels' environment knobs, e.g. BSMAMBA2_SSD_WARPS_FWD=8)")
     ap.add_argument("--band-variants", nargs="*", default=["default"],
-                    help="variants of the `band` part, as --variants (e.g. warps8:BSMAMBA2_SSD_WARPS_FWD_SHORT=8)")
+                    help="variants of the `band` part, as --variants (e.g. warps8:BSMAMBA2_SSD_WARPS_FWD_BAND=8)")
     ap.add_argument("--model-variants", nargs="*", default=[],
                     help="variants of this tree in the `model` part, as --variants")
     ap.add_argument("--band-seqs", type=int, default=6408, help="band-axis sequences per direction (8 x 801)")

@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bsmamba2.kernels import ssd, ssd_sm90
+from bsmamba2.kernels import ssd, ssd_time, ssd_time_sm90
 
 from scan_inputs import band_inputs, scan_inputs  # tools/: the scan's inputs laid out as the model lays them out
 
@@ -49,29 +49,29 @@ class _Capture:
 
 def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
     """(kernel, args, kwargs) of the time-axis forward launch for the model's layout (paper size: 16 heads of 64,
-    d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_sm90`'s; kernel="band": the fused
-    band-axis launch of `ssd_short_sm90` (62 bands), whose loop is the head loop."""
+    d_state 128, bf16): `ssd_fwd`'s Triton kernel, or (kernel="gluon") `ssd_time_sm90`'s; kernel="band": the fused
+    band-axis launch of `ssd_band_sm90` (62 bands), whose loop is the head loop."""
     cap = _Capture()
     if kernel in ("band", "gluon"):
-        from bsmamba2.kernels import ssd_short_sm90  # noqa: PLC0415
+        from bsmamba2.kernels import ssd_band_sm90  # noqa: PLC0415
 
-        module = ssd_short_sm90 if kernel == "band" else ssd_sm90
+        module = ssd_band_sm90 if kernel == "band" else ssd_time_sm90
         real = module._build()
         # the launch recorded, and the Triton pre-pass (which cannot run without a GPU) by its PyTorch twin
         with mock.patch.object(module, "_kernel", lambda: cap), \
-                mock.patch.object(module, "chunk_steps", ssd_sm90.chunk_steps_reference):
+                mock.patch.object(module, "chunk_steps", ssd_time_sm90.chunk_steps_reference):
             if kernel == "band":
                 x, dt, A, B, C, D, o = band_inputs(seqs, device="cpu")
                 y, ss = torch.empty_like(x), torch.empty(x.shape[:-1])
-                ssd_short_sm90.ssd_fwd_short_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), 2,
-                                                  o["x_conv"], o["bc_conv"], o["dt_bias"], o["z"], y, ss)
+                ssd_band_sm90.band_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), 2,
+                                            o["x_conv"], o["bc_conv"], o["dt_bias"], o["z"], y, ss)
             else:
                 x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
-                ssd_sm90.ssd_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), dir_mode=2)
+                ssd_time_sm90.time_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), dir_mode=2)
     else:
         x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
-        real = ssd._ssd_fwd_kernel
-        with mock.patch.object(ssd, "_ssd_fwd_kernel", cap):
+        real = ssd_time.time_fwd_kernel
+        with mock.patch.object(ssd_time, "time_fwd_kernel", cap):
             ssd.ssd_fwd(x, dt, A, B, C, D, dir_mode=2)
     if len(cap.calls) != 1:
         raise RuntimeError(f"expected one launch of the {kernel} scan kernel, saw {len(cap.calls)}")
@@ -191,8 +191,8 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     ap.add_argument("--kernel", choices=["triton", "gluon", "band"], default="triton",
-                    help="the time-axis Triton kernel (`ssd._ssd_fwd_kernel`), its Hopper twin in Gluon (`ssd_sm90`), "
-                         "or the fused band-axis Gluon kernel (`ssd_short_sm90`)")
+                    help="the time-axis Triton kernel (`ssd_time.time_fwd_kernel`), its Hopper twin in Gluon (`ssd_time_sm90`), "
+                         "or the fused band-axis Gluon kernel (`ssd_band_sm90`)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")

@@ -16,7 +16,7 @@ import torch
 
 from bsmamba2.config import BSMamba2Config
 from bsmamba2.checkpoint import save_model
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.separate import Separator
 
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BSMamba2": "bsmamba2.model",
     "BSRoFormer": "bsmamba2.roformer",
-    "build_model": "bsmamba2.model",
+    "build_model": "bsmamba2.build",
     "BSMamba2Config": "bsmamba2.config",
     "RoFormerConfig": "bsmamba2.config",
     "load_model": "bsmamba2.checkpoint",

@@ -279,7 +279,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load a model from our `.safetensors` format or an official Lightning `.ckpt`; returns it in eval mode."""
-    from bsmamba2.model import build_model  # noqa: PLC0415
+    from bsmamba2.build import build_model  # noqa: PLC0415
 
     path = Path(path)
     if not path.is_file():

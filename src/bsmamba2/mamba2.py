@@ -4,9 +4,9 @@ Parameter names and shapes follow `mamba_ssm.modules.mamba2.Mamba2` (in_proj, co
 out_proj) and the official BSMamba2 `MambaBlock` (forward_blocks.0.{norm,mixer}, backward_blocks.0.{norm,mixer},
 linear), so official weights load without renaming.
 
-Backends for the scan (`set_backend`, or the environment variable BSMAMBA2_BACKEND):
+Backends for the scan (`set_backend`, or the environment variable BSMAMBA2_BACKEND; both in `bsmamba2.switches`):
     "torch"  plain PyTorch (`bsmamba2.ssd`), any device
-    "triton" fused GPU kernels (`bsmamba2.kernels`), CUDA only
+    "triton" fused GPU kernels (`bsmamba2.kernels`; the whole block through `bsmamba2.fused_block`), CUDA only
     "auto"   (default) "triton" for CUDA tensors when Triton and the kernels are importable, else "torch"
 """
 
@@ -14,75 +14,20 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsmamba2 import ssd
+from bsmamba2 import ssd, switches
 from bsmamba2.config import Mamba2Config
-from bsmamba2.ssd import compute_dtype
+from bsmamba2.functional import causal_depthwise_conv, compute_dtype, rms_scale
+from bsmamba2.switches import get_backend, set_backend  # noqa: F401  (the backend's home; kept importable here)
 
 log = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("BSMAMBA2_BACKEND", "auto")
-
-
-def set_backend(name: str) -> None:
-    """Choose the scan implementation: "auto", "torch" or "triton"."""
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {_BACKENDS}")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
-
-
-def _triton_available() -> bool:
-    try:
-        from bsmamba2.kernels import available  # noqa: PLC0415
-    except ImportError:
-        return False
-    return available()
-
-
-def resolve_backend(device: torch.device) -> str:
-    """The backend that runs for tensors on `device` under the current setting."""
-    if _backend == "torch":
-        return "torch"
-    if _backend == "triton":
-        if device.type != "cuda" or not _triton_available():
-            raise RuntimeError("backend 'triton' needs a CUDA device and `pip install triton`; use 'torch' or 'auto'")
-        return "triton"
-    return "triton" if device.type == "cuda" and _triton_available() else "torch"
-
-
 TORCH_CHUNK = 64  # chunk length of the plain-PyTorch scan
 CPU_SLICE_ELEMENTS = 500_000  # elements of the widest per-slice activation in CPU inference (~2 MB float32)
-
-
-def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Causal depthwise conv1d along the sequence, in (b, l, c) layout: out_t = Σ_k w_k · x_{t-K+1+k} + bias.
-
-    Same result as `nn.Conv1d(c, c, K, groups=c, padding=K-1)` on (b, c, l) cut to the first l outputs, without the
-    two transposes. `weight`: (c, 1, K).
-    """
-    l, k = x.shape[1], weight.shape[-1]
-    xp = F.pad(x, (0, 0, k - 1, 0))  # (b, l + K - 1, c): K-1 zeros in front
-    out = xp[:, :l] * weight[:, 0, 0]
-    for i in range(1, k):
-        out = torch.addcmul(out, xp[:, i:i + l], weight[:, 0, i])
-    return out if bias is None else out + bias
-
-
-def rms_scale(x: Tensor, eps: float) -> Tensor:
-    """x · rsqrt(mean(x²) + eps) over the last dimension in float32, in x's dtype: `RMSNorm` without its gain."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -167,7 +112,7 @@ class Mamba2(nn.Module):
 
     def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
         """SSD with skip: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n) → (b, l, h, p)."""
-        if resolve_backend(x.device) == "triton":
+        if switches.resolve_backend(x.device) == "triton":
             from bsmamba2.kernels import ssd_scan  # noqa: PLC0415
 
             return ssd_scan(x, dt, A, B, C, self.D, chunk_size=self.chunk_size)
@@ -197,8 +142,6 @@ class BiMamba2Block(nn.Module):
     so a change of layout between the time and band passes costs no separate copy.
     """
 
-    writes_into_out = True  # `forward` takes `out=` (BandSplitModel uses it to skip layout copies)
-
     def __init__(self, dim: int, cfg: Mamba2Config):
         super().__init__()
         self.forward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
@@ -217,11 +160,11 @@ class BiMamba2Block(nn.Module):
         return not torch.is_grad_enabled() and fast is not None and fast.fused_inference_applies(self)
 
     def _fast_block(self, x: Tensor):
-        """The fast path's module (`bsmamba2.kernels.block`) when the Triton backend serves x's device and computes
+        """The fast path's module (`bsmamba2.fused_block`) when the Triton backend serves x's device and computes
         this block's function there (`supports`: both directions in shared launches), else None."""
-        if resolve_backend(x.device) != "triton":
+        if switches.resolve_backend(x.device) != "triton":
             return None
-        from bsmamba2.kernels import block as fast  # noqa: PLC0415
+        from bsmamba2 import fused_block as fast  # noqa: PLC0415  (imports the kernels: only on the fast path)
 
         return fast if fast.supports(self) else None
 

@@ -1,6 +1,6 @@
 """BS-RoFormer baseline: the same band split and mask estimator as BSMamba2, with transformers in place of Mamba2.
 
-Per axis (time, then bands) each layer is: x + Attention(RMSNorm(x)), then x + FeedForward(RMSNorm(x)). Attention
+Per axis (time, then bands) each layer is: x + Attention(ScaledL2Norm(x)), then x + FeedForward(ScaledL2Norm(x)). Attention
 has rotary position embeddings (one table per axis, shared by all layers, rotating adjacent pairs of each head's
 channels) and a per-head sigmoid output gate. Module names follow the official implementation.
 """
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bsmamba2.config import RoFormerConfig
-from bsmamba2.model import BandSplitModel
-from bsmamba2.spectral import RMSNorm
+from bsmamba2.bandsplit import BandSplitModel
+from bsmamba2.spectral import ScaledL2Norm
 
 
 class RotaryEmbedding(nn.Module):
@@ -39,7 +39,7 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.rotary = [rotary]  # shared across layers; kept out of this module's state dict
-        self.norm = RMSNorm(dim)
+        self.norm = ScaledL2Norm(dim)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_gates = nn.Linear(dim, heads)
         self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim, bias=False), nn.Dropout(dropout))
@@ -58,7 +58,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int, dropout: float):
         super().__init__()
-        self.net = nn.Sequential(RMSNorm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout),
+        self.net = nn.Sequential(ScaledL2Norm(dim), nn.Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(dim * mult, dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsmamba2 import mamba2
+from bsmamba2 import switches
 from bsmamba2.config import STFTConfig
 from bsmamba2.derived import derived, in_autocast_dtype
 
@@ -54,8 +54,9 @@ def istft(spec: Tensor, cfg: STFTConfig | None = None, length: int | None = None
     return wave.reshape(*lead, wave.shape[-1])
 
 
-class RMSNorm(nn.Module):
-    """The official band-split RMSNorm: L2-normalize, times sqrt(dim), times a learned gain `gamma`.
+class ScaledL2Norm(nn.Module):
+    """The band-split models' norm: L2-normalize, times sqrt(dim), times a learned gain `gamma` (the official code
+    calls it RMSNorm; it differs from `mamba2.RMSNorm`, a true RMS with an eps inside the root).
 
     Without autograd on a GPU with the Triton backend, one kernel (`kernels.norm.l2_scale`) computes the same in
     float32 and writes it once, in the autocast dtype under autocast (where the next product would cast it to
@@ -76,7 +77,7 @@ class RMSNorm(nn.Module):
 
 def _inference_kernels(x: Tensor) -> bool:
     """Whether the inference-only Triton kernels apply to x: no autograd, and the Triton backend for its device."""
-    return not torch.is_grad_enabled() and mamba2.resolve_backend(x.device) == "triton"
+    return not torch.is_grad_enabled() and switches.resolve_backend(x.device) == "triton"
 
 
 def _product_dtype(x: Tensor, param: Tensor) -> torch.dtype:
@@ -224,10 +225,10 @@ class _PerBand(nn.Module):
 
 
 class BandSplit(_PerBand):
-    """Per band: RMSNorm over its features, then Linear to `dim`. `(b, t, Σfeat)` → `(b, t, bands, dim)`.
+    """Per band: ScaledL2Norm over its features, then Linear to `dim`. `(b, t, Σfeat)` → `(b, t, bands, dim)`.
 
     Parameters live per band (`to_features.{i}.0.gamma`, `to_features.{i}.1.weight/bias`) so official checkpoints
-    load by key. `forward_grouped` gives bands of equal feature size one vectorized RMSNorm and one batched matmul,
+    load by key. `forward_grouped` gives bands of equal feature size one vectorized ScaledL2Norm and one batched matmul,
     a few kernels per group instead of a few per band; `forward_reference` is the plain per-band loop. They are the
     same function up to float rounding (the norm is elementwise-identical, the matmul may sum in another order), under
     autocast too (tests/test_spectral.py). `grouped` picks what `forward` runs: True or False force it; None (default)
@@ -236,7 +237,7 @@ class BandSplit(_PerBand):
 
     def __init__(self, dim: int, feature_sizes: tuple[int, ...], grouped: bool | None = None):
         super().__init__(feature_sizes, grouped)
-        self.to_features = nn.ModuleList(nn.Sequential(RMSNorm(n), nn.Linear(n, dim)) for n in feature_sizes)
+        self.to_features = nn.ModuleList(nn.Sequential(ScaledL2Norm(n), nn.Linear(n, dim)) for n in feature_sizes)
 
     def forward_reference(self, x: Tensor) -> Tensor:
         """The plain per-band loop."""
@@ -244,7 +245,7 @@ class BandSplit(_PerBand):
         return torch.stack([net(band) for band, net in zip(bands, self.to_features)], dim=-2)
 
     def forward_grouped(self, x: Tensor) -> Tensor:
-        """`forward_reference` with one vectorized RMSNorm and one batched product per group of equal feature size.
+        """`forward_reference` with one vectorized ScaledL2Norm and one batched product per group of equal feature size.
 
         x `(b, t, Σfeat)` → `(b, t, k, d)` with bands before frames in memory (a `(b, k, t, d)` tensor, transposed):
         the time pass that follows reads it as `(b·k, t, d)` sequences without a copy. Each group's product runs
@@ -270,7 +271,7 @@ class BandSplit(_PerBand):
                 weight = _bias_column_weights(linears, self, f"linear{n}", x.device.type)  # (g, d, w)
                 yg = torch.bmm(xa.transpose(0, 1), weight.transpose(1, 2))  # (g, m, d)
             else:
-                xg = F.normalize(xg, dim=-1) * norms[0].scale * gamma  # RMSNorm.forward, same ops in the same order
+                xg = F.normalize(xg, dim=-1) * norms[0].scale * gamma  # ScaledL2Norm.forward, same ops, same order
                 weight, bias = _stacks(linears, self, f"linear{n}", x.device.type)
                 yg = torch.bmm(xg.transpose(0, 1), weight.transpose(1, 2))  # (g, m, d)
             d = yg.shape[-1]

@@ -26,18 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def _expand_groups(t: Tensor, heads: int) -> Tensor:
-    """(b, l, g, n) → (b, l, h, n): each group serves h/g consecutive heads."""
-    g = t.shape[2]
-    if heads % g:
-        raise ValueError(f"heads ({heads}) must be a multiple of groups ({g})")
-    return t.repeat_interleave(heads // g, dim=2)
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float32 for half inputs (decays must not be computed in bf16), float64 stays float64."""
-    return torch.promote_types(x.dtype, torch.float32)
+from bsmamba2.functional import compute_dtype, expand_groups
 
 
 def _skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
@@ -52,7 +41,7 @@ def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
     """The SSD recurrence step by step (ground truth). Returns y `(b, l, h, p)` [, final state `(b, h, p, n)`]."""
     b, l, h, p = x.shape
     cd = compute_dtype(x)
-    Bh, Ch = _expand_groups(B, h).to(cd), _expand_groups(C, h).to(cd)
+    Bh, Ch = expand_groups(B, h).to(cd), expand_groups(C, h).to(cd)
     xf, dtf, Af = x.to(cd), dt.to(cd), A.to(cd)
     state = x.new_zeros(b, h, p, Bh.shape[-1], dtype=cd) if initial_state is None else initial_state.to(cd)
     ys = []
@@ -77,7 +66,7 @@ def ssd_quadratic(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     """The masked (attention-like) form: y_i = Σ_{j≤i} L_ij (C_i·B_j) dt_j x_j. Returns y `(b, l, h, p)`."""
     h, cd = x.shape[2], compute_dtype(x)
     L = segment_decay((dt.to(cd) * A.to(cd)).transpose(1, 2))  # (b, h, i, j)
-    scores = torch.einsum("bihn,bjhn->bhij", _expand_groups(C, h).to(cd), _expand_groups(B, h).to(cd))
+    scores = torch.einsum("bihn,bjhn->bhij", expand_groups(C, h).to(cd), expand_groups(B, h).to(cd))
     xdt = x.to(cd) * dt.to(cd)[..., None]  # (b, l, h, p)
     y = torch.einsum("bhij,bjhp->bihp", L * scores, xdt)
     return _skip(y, x, D).to(x.dtype)

@@ -46,7 +46,7 @@ from bsmamba2.data.musdb import load_musdb
 from bsmamba2.losses import SeparationLoss
 from bsmamba2.memory import auto_checkpointing
 from bsmamba2.metrics import usdr
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.trainconfig import RunConfig, run_config_from_dict, run_config_to_dict
 
 log = logging.getLogger(__name__)

@@ -43,8 +43,9 @@ PAPER_VALID_TRACKS: tuple[str, ...] = (
 
 
 @dataclass
-class ActivityConfig:
-    """Source-activity (salience) detection, as in the paper: windows of `DataConfig.segment_seconds`.
+class SalienceConfig:
+    """Source salience (activity) detection for drawing training segments, as in the paper: windows of
+    `DataConfig.segment_seconds`. Not `metrics.ActivityConfig`, the vocal-activity detector of the evaluation.
 
     A window (hop = window * (1 - overlap)) is split into `n_chunks` chunks; it is salient when more than
     `min_active_fraction` of its chunks have an RMS above the window's `quantile` chunk RMS, floored at `rms_floor`,
@@ -75,7 +76,7 @@ class DataConfig:
     valid_max_excerpts: int | None = None  # cap on aligned validation excerpts (evenly spaced); None: all
     num_workers: int = 4
     cache_dir: str | None = None  # activity cache; None: ROOT/.bsmamba2-cache, else ~/.cache/bsmamba2
-    activity: ActivityConfig = field(default_factory=ActivityConfig)
+    activity: SalienceConfig = field(default_factory=SalienceConfig)
 
 
 @dataclass

@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None, weights: str = "ema") -> Path:
     """Write the model of a training checkpoint with `bsmamba2.checkpoint.save_model`; returns the output path."""
     from bsmamba2.checkpoint import save_model  # noqa: PLC0415
-    from bsmamba2.model import build_model  # noqa: PLC0415
+    from bsmamba2.build import build_model  # noqa: PLC0415
     from bsmamba2.train import load_checkpoint  # noqa: PLC0415
     from bsmamba2.trainconfig import run_config_from_dict  # noqa: PLC0415
 

@@ -25,14 +25,14 @@ import soundfile as sf
 from tqdm import tqdm
 
 from bsmamba2.data.musdb import Track
-from bsmamba2.trainconfig import ActivityConfig
+from bsmamba2.trainconfig import SalienceConfig
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
 
-def salient_starts(audio: np.ndarray, segment: int, cfg: ActivityConfig = ActivityConfig()) -> np.ndarray:
+def salient_starts(audio: np.ndarray, segment: int, cfg: SalienceConfig = SalienceConfig()) -> np.ndarray:
     """Start samples of the salient windows of one stem.
 
     Args:
@@ -62,13 +62,13 @@ def salient_starts(audio: np.ndarray, segment: int, cfg: ActivityConfig = Activi
     return starts[keep]
 
 
-def _detect_file(args: tuple[str, int, ActivityConfig]) -> list[int]:
+def _detect_file(args: tuple[str, int, SalienceConfig]) -> list[int]:
     path, segment, cfg = args
     audio, _ = sf.read(path, dtype="float32", always_2d=True)  # (time, channels)
     return salient_starts(audio.T, segment, cfg).tolist()
 
 
-def _fingerprint(tracks: list[Track], stems: tuple[str, ...], segment: int, cfg: ActivityConfig) -> str:
+def _fingerprint(tracks: list[Track], stems: tuple[str, ...], segment: int, cfg: SalienceConfig) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"v": CACHE_VERSION, "segment": segment, "cfg": dataclasses.asdict(cfg)}).encode())
     for track in tracks:
@@ -96,7 +96,7 @@ def detect_activity(
     tracks: list[Track],
     stems: tuple[str, ...],
     segment: int,
-    cfg: ActivityConfig = ActivityConfig(),
+    cfg: SalienceConfig = SalienceConfig(),
     cache_dir: str | Path | None = None,
     workers: int = 0,
 ) -> dict[str, dict[str, list[int]]]:

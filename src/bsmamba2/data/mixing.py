@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from bsmamba2.data.activity import detect_activity
 from bsmamba2.data.musdb import Track, read_excerpt
-from bsmamba2.trainconfig import ActivityConfig
+from bsmamba2.trainconfig import SalienceConfig
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def build_datasets(split, data_cfg, targets: tuple[str, ...], channels: int, see
     from bsmamba2.data.activity import default_cache_dir
 
     segment = int(round(data_cfg.segment_seconds * data_cfg.sample_rate))
-    cfg: ActivityConfig = data_cfg.activity
+    cfg: SalienceConfig = data_cfg.activity
     cache = data_cfg.cache_dir if data_cfg.cache_dir is not None else default_cache_dir(split.root)
     starts = detect_activity(split.train + split.valid, data_cfg.stems, segment, cfg, cache, workers=workers)
     train = RandomMixDataset(

@@ -1,6 +1,8 @@
-"""Fast forward of `BiMamba2Block`: both directions share every launch, and the layer's linear maps are merged.
+"""The fast bidirectional Mamba2 block on tensors: both directions share every launch, the linear maps merged.
 
-The plain block computes, for x `(s, l, d)`,
+Tensors in, tensors out, weights included: the module-aware side (which weights, merged how, cached where, and
+whether a block qualifies) is `bsmamba2.fused_block`. The plain block (`bsmamba2.mamba2.BiMamba2Block`) computes,
+for x `(s, l, d)`,
 
     f = x + out_f(Mamba2_f(rms(x) · w_f)),   b = flip(x' + out_b(Mamba2_b(rms(x') · w_b))),  x' = flip(x)
     y = [f, b] Wmᵀ + bm + x                                   (the 1×1 ConvTranspose1d, 2d → d)
@@ -13,40 +15,34 @@ Here, with the same parameters and the same function:
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner), W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, which adds the small d × d product on x (and its bias) in its epilogue.
-    4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`_MixerCore`), whose backward writes the
+    4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`MixerCore`), whose backward writes the
        gradients of the split views into shared buffers instead of concatenating them.
-    5. Without autograd (`_fused_inference`, when the gated norm spans all of d_inner, as in the paper's model; the
-       environment variable BSMAMBA2_FUSED=0 turns it off, for A/B runs), no normalized tensor goes through memory.
-       The norm's row scale rstd commutes with the out-projection, so the products run on g = y·silu(z) (norm gains
-       folded into the weights) and rstd is applied in the residual add:
+    5. Without autograd (`block_inference`, when the gated norm spans all of d_inner, as in the paper's model), no
+       normalized tensor goes through memory. The norm's row scale rstd commutes with the out-projection, so the
+       products run on g = y·silu(z) (norm gains folded into the weights) and rstd is applied in the residual add:
            y = rstd_f · g_f W'_fᵀ + rstd_b · g_b W'_bᵀ + x W_xᵀ + bm + x.
-       One-chunk sequences (the band axis): the scan kernel reads the in-projection in place, applies conv1d + SiLU
-       to x (and, in the C·Bᵀ stage, to B and C) and the softplus to dt, and writes g and Σg² per head; the conv
-       and gated-norm passes are gone. Long sequences (the time axis): the scan's loop is latency-bound, and each
-       of these steps inside it cost more than its own pass (H100: 3.15 ms per call, +1.5 softplus, +1.4 gate,
-       +4.8 conv of x), so conv, softplus and scan run as in training, and g is formed inside the out-projection
-       (`gated_proj`), a Triton product that also sums g² (1.41-1.51 ms against 1.91 for the gated-norm pass and
-       the cuBLAS product on an H200; 1.89-1.93 against 2.65 on an H100 before Σg² became a product).
+       On the band axis (sequences of one chunk) the scan kernel reads the in-projection in place, applies conv1d +
+       SiLU to x (and, in the C·Bᵀ stage, to B and C) and the softplus to dt, and writes g and Σg² per head; the
+       conv and gated-norm passes are gone. On the time axis the scan's loop is latency-bound and each of these
+       steps inside it cost more than its own pass, so conv, softplus and scan run as in training, and g is formed
+       inside the out-projection (`gated_proj`), a Triton product that also sums g².
        In a model's inference loop the merge also writes the next block's pre-norm rms_scale(out) beside out, from
        the rows it holds, and that block reads it instead of normalizing again (`x_scaled=`, `scaled=`).
 The RMS scale, conv1d + SiLU, the softplus of dt, the scan, the gated RMSNorm and the residual add into the next
 pass's layout are Triton kernels (`norm.py`, `conv.py`, `dt.py`, `ssd.py`, `residual.py`); the matrix products are
-cuBLAS, but for the inference out-projection of long sequences (`gated_proj.py`). Nothing is compiled by
-`torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation. Without autograd the merged weights are
-cached between calls (`bsmamba2.derived`).
+cuBLAS, but for the inference out-projection on the time axis (`gated_proj.py`). Nothing is compiled by
+`torch.compile`, so new shapes (batch sizes, lengths) cost no recompilation.
 
 Letters: s sequences, l length, d model dim, e = d_inner, c = conv_dim, h heads, p headdim, g groups, n d_state.
+`dims` is (e, c, h, p, g, n) throughout.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bsmamba2.derived import derived, in_autocast_dtype
 from bsmamba2.kernels.conv import conv_silu_bidirectional, conv_silu_bwd, conv_silu_fwd, conv_taps_major
 from bsmamba2.kernels.dt import softplus_dt, softplus_dt_reference
 from bsmamba2.kernels.gated_proj import gated_proj
@@ -55,22 +51,21 @@ from bsmamba2.kernels.residual import add_into, gated_merge_into
 from bsmamba2.kernels.ssd import block_q_for, ssd_bwd, ssd_fwd, ssd_scan_bidirectional
 
 
-class _MixerCore(torch.autograd.Function):
+class MixerCore(torch.autograd.Function):
     """conv1d + SiLU → SSD scan → gated RMSNorm of both directions, from the in-projection's output, as one autograd
     node: `(s, l, 2, e + c + h)` → `(s, l, 2e)`.
 
     The same function as `conv_silu_bidirectional`, `ssd_scan_bidirectional` and `gated_norm_bidirectional` chained
-    on the split views (`_mixer_core_reference`). As one node, the backward writes the gradients of z, xBC and dt
+    on the split views (`mixer_core_reference`). As one node, the backward writes the gradients of z, xBC and dt
     straight into one buffer shaped like the in-projection's output, and those of x, B and C into one buffer shaped
-    like the conv output: autograd's split backward would concatenate them instead (one strided copy of each, ~4 ms
-    per call at the paper's training batch).
+    like the conv output: autograd's split backward would concatenate them instead (one strided copy of each).
     """
 
     @staticmethod
     def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size):
         e = dims[0]
         s, l = zxbcdt.shape[:2]
-        xbc, dt, y = _conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)
+        xbc, dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)
         ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y)
         ctx.dims, ctx.eps, ctx.group_size = dims, eps, group_size
         return gated_norm_fwd(y.view(2, s, l, e), zxbcdt[..., :e], norm_w, eps, group_size)
@@ -97,7 +92,7 @@ class _MixerCore(torch.autograd.Function):
                 dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), None, None, None)
 
 
-def _conv_scan(zxbcdt: Tensor, conv_w, conv_b, dt_bias, A, D, dims) -> tuple[Tensor, Tensor, Tensor]:
+def conv_scan(zxbcdt: Tensor, conv_w, conv_b, dt_bias, A, D, dims) -> tuple[Tensor, Tensor, Tensor]:
     """conv1d + SiLU, softplus of dt and the scan of both directions, each its own pass, from the in-projection
     `(s, l, 2, e + c + h)` → (xbc (2, s, l, c), dt (2, s, l, h) float32, y (2s, l, h, p))."""
     e, c, h, p, g, n = dims
@@ -116,8 +111,8 @@ def _scan_inputs(xbc: Tensor, dims) -> tuple[Tensor, Tensor, Tensor]:
     return xs.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
 
 
-def _mixer_core_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size) -> Tensor:
-    """`_MixerCore` as a chain of the separate autograd functions on the split views (its twin in the tests)."""
+def mixer_core_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size) -> Tensor:
+    """`MixerCore` as a chain of the separate autograd functions on the split views (its twin in the tests)."""
     e, c, h, p, g, n = dims
     s, l = zxbcdt.shape[:2]
     z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
@@ -128,61 +123,48 @@ def _mixer_core_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, e
     return gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, eps, group_size)  # (s, l, 2e)
 
 
-def supports(block) -> bool:
-    """Whether `bimamba2_block_forward` computes exactly this block's function (standard layout, equal eps)."""
-    f, b = block.forward_blocks[0], block.backward_blocks[0]
-    mf, mb = f.mixer, b.mixer
-    return (len(block.forward_blocks) == 1 and len(block.backward_blocks) == 1 and f.norm.eps == b.norm.eps
-            and 1 <= mf.d_conv <= 4
-            and mf.norm.eps == mb.norm.eps and mf.norm.group_size == mb.norm.group_size
-            and all(getattr(mf, a) == getattr(mb, a) for a in ("d_inner", "conv_dim", "nheads", "headdim",
-                                                                "ngroups", "d_state", "d_conv")))
-
-
-def _merged_weights(block, d: int) -> tuple[Tensor, ...]:
-    """The fast path's weights from the block's parameters, in float32 (items 1 and 3 of the module docstring)."""
-    f, b = block.forward_blocks[0], block.backward_blocks[0]
-    mf, mb = f.mixer, b.mixer
-    with torch.autocast(device_type=f.norm.weight.device.type, enabled=False):
-        w_in = torch.cat([mf.in_proj.weight * f.norm.weight[None, :], mb.in_proj.weight * b.norm.weight[None, :]])
-        wm = block.linear.weight[:, :, 0]  # (2d, d), used as [f, b] @ wm
-        return (w_in,
-                torch.cat([wm[:d].t() @ mf.out_proj.weight, wm[d:].t() @ mb.out_proj.weight], dim=1),  # w_g (d, 2e)
-                (wm[:d] + wm[d:]).t(),  # w_x (d, d)
-                torch.stack([mf.conv1d.weight[:, 0], mb.conv1d.weight[:, 0]]),  # conv_w (2, c, k)
-                torch.stack([mf.conv1d.bias, mb.conv1d.bias]),  # conv_b (2, c)
-                torch.stack([mf.dt_bias, mb.dt_bias]),  # dt_bias (2, h)
-                -torch.exp(torch.stack([mf.A_log, mb.A_log]).float()),  # A (2, h)
-                torch.stack([mf.D, mb.D]),  # D (2, h)
-                torch.stack([mf.norm.weight, mb.norm.weight]))  # norm_w (2, e)
-
-
-def _fused_weights(block, e: int, d: int) -> tuple[Tensor, ...]:
-    """The fused inference path's weights (item 5 of the module docstring), derived from the merged ones."""
-    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", list(block.parameters()),
-                                                                     lambda: _merged_weights(block, d))
+def fused_weights(merged: tuple[Tensor, ...], e: int, d: int) -> tuple[Tensor, ...]:
+    """The fused inference path's weights (item 5 of the module docstring) from the merged ones
+    (w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w) → (w_in (2, width, d), w_out (2, e, d), w_x, conv_w
+    tap-major, conv_b, dt_bias, A, D)."""
+    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = merged
     w_out = (w_g.view(d, 2, e) * norm_w[None]).permute(1, 2, 0)  # (2, e, d): g_d W'_dᵀ, the norm gains folded in
-    # tap-major conv weights: the one-chunk kernels load each tap's channels as one vector
+    # tap-major conv weights: the band-axis kernels load each tap's channels as one vector
     return w_in.view(2, -1, d), w_out, w_x, conv_taps_major(conv_w), conv_b, dt_bias, A, D
 
 
-def _fused_inference(block, x: Tensor, out: Tensor | None, x_scaled: Tensor | None,
-                     scaled: tuple[Tensor, float] | None) -> Tensor:
-    """`bimamba2_block_forward` without autograd, as item 5 of the module docstring: x `(s, l, d)`; x_scaled and
-    scaled as in `bimamba2_block_forward`."""
-    f, b = block.forward_blocks[0], block.backward_blocks[0]
-    mf = f.mixer
+def block_forward(x: Tensor, merged: tuple[Tensor, ...], bias: Tensor | None, dims, prenorm_eps: float,
+                  norm_eps: float, group_size: int, out: Tensor | None = None) -> Tensor:
+    """The block with autograd (items 1-4 of the module docstring): x `(s, l, d)` → `(s, l, d)`, or written into
+    `out` (`(*lead, l, d)`, any strides, as `residual.add_into`). merged = (w_in, w_g, w_x, conv_w, conv_b, dt_bias,
+    A, D, norm_w) with w_in, w_g, w_x in the products' dtype; bias: the merge's."""
+    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = merged
+    e, c, h = dims[:3]
     s, l, d = x.shape
-    e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
-    params = list(block.parameters())
-    w_in, w_out, w_x, conv_w, conv_b, dt_bias, A, D = derived(block, "fused", params,
-                                                               lambda: _fused_weights(block, e, d))
-    w_in, w_out, w_x = in_autocast_dtype(block, "fused", params, (w_in, w_out, w_x), x.device.type)
+    xn = rms_scale(x, prenorm_eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
+    zxbcdt = F.linear(xn, w_in).view(s, l, 2, e + c + h)  # (s, l, 2, e + c + h)
+    gn = MixerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, norm_eps,
+                         group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
+    merged_x = F.linear(x, w_x, bias)  # (s, l, d): the merge's x-terms and bias
+    merged_x.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
+    return merged_x + x if out is None else add_into(merged_x, x, out)
 
+
+def block_inference(x: Tensor, fused: tuple[Tensor, ...], bias: Tensor | None, dims, prenorm_eps: float,
+                    norm_eps: float, out: Tensor | None = None, x_scaled: Tensor | None = None,
+                    scaled: tuple[Tensor, float] | None = None) -> Tensor:
+    """The block without autograd (item 5 of the module docstring; the gated norm over all of d_inner): x
+    `(s, l, d)` → `(s, l, d)`, or written into `out` as in `block_forward`. fused = `fused_weights(...)` with w_in,
+    w_out, w_x in the products' dtype. x_scaled (shaped like x), when given, is taken as rms_scale(x, prenorm_eps)
+    instead of computing it; scaled = (xn, eps') has the merge also write rms_scale(result, eps') into xn (shaped
+    and strided like out)."""
+    w_in, w_out, w_x, conv_w, conv_b, dt_bias, A, D = fused
+    e, c, h, p, g, n = dims
+    s, l, d = x.shape
     if x_scaled is None:
-        x_scaled = rms_scale(x, f.norm.eps)  # the pre-norm without its gain (folded into w_in)
+        x_scaled = rms_scale(x, prenorm_eps)  # the pre-norm without its gain (folded into w_in)
     xn = x_scaled.reshape(s * l, d).to(w_in.dtype)
-    if l <= block_q_for(l):  # one chunk: everything up to g in the scan's two kernels
+    if l <= block_q_for(l):  # the band axis (one chunk): everything up to g in the scan's two kernels
         # the scan reads sequences (2s) with one stride: each direction's in-projection is its own product
         zx = torch.empty(2, s * l, w_in.shape[1], device=x.device, dtype=w_in.dtype)  # (2, s·l, e + c + h)
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -193,46 +175,10 @@ def _fused_inference(block, x: Tensor, out: Tensor | None, x_scaled: Tensor | No
                             dir_mode=2, x_conv=(conv_w, conv_b), bc_conv=(conv_w, conv_b), dt_bias=dt_bias,
                             z=z.unflatten(-1, (h, p)))  # (2s, l, h, p), (2s, l, h) float32
         parts = torch.bmm(gated.view(2, s * l, e), w_out.to(gated.dtype))  # (2, s·l, d): g_d W'_dᵀ
-    else:  # one product for both directions (H100: 1.94 ms against 2.04 for two)
+    else:  # the time axis: one product for both directions
         zx = F.linear(xn, w_in.flatten(0, 1)).view(s, l, 2, -1)  # (s, l, 2, e + c + h)
-        _, _, y = _conv_scan(zx, conv_w, conv_b, dt_bias, A, D, (e, c, h, p, g, n))  # y (2s, l, h, p)
+        _, _, y = conv_scan(zx, conv_w, conv_b, dt_bias, A, D, dims)  # y (2s, l, h, p)
         z = zx.view(s * l, 2, -1)[..., :e].transpose(0, 1)  # (2, s·l, e)
         parts, ss = gated_proj(y.view(2, s * l, e), z, w_out.to(y.dtype))  # (2, s·l, d), (2, s·l)
-    merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
-    return gated_merge_into(parts, ss.view(2, s * l, -1), merged, x, e, mf.norm.eps, out, scaled)
-
-
-def fused_inference_applies(block) -> bool:
-    """Whether `bimamba2_block_forward` takes the fused inference path (item 5): no autograd, a gated norm over all
-    of d_inner, and BSMAMBA2_FUSED not 0 (for A/B runs)."""
-    mf = block.forward_blocks[0].mixer
-    return (not torch.is_grad_enabled() and mf.norm.group_size == mf.d_inner
-            and os.environ.get("BSMAMBA2_FUSED", "1") != "0")
-
-
-def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None, x_scaled: Tensor | None = None,
-                           scaled: tuple[Tensor, float] | None = None) -> Tensor:
-    """`BiMamba2Block.forward` on the fast path. x `(s, l, d)` → `(s, l, d)`, or written into `out` (see
-    `BiMamba2Block`). On the fused inference path, x_scaled (shaped like x), when given, is taken as rms_scale(x)
-    instead of computing it, and scaled = (xn, eps) has the merge write rms_scale(result, eps) into xn (shaped
-    and strided like out). The other path ignores both (`BiMamba2Block.forward` writes xn for it)."""
-    f, b = block.forward_blocks[0], block.backward_blocks[0]
-    mf, mb = f.mixer, b.mixer
-    s, l, d = x.shape
-    e, c, h, p, g, n = mf.d_inner, mf.conv_dim, mf.nheads, mf.headdim, mf.ngroups, mf.d_state
-    width = e + c + h  # one direction's in-projection: [z, xBC, dt]
-    if fused_inference_applies(block):
-        return _fused_inference(block, x, out, x_scaled, scaled)
-
-    params = list(block.parameters())
-    w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = derived(block, "fast", params,
-                                                                     lambda: _merged_weights(block, d))
-    w_in, w_g, w_x = in_autocast_dtype(block, "fast", params, (w_in, w_g, w_x), x.device.type)  # the GEMMs' dtype
-
-    xn = rms_scale(x, f.norm.eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
-    zxbcdt = F.linear(xn, w_in).view(s, l, 2, width)  # (s, l, 2, e + c + h)
-    gn = _MixerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, (e, c, h, p, g, n), mf.norm.eps,
-                          mf.norm.group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
-    merged = F.linear(x, w_x, block.linear.bias)  # (s, l, d): the merge's x-terms and bias
-    merged.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
-    return merged + x if out is None else add_into(merged, x, out)
+    merged = F.linear(x, w_x, bias)  # (s, l, d): the merge's x-terms and bias
+    return gated_merge_into(parts, ss.view(2, s * l, -1), merged, x, e, norm_eps, out, scaled)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2.kernels import interpreting
+from bsmamba2.switches import interpreting
 
 
 @triton.jit
@@ -121,8 +121,7 @@ def _conv_fwd_kernel(
 
     Rows τ … τ+4 are in registers (cur, ahead1 … ahead4) when row τ is computed, and row τ+5 is loaded before row τ
     is stored: the compiler cannot move a load above a store that might alias it, so with the loads in program
-    order each warp had one row in flight (1.46–1.52 ms per call at the paper's size; 1.10–1.19 ms four rows ahead,
-    which measured better than two, six or eight)."""
+    order each warp had one row in flight (four rows ahead measured faster than none, two, six or eight)."""
     pid_sd = tl.program_id(1)
     d = pid_sd // S
     s = pid_sd % S
@@ -229,14 +228,12 @@ def _conv_bwd_kernel(
     tl.atomic_add(db_ptr + d * CH + offs_c, accb, mask=mc)
 
 
-# forward: channels per program, positions per loop step, warps (one warp, 8 channels per thread: 16-byte loads).
-# H200, paper size at batch 8: 1.10-1.19 ms per call with four rows loaded ahead (1.46-1.52 ms without; 1.66 ms for
-# the earlier (positions × channels) tiles that loaded each raw element once per tap)
+# forward: channels per program, positions per loop step, warps (one warp, 8 channels per thread: 16-byte loads);
+# tuned on the device at the paper's size (results: benchmarks/RESULTS.md; history: docs/perf-log.md)
 _FWD_BLOCK_C, _FWD_ROWS, _FWD_WARPS = 256, 8, 1
 # backward: channels per program, positions per loop step, warps, and the rows one program walks at least (whole
-# sequences: at the band axis's 62 positions, 8 sequences per program, so the weight-gradient atomics stay few).
-# H200, training shapes (batch 5, bf16): 1.35 ms per call on the time axis and 1.67 on the band axis, against 3.9
-# and 4.0 for the earlier two passes (dpre tiles, then draw); 128 channels: 1.35 / 2.06, 8 rows per step: 1.44 / 1.76
+# sequences: at the band axis's 62 positions, 8 sequences per program, so the weight-gradient atomics stay few);
+# tuned at the training shapes, against the earlier two passes (dpre tiles, then draw), 128 channels and 8 rows
 _BWD_BLOCK_C, _BWD_ROWS, _BWD_WARPS, _BWD_MIN_ROWS = 256, 4, 1, 512
 
 

@@ -10,7 +10,7 @@ into W_d, and the caller applies rstd afterwards (`residual.gated_merge_into`). 
 product's left operand and never goes to memory: this removes the separate gated-norm pass, which read y and z
 and wrote the normalized tensor. Plain twin: `gated_proj_reference`.
 
-Σ g² is a second product beside the first, (g ∘ g) times a column of ones (`ssd.ones_column`): every use of g is
+Σ g² is a second product beside the first, (g ∘ g) times a column of ones (`ssd_common.ones_column`): every use of g is
 then a product operand, in a layout the product can take straight from shared memory. The intermediate IR reads y
 and z once per operand layout of the two products, but those layouts hold the same elements in the same registers,
 and the generated code reads y and z and evaluates silu once per element (16 tanh per thread and step, as many as
@@ -20,23 +20,21 @@ conversion through shared memory per step (with 6-way bank conflicts on its stor
 to half that, below the output's rounding). float16 squares them in bf16: in float16 any |g| above 256 overflowed
 the sum.
 
-The kernel is bound by latency at low occupancy (Nsight Compute, H200, paper size: 225 registers and 91 KB of shared
-memory per program, so 2 programs of 4 warps per SM; issue slots 39% busy, DRAM at 48%, L2 at 68%). A 128-wide
-column block forms g once per column block and took 2.7-2.9 ms against 1.47; register caps that fit 3 programs per
-SM took 1.9-2.4 ms (spills, fewer stages).
+The kernel is bound by latency at low occupancy (225 registers and 91 KB of shared memory per program at the paper's
+size, so 2 programs of 4 warps per SM). A 128-wide column block, which forms g once per column block, and register
+caps that fit 3 programs per SM (spills, fewer stages) both measured slower.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from bsmamba2 import switches
 from bsmamba2.kernels.conv import fast_silu, silu
-from bsmamba2.kernels.ssd import _dot_dtype, _prec, ones_column
+from bsmamba2.kernels.ssd_common import dot_dtype, dot_precision, ones_column
 
 
 @triton.jit
@@ -82,18 +80,14 @@ def _gated_proj_kernel(
         tl.store(ss_ptr + d * R + r64, tl.sum(ss, axis=1), mask=mr)
 
 
-# paper size (397,296 rows, e = 1024, d = 256), ms per call against the gated-norm pass + cuBLAS product it replaces
-# (H200 1.91, H100 2.65-2.75). Before g was computed once: H200 1.67 at 64 × 256 × 32 on 4 warps, 1.91 at 128 rows
-# on 8 warps; H100 2.06 and 1.95. Since: H200 1.63-1.67 at 64 rows, 1.58-1.64 at 128 rows on 8 warps and 4 stages
-# (3 stages 1.85, BLOCK_K 64 2.06-2.42). With Σ g² as a product (H200, same process): 1.41-1.51 at 64 rows on
-# 4 warps against 1.50-1.66 for the previous kernel at 128 rows (3 stages 1.53-1.73, 5 stages 1.42-1.56,
-# BLOCK_K 64 2.08-2.17).
+# tuned at the paper's size (397,296 rows, e = 1024, d = 256) against 128 rows on 8 warps, 3 and 5 stages and
+# BLOCK_K 64 (results: benchmarks/RESULTS.md; history: docs/perf-log.md)
 _TILE = dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, num_warps=4, num_stages=4)
 
 
 def _tile(e: int, n: int) -> dict:
     """Tile sizes and launch settings (BSMAMBA2_GP_<name> overrides them, for measurement)."""
-    tile = {k: int(os.environ.get(f"BSMAMBA2_GP_{k}", v)) for k, v in _TILE.items()}
+    tile = {k: switches.gated_proj_setting(k, v) for k, v in _TILE.items()}
     tile["BLOCK_N"] = min(tile["BLOCK_N"], max(16, triton.next_power_of_2(n)))
     tile["BLOCK_K"] = min(tile["BLOCK_K"], max(16, triton.next_power_of_2(e)))
     return tile
@@ -109,12 +103,12 @@ def gated_proj(y: Tensor, z: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     p = torch.empty(2, R, n, device=y.device, dtype=y.dtype)
     ss = torch.empty(2, R, device=y.device, dtype=torch.float32)
     tile = _tile(e, n)
-    dot = _dot_dtype(y)
+    dot = dot_dtype(y)
     if R:
         _gated_proj_kernel[(triton.cdiv(R, tile["BLOCK_M"]), triton.cdiv(n, tile["BLOCK_N"]), 2)](
             y, z, w, p, ss, R, e, n, y.stride(0), y.stride(1), z.stride(0), z.stride(1), *w.stride(), p.stride(0),
             p.stride(1), EVEN_K=e % tile["BLOCK_K"] == 0, FAST_SILU=fast_silu(y.dtype), DOT=dot,
-            SQ=tl.bfloat16 if dot == tl.float16 else dot, PREC=_prec(y), **tile)
+            SQ=tl.bfloat16 if dot == tl.float16 else dot, PREC=dot_precision(y), **tile)
     return p, ss
 
 

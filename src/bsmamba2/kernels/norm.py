@@ -18,7 +18,7 @@ folds the gains of both directions into their in-projections):
 
 over the last dimension, float32 arithmetic, rows of any length up to 16384.
 
-L2 scale (inference). Plain twin: `bsmamba2.spectral.RMSNorm` (the band-split models' final norm), one pass:
+L2 scale (inference). Plain twin: `bsmamba2.spectral.ScaledL2Norm` (the band-split models' final norm), one pass:
 
     out = x / max(‖x‖₂, eps) · scale · γ
 
@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2 import mamba2
+from bsmamba2 import functional
 
 
 @triton.jit
@@ -268,7 +268,7 @@ def _rms_launch(n: int) -> dict:
 
 def rms_scale_reference(x: Tensor, eps: float) -> Tensor:
     """Plain twin of `rms_scale`: x · rsqrt(mean(x²) + eps) over the last dimension in float32, in x's dtype."""
-    return mamba2.rms_scale(x, eps)
+    return functional.rms_scale(x, eps)
 
 
 class RMSScale(torch.autograd.Function):

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from bsmamba2 import mamba2
+from bsmamba2 import functional
 from bsmamba2.kernels.norm import rms_rstd
 
 
@@ -129,4 +129,4 @@ def gated_merge_reference(parts: Tensor, ss: Tensor, merged: Tensor, x: Tensor, 
     rstd = torch.rsqrt(ss.float().sum(-1, keepdim=True) / e + eps)  # (2, s·l, 1)
     total = (rstd * parts.float()).sum(0).view(x.shape) + merged.float() + x.float()
     out = total.to(x.dtype)
-    return out if scaled_eps is None else (out, mamba2.rms_scale(out, scaled_eps))
+    return out if scaled_eps is None else (out, functional.rms_scale(out, scaled_eps))

@@ -1,5 +1,5 @@
-"""The long-sequence forward scan (the time axis) for Hopper GPUs (sm_90), written in Gluon, Triton's explicit
-dialect: the same function as `ssd._ssd_fwd_kernel` (plain twin: `bsmamba2.ssd.ssd_chunked`), with the buffers and
+"""The time-axis forward scan for Hopper GPUs (sm_90), written in Gluon, Triton's explicit
+dialect: the same function as `ssd_time.time_fwd_kernel` (plain twin: `bsmamba2.ssd.ssd_chunked`), with the buffers and
 the order of the tensor-core work chosen by hand instead of by Triton's pipeliner.
 
 Per (sequence, head) the program walks the chunks of Q = 64 steps in scan order, state S (d_state × headdim,
@@ -16,7 +16,7 @@ What differs from the Triton kernel, and why:
   * The four products are asynchronous warpgroup MMAs issued back to back (C Bᵀ first, then C S and the state
     update, which need no result of this chunk), so the tensor cores run while the warps form P from C Bᵀ.
   * The decay arithmetic that has to scan along the chunk (cumsum, its total) comes precomputed from
-    `chunk_steps` (a (sequence, head, chunk, {dt, cum}, Q) float32 tensor, 51 MB at the paper's size), so the
+    `chunk_steps` (a (sequence, head, chunk, {dt, cum}, Q) float32 tensor), so the
     loop has no cross-thread reductions.
   * The skip term D x rides on P's diagonal (x appears in column i of row i), so x needs no register copy but for
     the state update's operand x ∘ w, which goes to shared memory once.
@@ -38,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from bsmamba2.kernels.dt import softplus
-from bsmamba2.kernels.ssd import LOG2E, _chunk_rows, _direction, _head_bases
+from bsmamba2.kernels.ssd_common import LOG2E, chunk_rows, direction, head_bases
 
 BLOCK_Q = 64  # chunk length; also the product tiles' N (headdim is 64)
 
@@ -73,8 +73,8 @@ def _chunk_steps_kernel(dt_ptr, A_ptr, dtb_ptr, out_ptr, L, H, n_chunks, seqs_pe
     softplus(dt + dt bias)."""
     s = tl.program_id(0)
     c = tl.program_id(1)
-    d, reverse = _direction(s, seqs_per_dir, DIR_MODE)
-    offs_q, mq, t = _chunk_rows(c, L, reverse, Q)
+    d, reverse = direction(s, seqs_per_dir, DIR_MODE)
+    offs_q, mq, t = chunk_rows(c, L, reverse, Q)
     heads = tl.arange(0, BLOCK_H)
     mask = mq[:, None] & (heads < H)[None, :]
     dt = tl.load(dt_ptr + s.to(tl.int64) * sdt_s + t[:, None] * sdt_l + heads[None, :] * sdt_h, mask=mask,
@@ -95,8 +95,7 @@ def chunk_steps(dt: Tensor, A: Tensor, dir_mode: int, block_q: int = BLOCK_Q, dt
     [..., 0, :] the steps dt in scan order (zero past the end), [..., 1, :] their chunk-local cumulative log2-decay
     cum_i = Σ_{k≤i} dt_k·A·log2(e). Scan order: sequences scanned from their end (dir_mode 1, or the second half
     for dir_mode 2) are read backwards. dt_bias (ndir, h): dt is raw and the step is softplus(dt + dt_bias). One
-    Triton pass (H200, paper size: the PyTorch twin `chunk_steps_reference` took 0.51 ms per call, a third of what
-    the time-axis scan gained)."""
+    Triton pass; its PyTorch twin is `chunk_steps_reference`."""
     s, l, h = dt.shape
     nc = triton.cdiv(l, block_q)
     out = torch.empty(s, h, nc, 2, block_q, device=dt.device, dtype=torch.float32)
@@ -162,10 +161,10 @@ def _build():
     gluon, gl, async_copy, cp_async, barrier = api.gluon, api.gl, api.async_copy, api.cp_async, api.barrier
     fence_async_shared, warpgroup_mma, warpgroup_mma_wait = (api.fence_async_shared, api.warpgroup_mma,
                                                              api.warpgroup_mma_wait)
-    # `ssd`'s direction and pointer helpers (scalar arithmetic only) rebuilt as Gluon functions: a Gluon kernel
-    # calls Gluon functions
-    direction = gluon.jit(_direction.fn)
-    head_bases = gluon.jit(_head_bases.fn)
+    # `ssd_common`'s direction and pointer helpers (scalar arithmetic only) rebuilt as Gluon functions: a Gluon
+    # kernel calls Gluon functions
+    direction_g = gluon.jit(direction.fn)
+    head_bases_g = gluon.jit(head_bases.fn)
 
     @gluon.jit
     def _issue_chunk(x_ring, b_ring, c_ring, stage, x_base, b_base, c_base, c, L, reverse,
@@ -194,9 +193,9 @@ def _build():
                      HAS_D: gl.constexpr, num_warps: gl.constexpr):
         h = gl.program_id(0)  # heads of one sequence are neighbouring programs: B and C shared through L2
         s = gl.program_id(1)
-        d, reverse = direction(s, seqs_per_dir, DIR_MODE)
-        x_base, b_base, c_base, y_base = head_bases(x_ptr, B_ptr, C_ptr, y_ptr, s, h, heads_per_group, sx_s, sx_h,
-                                                    sb_s, sb_g, sc_s, sc_g, sy_s, sy_h)
+        d, reverse = direction_g(s, seqs_per_dir, DIR_MODE)
+        x_base, b_base, c_base, y_base = head_bases_g(x_ptr, B_ptr, C_ptr, y_ptr, s, h, heads_per_group, sx_s, sx_h,
+                                                      sb_s, sb_g, sc_s, sc_g, sy_s, sy_h)
         st_base = st_ptr + (s.to(gl.int64) * nheads + h) * n_chunks * 2 * Q
         dtype: gl.constexpr = x_ptr.dtype.element_ty
 
@@ -281,7 +280,7 @@ def _build():
             # the state for the next chunk's C S (its reader, this chunk's C S, has finished)
             s_s.store(state.to(dtype))
             # y through shared memory (xw_s is free: the state update has finished) and out in 16-byte row
-            # pieces: stored from the accumulator's layout (4-byte pieces) the call took 3.20 ms against 2.83
+            # pieces: stored from the accumulator's layout (4-byte pieces) the call was slower
             xw_s.store(y.to(dtype))
             barrier()
             tau_p = c * Q + gl.arange(0, Q, layout=gl.SliceLayout(1, ld_p))
@@ -294,9 +293,9 @@ def _build():
     return _scan_kernel
 
 
-def ssd_fwd_sm90(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int,
-                 out: Tensor | None = None, num_warps: int = 4) -> Tensor:
-    """Forward scan as `ssd.ssd_fwd` for long sequences: x (s, l, h, p), dt (s, l, h), A/D (ndir, h) float32
+def time_fwd_sm90(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int,
+                  out: Tensor | None = None, num_warps: int = 4) -> Tensor:
+    """Forward scan as `ssd.ssd_fwd` for time-axis sequences: x (s, l, h, p), dt (s, l, h), A/D (ndir, h) float32
     contiguous, B/C (s, l, g, n) → y (s, l, h, p) (or written into `out`, shaped like x, any strides with a unit
     last one). Call only where `applies` is true."""
     s, l, h, p = x.shape

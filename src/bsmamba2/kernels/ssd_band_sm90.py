@@ -1,7 +1,7 @@
-"""The one-chunk forward scan with every fused option (the band axis at inference) for Hopper GPUs (sm_90), in
+"""The band-axis forward scan with every fused option (the band axis at inference) for Hopper GPUs (sm_90), in
 Gluon: the same function as `ssd.ssd_fwd` with x_conv, bc_conv, dt_bias and z on sequences of at most Q = 64 steps
-(elsewhere the Triton pair `_cb_short_kernel` then `_ssd_fwd_short_kernel`; plain twin: the block's
-`_mixer_core_reference`).
+(elsewhere the Triton pair `ssd_band.band_cb_kernel` then `ssd_band.band_fwd_kernel`; plain twin: the block's
+`kernels.block.mixer_core_reference`).
 
 One program owns one sequence and walks its heads; all of it reads the raw in-projection in place:
 
@@ -11,20 +11,20 @@ One program owns one sequence and walks its heads; all of it reads the raw in-pr
                   P      = G ∘ exp2(cum_i − cum_j) ∘ dt_j  (j ≤ i), plus D on the diagonal
                   g      = (P xc) · silu(z),   Σ_p g²             the gated RMSNorm's numerator and statistics
 
-What differs from the Triton pair, and why (H200, paper size, batch 8: 2.24 ms per call against 2.99 ms):
+What differs from the Triton pair, and why:
   * C Bᵀ stays on chip: the Triton pair writes it per (sequence, group) and reads it back per head (L2 traffic
     and a second launch).
   * x and z of the next head are copied into shared memory (`cp.async`) while this head computes. x is copied
     once and read back in a layout where each thread holds half a column, so the conv's row shifts are `gather`s
     within a thread (register moves and a few shuffles): a shared-memory view may not start at an arbitrary row,
     and the Triton kernel, loading four overlapping tiles per head from global memory, was bound by that traffic.
-  * The steps softplus(dt + bias) and their cumulative log2-decays come from `ssd_sm90.chunk_steps`, so the
+  * The steps softplus(dt + bias) and their cumulative log2-decays come from `ssd_time_sm90.chunk_steps`, so the
     head loop has no cross-thread scan.
   * D rides on P's diagonal (the product's right operand is xc itself), and g leaves through shared memory in
     16-byte row pieces.
   * The launch caps registers at 168 (BSMAMBA2_SSD_BAND_MAXNREG; 0: no cap), three programs per SM, with no
-    spills in the head loop: uncapped (240 registers, two per SM) it took 2.67 ms, at 128 (four per SM, spilling)
-    2.48-2.59 ms.
+    spills in the head loop: uncapped (240 registers, two per SM) and at 128 (four per SM, spilling) it was
+    slower.
 
 For what the model runs on the fast path only: bf16 or fp16, headdim 64, d_state 64 or 128, conv width up to 4,
 unit last-dim strides. `applies` says whether a call qualifies; `ssd.ssd_fwd` runs the Triton kernels otherwise.
@@ -33,19 +33,19 @@ unit last-dim strides. `applies` says whether a call qualifies; `ssd.ssd_fwd` ru
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
-from bsmamba2.kernels.ssd import _direction
-from bsmamba2.kernels.ssd_sm90 import chunk_steps, gluon_api, gluon_importable
+from bsmamba2 import switches
+from bsmamba2.kernels.ssd_common import direction
+from bsmamba2.kernels.ssd_time_sm90 import chunk_steps, gluon_api, gluon_importable
 
 Q = 64  # rows of every tile (the sequence, padded), and headdim
 
 
 def applies(x: Tensor, B: Tensor, C: Tensor, z: Tensor, conv_width: int) -> bool:
-    """Whether this kernel computes a fused one-chunk call: a Hopper GPU (compute capability 9.x), Gluon
+    """Whether this kernel computes a fused band-axis call: a Hopper GPU (compute capability 9.x), Gluon
     importable, a sequence of at most Q steps, 16-bit inputs, headdim 64, d_state 64 or 128, a
     conv of at most 4 taps, unit last-dim strides, and x and z rows aligned for 16-byte copies."""
     if not (x.is_cuda and gluon_importable() and torch.cuda.get_device_capability(x.device)[0] == 9):
@@ -72,7 +72,7 @@ MAXNREG = 168  # registers per thread: three programs of 4 warps per SM (65536 r
 
 def _maxnreg() -> dict:
     """The launch's register cap: BSMAMBA2_SSD_BAND_MAXNREG, else MAXNREG (0: none)."""
-    cap = int(os.environ.get("BSMAMBA2_SSD_BAND_MAXNREG", MAXNREG) or 0)
+    cap = switches.ssd_band_maxnreg(MAXNREG)
     return {"maxnreg": cap} if cap else {}
 
 
@@ -81,7 +81,7 @@ def _build():
     api = gluon_api()
     gluon, gl, async_copy, cp_async, barrier = api.gluon, api.gl, api.async_copy, api.cp_async, api.barrier
     fence_async_shared, warpgroup_mma = api.fence_async_shared, api.warpgroup_mma
-    direction = gluon.jit(_direction.fn)  # `ssd`'s (scalar arithmetic only) as a Gluon function
+    direction_g = gluon.jit(direction.fn)  # `ssd_common`'s (scalar arithmetic only) as a Gluon function
 
     @gluon.jit
     def _silu(v, FAST: gl.constexpr):
@@ -133,7 +133,7 @@ def _build():
                      Q: gl.constexpr, N: gl.constexpr, K: gl.constexpr, DIR_MODE: gl.constexpr, HAS_D: gl.constexpr,
                      FAST: gl.constexpr, num_warps: gl.constexpr):
         s = gl.program_id(0)
-        d, reverse = direction(s, seqs_per_dir, DIR_MODE)  # d: the weights', A's and D's row (0 unless DIR_MODE 2)
+        d, reverse = direction_g(s, seqs_per_dir, DIR_MODE)  # d: the weights', A's and D's row (0 unless DIR_MODE 2)
         s64 = s.to(gl.int64)
         dtype: gl.constexpr = x_ptr.dtype.element_ty
 
@@ -251,10 +251,10 @@ def _build():
     return _band_kernel
 
 
-def ssd_fwd_short_sm90(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int,
-                       x_conv: tuple[Tensor, Tensor], bc_conv: tuple[Tensor, Tensor], dt_bias: Tensor, z: Tensor,
-                       y: Tensor, ss: Tensor) -> None:
-    """`ssd.ssd_fwd` with every fused option on one-chunk sequences, into its outputs: x (s, l, h, p) raw, dt
+def band_fwd_sm90(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dir_mode: int,
+                  x_conv: tuple[Tensor, Tensor], bc_conv: tuple[Tensor, Tensor], dt_bias: Tensor, z: Tensor,
+                  y: Tensor, ss: Tensor) -> None:
+    """`ssd.ssd_fwd` with every fused option on band-axis sequences, into its outputs: x (s, l, h, p) raw, dt
     (s, l, h) raw, A/D (ndir, h) float32 contiguous, B/C (s, l, g, n) raw, z (s, l, h, p), conv weights (ndir, c, k)
     and biases (ndir, c), dt_bias (ndir, h) → y ← g = y · silu(z) (s, l, h, p), ss ← Σ_p g² (s, l, h) float32.
     Call only where `applies` is true, on a non-empty x."""
