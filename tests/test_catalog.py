@@ -258,18 +258,3 @@ def test_cuda_catalog_equals_a_plain_run_whatever_the_packing(library, micro_ckp
         report = catalog.separate_catalog(sep, files, options, workers=workers, progress="none")
         assert report.ok == len(files) and report.failed == 0
         assert outputs(out) == outputs(plain)
-
-
-def test_bench_catalog_runs_at_micro_size(benchmark_script, micro_ckpt, tmp_path, monkeypatch, capsys):
-    """The benchmark's plumbing (library, model alone, I/O alone, catalog, probes, bit check) on two short songs."""
-    bench = benchmark_script("bench_catalog")
-    monkeypatch.setattr(sys, "argv", [
-        "bench_catalog.py", "--songs", "2", "--minutes", "0.05", "0.06", "--model", str(micro_ckpt), "--device", "cpu",
-        "--segment", "2", "--batch-size", "2", "--workers", "2", "--model-calls", "1", "--probe-songs", "1",
-        "--check", "1", "--work", str(tmp_path),
-    ])  # fmt: skip
-    bench.main()
-    result = json.loads(capsys.readouterr().out.split("RESULT ", 1)[1])
-    assert result["ok"] == 2 and result["failed"] == 0 and result["songs"] == 2
-    assert result["check"]["outputs_identical"] == result["check"]["outputs"] == 2
-    assert 0 < result["busy"] <= 1 and result["e2e_audio_s_per_s"] > 0 and result["io_only_songs"] == 1

@@ -65,6 +65,7 @@ from typing import IO
 import torch
 import torch.distributed as dist
 
+from bsmamba2 import switches
 from bsmamba2.audio import audio_info
 from bsmamba2.separate import MANIFEST_NAME, Manifest, Separator, file_sha256
 
@@ -78,7 +79,7 @@ POLL_S = 0.5
 STALE_CALLS = 4  # a waiting row goes into the next call, full or not, once this many calls have passed it
 JSON_EVERY_S = 10.0
 # Test-only: "K" makes the process with the longest file SIGKILL itself mid-file once K files are done (`_TestKill`).
-TEST_KILL_ENV = "BSMAMBA2_CATALOG_TEST_KILL"
+TEST_KILL_ENV = switches.CATALOG_TEST_KILL
 COMMAND_LOGGER = "bsmamba2.separate"  # where `bsmamba2 separate` reports problems with its inputs
 
 
@@ -411,7 +412,7 @@ class _TestKill:
 
     @classmethod
     def from_env(cls, job: Job) -> "_TestKill | None":
-        spec = os.environ.get(TEST_KILL_ENV)
+        spec = switches.catalog_test_kill()
         return cls(job, int(spec)) if spec else None
 
     def claimed(self, index: int) -> None:

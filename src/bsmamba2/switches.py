@@ -14,6 +14,7 @@ A leaf module: it imports no other bsmamba2 module, so model code and `kernels/`
 | `BSMAMBA2_SSD_GLUON_BAND` | `1` | `0`: no Gluon band-axis kernel (the time-axis one stays) |
 | `BSMAMBA2_SSD_BAND_MAXNREG` | `168` | register cap of the Gluon band-axis kernel (`0`: none) |
 | `BSMAMBA2_GP_<NAME>` | tuned | tile sizes and launch settings of `kernels.gated_proj` |
+| `BSMAMBA2_CATALOG_TEST_KILL` | unset | tests only: `K` makes the catalog process holding the longest file SIGKILL itself mid-file once K files are done |
 
 Paths and network (read where they are used, not here): `BSMAMBA2_CACHE` (download cache, `pretrained.py`),
 `BSMAMBA2_OFFLINE` (no network), `BSMAMBA2_SHARED` (the test fixtures' folder, `tests/conftest.py`).
@@ -139,3 +140,13 @@ def ssd_band_maxnreg(default: int) -> int:
 def gated_proj_setting(name: str, default: int) -> int:
     """BSMAMBA2_GP_<name>: a tile size or launch setting of `kernels.gated_proj` (for measurement)."""
     return _int(f"BSMAMBA2_GP_{name}", default)
+
+
+# --- test hooks ---------------------------------------------------------------------------------------------------
+
+CATALOG_TEST_KILL = "BSMAMBA2_CATALOG_TEST_KILL"
+
+
+def catalog_test_kill() -> str | None:
+    """BSMAMBA2_CATALOG_TEST_KILL: the catalog's crash test hook (`catalog._TestKill`), or None when unset."""
+    return os.environ.get(CATALOG_TEST_KILL)
