@@ -597,7 +597,7 @@ class Separator:
         targets = self.output_paths(path, out_dir, template, format.lower(), stems)
         with AudioReader(path, check=False) as reader:  # `stream` checks every block for NaN/Inf
             info = reader.info
-            if info.frames == 0:
+            if info.frames == 0 and info.frames_exact:
                 raise AudioError(f"{path}: contains no audio samples; nothing to separate")
             if info.channels > 2 and not downmix:
                 self._check_channels(torch.zeros(info.channels, 0), str(path), downmix)
