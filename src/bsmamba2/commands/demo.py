@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    separator = Separator(args.checkpoint, device=args.device)  # None: the bundled model (it says so)
+    separator = Separator(args.checkpoint or "demo", device=args.device)  # the bundled model unless one is given
 
     log.info("synthesizing a %.0f-s song with %s vocals (seed %d)", args.seconds, args.vocal_activity, args.seed)
     song = generate_song(args.seed, args.seconds, args.vocal_activity)

@@ -20,6 +20,7 @@ from bsmamba2.audio import (
     encoder_options,
     resolve_format,
 )
+from bsmamba2.pretrained import DEFAULT_MODEL
 from bsmamba2.separate import DEFAULT_TEMPLATE, MANIFEST_NAME, MODES, Manifest, Separator
 
 HELP = "separate songs into vocals and instrumental"
@@ -41,8 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "wma, mp4, mkv, webm, …; the first audio stream of a video)")
     p.add_argument("-o", "--out-dir", type=Path, default=Path("separated"),
                    help="where outputs and manifest.json go (default: ./separated)")
-    p.add_argument("--checkpoint", "-c", type=Path, default=None,
-                   help="model checkpoint: official BSMamba2 .ckpt or bsmamba2 .safetensors (default: bundled model)")
+    add_model_arguments(p)
     g = p.add_argument_group("chunking")
     g.add_argument("--segment", type=float, default=8.0,
                    help="seconds per model call, the training length by default; 0 = whole file at once (default 8)")
@@ -73,6 +73,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fold inputs with more than two channels to stereo instead of failing")
     g.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-file summaries")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model (alias --checkpoint) and --offline, shared by separate and evaluate."""
+    p.add_argument("--model", "-m", "--checkpoint", "-c", dest="model", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"model name (see `bsmamba2 models`), checkpoint file (official .ckpt or bsmamba2 "
+                        f".safetensors), URL, or hf://OWNER/REPO[/FILE]; default {DEFAULT_MODEL}, the paper's "
+                        f"weights, downloaded into the cache on first use; 'demo' = the small bundled model")
+    p.add_argument("--offline", action="store_true",
+                   help="never use the network (also BSMAMBA2_OFFLINE=1); fail with what is missing instead")
 
 
 def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -141,8 +151,8 @@ def _run(args: argparse.Namespace) -> int:
     encoder_options(fmt, args.bitrate, args.sample_rate)
     bitrate = (args.bitrate or DEFAULT_BITRATES[fmt]) if fmt in DEFAULT_BITRATES else None
     separator = Separator(
-        args.checkpoint, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
-        batch_size=args.batch_size, mode=args.mode,
+        args.model, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
+        batch_size=args.batch_size, mode=args.mode, offline=args.offline or None, progress=not quiet,
     )  # fmt: skip
     settings = separator.settings() | {
         "sample_rate": args.sample_rate, "format": args.format, "subtype": subtype, "downmix": args.downmix,
