@@ -240,8 +240,13 @@ def _opener() -> urllib.request.OpenerDirector:
 
 def _fetch(url: str, dest: Path, expected: str | None, progress: bool, timeout: float, manual: str | None,
            retries: int) -> str:
-    """Download `url` to `dest` through `dest.part` (resumed when present); return the file's SHA-256."""
+    """Download `url` to `dest` through `dest.part` (resumed when present); return the file's SHA-256.
+
+    The server's validator (ETag or Last-Modified) of the first response is kept in `dest.part.json` and sent as
+    If-Range when resuming, so a file that changed on the server in between is fetched whole, not spliced.
+    """
     part = dest.with_name(dest.name + ".part")
+    meta = dest.with_name(dest.name + ".part.json")
     opener = _opener()
     attempt = 0
     followed = 0
@@ -251,6 +256,12 @@ def _fetch(url: str, dest: Path, expected: str | None, progress: bool, timeout: 
         resumable = url.startswith(("http://", "https://"))
         if have and resumable:
             request.add_header("Range", f"bytes={have}-")
+            try:
+                validator = json.loads(meta.read_text()).get("validator") if meta.is_file() else None
+            except (OSError, ValueError):
+                validator = None
+            if validator:
+                request.add_header("If-Range", validator)
         try:
             try:
                 response = opener.open(request, timeout=timeout)
@@ -279,7 +290,11 @@ def _fetch(url: str, dest: Path, expected: str | None, progress: bool, timeout: 
                                             "and try again")
                     log.info("resuming %s at %.1f MB", dest.name, have / 1e6)
                 elif have:
-                    have = 0  # the server sent the whole file again
+                    have = 0  # the server sent the whole file again (it ignores ranges, or the file changed)
+                if not have:
+                    validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    _write_json(meta, {"url": url, "validator": validator})
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length else None
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -326,9 +341,11 @@ def _finish(part: Path, dest: Path, url: str, expected: str | None, size: int) -
     digest = sha256_file(part)
     if expected is not None and digest != expected:
         part.unlink(missing_ok=True)
+        dest.with_name(dest.name + ".part.json").unlink(missing_ok=True)
         raise DownloadError(f"{url}: downloaded file has SHA-256 {digest}, expected {expected}; not saved (the "
                             "download was damaged, or the file changed): try again")
     os.replace(part, dest)
+    dest.with_name(dest.name + ".part.json").unlink(missing_ok=True)
     return digest
 
 
