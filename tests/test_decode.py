@@ -94,6 +94,9 @@ def inputs(mixture, tmp_path_factory) -> dict:
         "mp4": _encode(folder / "clip.mp4", x, SR, "aac", "fltp", "mp4", video=True),
         "alac": _encode(folder / "lossless.m4a", x, SR, "alac", "s16p", "ipod"),
         "mkv-flac": _encode(folder / "film.mkv", x, SR, "flac", "s16", "matroska", video=True),
+        "mov": _encode(folder / "camera.mov", x, SR, "aac", "fltp", "mov", video=True),
+        "avi-pcm": _encode(folder / "old.avi", x, SR, "pcm_s16le", "s16", "avi", video=True),
+        "wma": _encode(folder / "store.wma", x, SR, "wmav2", "fltp", "asf"),
         "silent-video": _encode(folder / "silent.mp4", x, SR, "aac", "fltp", "mp4", video=True, audio=False),
     }
 
@@ -110,7 +113,8 @@ def _snr(ref: torch.Tensor, est: torch.Tensor) -> float:
 
 # -- decoding --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, rate, min_snr", [("m4a", SR, 15), ("webm", 48000, 15), ("mp4", SR, 15),
-                                                 ("mkv-flac", SR, 80), ("alac", SR, 80)])
+                                                 ("mov", SR, 15), ("mkv-flac", SR, 80), ("alac", SR, 80),
+                                                 ("avi-pcm", SR, 80)])
 def test_decoded_length_rate_channels_are_exact(inputs, mixture, name, rate, min_snr):
     wave, sr = read_audio(inputs[name])
     n = mixture.shape[1] if rate == SR else resampled_length(mixture.shape[1], SR, rate)
@@ -124,8 +128,16 @@ def test_decoded_length_rate_channels_are_exact(inputs, mixture, name, rate, min
 
 def test_lossless_in_a_container_decodes_bit_exact(inputs, mixture):
     pcm16 = torch.from_numpy(np.round(np.clip(mixture.numpy(), -1, 1) * 32767).astype(np.int16)).float() / 32768
-    for name in ("alac", "mkv-flac"):
+    for name in ("alac", "mkv-flac", "avi-pcm"):
         assert torch.equal(read_audio(inputs[name])[0], pcm16), name
+
+
+def test_wma_decodes_at_its_rate_and_about_its_length(inputs, mixture):
+    # ASF keeps no sample-exact end, so the length is what FFmpeg's decoder gives: within one 2048-sample frame
+    wave, sr = read_audio(inputs["wma"])
+    assert sr == SR and wave.shape[0] == 2 and abs(wave.shape[1] - mixture.shape[1]) <= 2048
+    with AudioReader(inputs["wma"], block_frames=3000) as reader:
+        assert torch.equal(torch.cat(list(reader), -1), wave)
 
 
 @pytest.mark.parametrize("name", ["m4a", "webm", "mp4"])
@@ -158,7 +170,8 @@ def test_no_audio_stream_and_undecodable_files(inputs, tmp_path):
 def test_folder_search_finds_the_new_extensions(inputs):
     files, errors = find_inputs([inputs["m4a"].parent])
     assert not errors
-    assert {f.name for f in files} == {"song.m4a", "phone.webm", "clip.mp4", "lossless.m4a", "film.mkv", "silent.mp4"}
+    assert {f.name for f in files} == {"song.m4a", "phone.webm", "clip.mp4", "lossless.m4a", "film.mkv", "silent.mp4",
+                                       "camera.mov", "old.avi", "store.wma"}
 
 
 # -- encoding --------------------------------------------------------------------------------------------------------
