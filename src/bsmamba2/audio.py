@@ -175,7 +175,6 @@ class _AVSource:
                     "pick the file that holds the sound track"
                 )
             self._stream = streams[0]
-            self._stream.thread_type = "AUTO"
             self._rate = self._channels = 0
             tb = self._stream.time_base
             self._packets = self._container.demux(self._stream)
