@@ -7,7 +7,8 @@ must keep the constant-memory bound of streaming separation.
 
 It writes an N-minute stereo PCM16 WAV block by block (`bench_separate.write_long_file`), encodes the same audio
 to AAC in m4a with bsmamba2's own writer (PyAV, 256 kbit/s), then, each in a fresh process so that peak RSS belongs
-to that run alone: decodes each file through `AudioReader` (decode speed and memory), and separates each file with
+to that run alone (on Linux the peak is reset after imports and model load, so it is the work's own peak, and
+"before" is the RSS at that point): decodes each file through `AudioReader`, and separates each file with
 `Separator.separate_file` to wav. Outputs are checked to have the input's decoded length. Models as in
 bench_separate.py ("passthrough" = no model work: the read, chunk, blend and write pipeline alone). Prints one
 human line per run and one JSON line (prefixed `RESULT `) for RESULTS.md.
@@ -28,6 +29,17 @@ from bench_separate import write_long_file
 _CHILD = r"""
 import json, resource, sys, time
 import torch
+def reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM), so imports' transients do not hide the work's
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 sys.path.insert(0, {bench_dir!r})
 from bench_separate import make_model
 from bsmamba2.audio import AudioReader, audio_info
@@ -35,7 +47,8 @@ from bsmamba2.separate import Separator
 torch.set_num_threads({threads})
 start = time.perf_counter()
 if {task!r} == "decode":
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = reset_peak()
+    base = rss_kib("VmRSS")
     frames = 0
     with AudioReader({src!r}) as reader:
         for block in reader:
@@ -44,14 +57,15 @@ if {task!r} == "decode":
 else:
     model = make_model({model!r})
     sep = Separator(model, device={device!r}, segment={segment}, overlap={overlap}, batch_size={batch})
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = reset_peak()
+    base = rss_kib("VmRSS")
     start = time.perf_counter()
     res = sep.separate_file_result({src!r}, {out!r})
     result = dict(frames=round(res.duration * res.sample_rate),
                   outputs={{k: audio_info(v).frames for k, v in res.outputs.items()}})
 elapsed = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps(dict(result, base_kib=base, peak_kib=peak, elapsed=elapsed)))
+peak = rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps(dict(result, base_kib=base, peak_kib=peak, elapsed=elapsed, peak_reset=reset)))
 """
 
 

@@ -466,7 +466,8 @@ def encoder_options(fmt: str, bitrate: int | None = None, sample_rate: int | Non
     """
     if fmt not in DEFAULT_BITRATES:
         if bitrate is not None:
-            raise ValueError(f"a bitrate applies to mp3, m4a and opus output only, not {fmt.lower()}; leave --bitrate out")
+            raise ValueError(f"a bitrate applies to mp3, m4a and opus output only, not {fmt.lower()}; "
+                             "leave --bitrate out")
         return {}
     kbps = DEFAULT_BITRATES[fmt] if bitrate is None else int(bitrate)
     if fmt == "M4A":

@@ -567,6 +567,7 @@ def known_models() -> list[ModelEntry]:
     demo = default_checkpoint()
     entries.append(ModelEntry(
         DEMO, "small demo model bundled in the package, trained on synthetic songs only (not for real music)",
-        "none on real music", f"{demo.stat().st_size / 1e6:.1f} MB" if demo else "not installed", demo, demo is not None,
+        "none on real music", f"{demo.stat().st_size / 1e6:.1f} MB" if demo else "not installed", demo,
+        demo is not None,
     ))  # fmt: skip
     return entries

@@ -7,8 +7,9 @@ It works block by block: only about one segment plus one batch of hops is held a
 with the length of the file. The paper's evaluation mode is the special case of no overlap and a flat window.
 
 `Separator` wraps a model (a name such as the default "bsmamba2-musdb", fetched once; a checkpoint path, URL or
-hf:// id, resolved by `bsmamba2.pretrained`; or any `nn.Module`), converts channels and sample rates, and returns or writes every model stem plus `instrumental` = mixture − vocals, exactly, at the input's
-sample rate. No file-format code lives here: `bsmamba2.audio` does the reading and writing.
+hf:// id, resolved by `bsmamba2.pretrained`; or any `nn.Module`), converts channels and sample rates, and returns or
+writes every model stem plus `instrumental` = mixture − vocals, exactly, at the input's sample rate. No file-format
+code lives here: `bsmamba2.audio` does the reading and writing.
 """
 
 from __future__ import annotations
