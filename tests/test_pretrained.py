@@ -80,7 +80,7 @@ class Server:
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(data):
-                        return self._send(416, b"", "text/plain")
+                        return self._send(416, b"", "text/plain", {"Content-Range": f"bytes */{len(data)}"})
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
@@ -224,6 +224,14 @@ def test_dropped_connection_resumes_with_range(cache, server, official_ckpt):
     server.data = data[::-1]
     assert download(NAME, progress=False).read_bytes() == data[::-1]
     assert _leftovers(cache) == [f"{NAME}.ckpt", f"{NAME}.ckpt.json"]
+    # a whole .part left by a crash just before the rename is finished without fetching again (416 = nothing left)
+    path.rename(part)
+    assert download(NAME, progress=False).read_bytes() == data[::-1]
+    assert server.fetches()[-1][2] == f"bytes={len(data)}-"
+    # a .part longer than the file on the server (it shrank) is dropped and the file fetched whole
+    path.unlink()
+    part.write_bytes(data + b"x" * 10)
+    assert download(NAME, progress=False).read_bytes() == data[::-1]
 
 
 @pytest.mark.parametrize("page, why", [

@@ -266,8 +266,12 @@ def _fetch(url: str, dest: Path, expected: str | None, progress: bool, timeout: 
             try:
                 response = opener.open(request, timeout=timeout)
             except urllib.error.HTTPError as err:
-                if err.code == 416 and have:  # range past the end: the .part may already be whole
-                    return _finish(part, dest, url, expected, have)
+                if err.code == 416 and have:  # range past the end: the .part is whole, or the file changed
+                    total = re.match(r"bytes \*/(\d+)", err.headers.get("Content-Range", "") or "")
+                    if total and int(total.group(1)) == have:
+                        return _finish(part, dest, url, expected, have)
+                    part.unlink()
+                    continue
                 if err.code in (401, 403, 429):
                     body = err.read(1 << 20).decode("utf-8", "replace")
                     raise _page_error(url, body, manual, dest) from None
