@@ -93,7 +93,7 @@ def test_format_errors():
     assert resolve_format("a.ogg") == ("OGG", "VORBIS")
     with pytest.raises(ValueError, match="mp3 is a lossy format.*leave --subtype out"):
         resolve_format("a.mp3", subtype="PCM_24")
-    with pytest.raises(ValueError, match="bitrate applies to mp3 output only"):
+    with pytest.raises(ValueError, match="bitrate applies to mp3, m4a and opus output only"):
         AudioWriter("a.flac", 44100, 2, bitrate=192)
     with pytest.raises(ValueError, match="not an MPEG-1 Layer III rate"):
         AudioWriter("a.mp3", 44100, 2, bitrate=150)

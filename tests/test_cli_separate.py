@@ -11,7 +11,6 @@ import pytest
 import soundfile as sf
 import torch
 
-import bsmamba2.separate as separate_module
 from bsmamba2.audio import audio_info, read_audio, write_audio
 from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main
@@ -175,15 +174,16 @@ def test_checkpoint_errors(kind, tiny_ckpt, short, tmp_path, log, monkeypatch):
         header["config"] = json.dumps(config)
         ckpt, what = tmp_path / "other.safetensors", "do not match"
         save_file(load_file(str(tiny_ckpt)), str(ckpt), metadata=header)
-    else:
-        monkeypatch.setattr(separate_module, "_default_checkpoint", lambda: None)
-        ckpt, what = None, "github.com/EuiYeonKim/BSMamba2"
+    else:  # no --model: the paper's model, which offline and uncached is missing
+        monkeypatch.setenv("BSMAMBA2_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("BSMAMBA2_OFFLINE", "1")
+        ckpt, what = None, "bsmamba2-musdb is not in the cache"
     args = ["separate", str(short), "-o", str(tmp_path / "out"), "-q"] + (["--checkpoint", str(ckpt)] if ckpt else [])
     assert main(args) == 1
     (line,) = _errors(log)
     assert what in line and "\n" not in line
     if kind == "none":
-        assert "--checkpoint" in line
+        assert "bsmamba2 download bsmamba2-musdb" in line and "--model PATH" in line
     assert not (tmp_path / "out" / "short").exists()
 
 

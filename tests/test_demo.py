@@ -94,13 +94,13 @@ def test_download_cli_uses_cache_dir(tmp_path, tiny_checkpoint, monkeypatch):
                        load_model(tiny_checkpoint).final_norm.gamma)
 
 
-def test_separate_without_checkpoint_uses_bundled_model_and_says_so(caplog):
+def test_separator_demo_name_uses_bundled_model_and_says_so(caplog):
     if pretrained.default_checkpoint() is None:
         pytest.skip("package installed without the bundled demo model")
     from bsmamba2.separate import Separator
 
-    with caplog.at_level("WARNING"):
-        sep = Separator(None, device="cpu")
+    with caplog.at_level("INFO"):
+        sep = Separator("demo", device="cpu")
     assert sep.checkpoint_path == pretrained.default_checkpoint()
     assert sum("bundled demo model" in r.getMessage() for r in caplog.records) == 1
     out = sep.separate(torch.zeros(2, 4410), 44100)

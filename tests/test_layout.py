@@ -106,7 +106,7 @@ def test_model_modules_do_not_import_each_other(graph):
 def test_environment_switches_are_read_in_the_leaf():
     """Every `BSMAMBA2_*` switch of the compute path is read through `bsmamba2.switches`: no other module under
     src/bsmamba2 reads os.environ for one, except the path/network settings documented there."""
-    path_settings = {"BSMAMBA2_CACHE", "BSMAMBA2_OFFLINE", "BSMAMBA2_SHARED"}
+    path_settings = {"BSMAMBA2_CACHE", "BSMAMBA2_OFFLINE", "BSMAMBA2_MIRROR", "BSMAMBA2_SHARED"}
     offenders = []
     for name, path in _modules().items():
         if name == "bsmamba2.switches":

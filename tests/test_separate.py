@@ -285,7 +285,7 @@ def test_bad_settings(tiny_model, kwargs, match):
 
 
 def test_checkpoint_errors(tmp_path, tiny_ckpt, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="nope.ckpt not found.*EuiYeonKim/BSMamba2"):
+    with pytest.raises(FileNotFoundError, match="nope.ckpt not found.*bsmamba2-musdb.*bsmamba2 models"):
         Separator(tmp_path / "nope.ckpt", device="cpu")
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(np.random.bytes(4096))
@@ -304,14 +304,15 @@ def test_checkpoint_errors(tmp_path, tiny_ckpt, monkeypatch):
     with pytest.raises(ValueError, match="mismatch.safetensors.*do not match") as err:
         Separator(tmp_path / "mismatch.safetensors", device="cpu")
     assert "\n" not in str(err.value)
-    # no checkpoint and no bundled model: say where the official weights are and how to pass them
-    monkeypatch.setattr(separate_module, "_default_checkpoint", lambda: None)
-    with pytest.raises(FileNotFoundError, match=r"github.com/EuiYeonKim/BSMamba2.*--checkpoint"):
+    # no model given: the default is the paper's; offline and not cached, the error says how to get it
+    monkeypatch.setenv("BSMAMBA2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BSMAMBA2_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"bsmamba2-musdb is not in the cache.*drive.google.com.*--model PATH") as err:
         Separator(device="cpu")
-    # a bundled default model is used when there is one
-    monkeypatch.setattr(separate_module, "_default_checkpoint", lambda: tiny_ckpt)
-    sep = Separator(device="cpu")
-    assert sep.checkpoint_path == tiny_ckpt and sep.stems == ("vocals",)
+    assert "\n" not in str(err.value)
+    # the bundled demo model by name, with no network
+    sep = Separator("demo", device="cpu")
+    assert sep.checkpoint_path.name.startswith("demo-") and sep.stems == ("vocals",)
 
 
 def test_official_checkpoint_loads(official_ckpt):

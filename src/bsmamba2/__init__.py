@@ -14,7 +14,7 @@ _EXPORTS = {
     "build_model": "bsmamba2.build",
     "BSMamba2Config": "bsmamba2.config",
     "RoFormerConfig": "bsmamba2.config",
-    "load_model": "bsmamba2.checkpoint",
+    "load_model": "bsmamba2.pretrained",  # names (bsmamba2-musdb, demo), paths, URLs, hf:// ids
     "save_model": "bsmamba2.checkpoint",
     "Separator": "bsmamba2.separate",
 }

@@ -67,7 +67,8 @@ import torch.distributed as dist
 
 from bsmamba2 import switches
 from bsmamba2.audio import audio_info
-from bsmamba2.separate import MANIFEST_NAME, Manifest, Separator, file_sha256
+from bsmamba2.pretrained import sha256_file
+from bsmamba2.separate import MANIFEST_NAME, Manifest, Separator
 
 log = logging.getLogger(__name__)
 
@@ -656,7 +657,7 @@ def work(job: Job, separator: Separator, options: Options, todo: list[list], job
                 bitrate=options.bitrate,
             )  # fmt: skip
             t = time.perf_counter()
-            output_sha256 = {stem: file_sha256(p) for stem, p in result.outputs.items()}
+            output_sha256 = {stem: sha256_file(p) for stem, p in result.outputs.items()}
             hashed += time.perf_counter() - t
             shard.write(
                 key, durable=True, status="done", finished=_now(), input_sha256=input_sha256, size=st.st_size,

@@ -13,7 +13,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("separate", "evaluate", "train", "export", "synth", "demo", "download")
+COMMANDS = ("separate", "evaluate", "train", "export", "synth", "demo", "download", "models")
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1

@@ -6,9 +6,10 @@ weights are divided out sample by sample, so an identity model returns its input
 It works block by block: only about one segment plus one batch of hops is held at a time, so memory does not grow
 with the length of the file. The paper's evaluation mode is the special case of no overlap and a flat window.
 
-`Separator` wraps a model (a checkpoint path, the bundled default model, or any `nn.Module`), converts channels and
-sample rates, and returns or writes every model stem plus `instrumental` = mixture − vocals, exactly, at the input's
-sample rate. No file-format code lives here: `bsmamba2.audio` does the reading and writing.
+`Separator` wraps a model (a name such as the default "bsmamba2-musdb", fetched once; a checkpoint path, URL or
+hf:// id, resolved by `bsmamba2.pretrained`; or any `nn.Module`), converts channels and sample rates, and returns or
+writes every model stem plus `instrumental` = mixture − vocals, exactly, at the input's sample rate. No file-format
+code lives here: `bsmamba2.audio` does the reading and writing.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from bsmamba2.audio import (
     resolve_format,
 )
 from bsmamba2.device import autocast, resolve_device, resolve_precision
+from bsmamba2.pretrained import load_checkpoint_file, resolve, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,6 @@ MODES = ("overlap-add", "paper")
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 INSTRUMENTAL = "instrumental"
 READ_BLOCK_SECONDS = 10.0
-
-OFFICIAL_WEIGHTS_HINT = (
-    "get the paper's BSMamba2 weights with `bsmamba2 download bsmamba2-musdb` (or from the 'bsmamba2' link under "
-    "'Pretrained Weights' in the README of https://github.com/EuiYeonKim/BSMamba2) and pass the .ckpt file with "
-    "--checkpoint PATH (Python: Separator(checkpoint=PATH))"
-)
 
 # A model callable: (batch, channels, time) float32 -> (batch, stems, channels, time) float32.
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
@@ -235,64 +231,12 @@ class _Fifo:
             self.data = torch.nn.functional.pad(self.data, (0, n - len(self)))
 
 
-def _default_checkpoint() -> Path | None:
-    try:
-        from bsmamba2.pretrained import default_checkpoint
-    except ModuleNotFoundError as err:
-        if err.name == "bsmamba2.pretrained":
-            return None
-        raise
-    path = default_checkpoint()
-    return Path(path) if path is not None else None
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _module_sha256(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def load_checkpoint(checkpoint: str | os.PathLike | None) -> tuple[nn.Module, Path]:
-    """Load a model from a checkpoint path or, with None, the bundled default; errors say how to get weights."""
-    if checkpoint is None:
-        path = _default_checkpoint()
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint given and no bundled default model is installed; {OFFICIAL_WEIGHTS_HINT}")
-        log.warning("no checkpoint given: using the bundled demo model, trained on synthetic songs only; for real "
-                    "music get the paper's weights with `bsmamba2 download bsmamba2-musdb` and pass --checkpoint")
-    else:
-        path = Path(checkpoint).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} not found; {OFFICIAL_WEIGHTS_HINT}")
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a folder; pass the .ckpt or .safetensors file inside it")
-    try:
-        from bsmamba2.checkpoint import load_model
-
-        model = load_model(path, map_location="cpu")
-    except (ModuleNotFoundError, ImportError):
-        raise
-    except Exception as err:  # noqa: BLE001 - any failure of a foreign file becomes one clear line
-        detail = " ".join(str(err).split()) or type(err).__name__
-        if len(detail) > 300:
-            detail = detail[:297] + "..."
-        if str(path) not in detail:
-            detail = f"{path}: {detail}"
-        if "expected" not in detail:
-            detail += " — pass a BSMamba2 or BS-RoFormer checkpoint (an official Lightning .ckpt or a bsmamba2 .safetensors)"
-        raise ValueError(f"checkpoint {detail}") from err
-    return model, path
 
 
 @dataclass
@@ -315,9 +259,11 @@ class Separator:
     """Separate songs with a BSMamba2 (or BS-RoFormer) model.
 
     Args:
-        checkpoint: None (the bundled default model), a checkpoint path (official Lightning .ckpt or bsmamba2
-            .safetensors), or a model (`nn.Module` with `forward_waveform` or a forward taking (batch, channels, time)
-            waveforms to (batch, stems, channels, time)).
+        model: a model name — "bsmamba2-musdb" (the default: the paper's weights, downloaded into the cache on first
+            use), "bsroformer-musdb", "demo" (the small bundled model) —, a checkpoint path (official Lightning .ckpt
+            or bsmamba2 .safetensors), a URL, "hf://OWNER/REPO[/FILE]", or a model (`nn.Module` with
+            `forward_waveform` or a forward taking (batch, channels, time) waveforms to (batch, stems, channels,
+            time)). See `bsmamba2.pretrained.resolve`.
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
         precision: None/"fp32", "bf16" or "fp16" (autocast; fp16 needs a GPU).
         segment: seconds per model call (the training length is 8 s); 0 = the whole input at once.
@@ -325,13 +271,21 @@ class Separator:
         batch_size: segments per model call; None picks 1 on a CPU (lowest memory; larger batches gain little there)
             and 8 on a GPU.
         mode: "overlap-add" (default) or "paper" — the paper's evaluation: non-overlapping segments concatenated.
+        checkpoint: the former name of `model`, still accepted.
+        offline: never use the network (default: $BSMAMBA2_OFFLINE); a model missing from the cache is an error.
+        progress: show a progress bar while downloading a model.
     """
 
     def __init__(
-        self, checkpoint: str | os.PathLike | nn.Module | None = None, device: str | torch.device = "auto",
+        self, model: str | os.PathLike | nn.Module | None = None, device: str | torch.device = "auto",
         precision: str | torch.dtype | None = None, segment: float = 8.0, overlap: float = 0.5, batch_size: int | None = None,
-        mode: str = "overlap-add",
+        mode: str = "overlap-add", *, checkpoint: str | os.PathLike | nn.Module | None = None,
+        offline: bool | None = None, progress: bool = True,
     ):  # fmt: skip
+        if checkpoint is not None:
+            if model is not None:
+                raise ValueError("give the model once: `model` and its old name `checkpoint` are the same argument")
+            model = checkpoint
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if not (segment >= 0 and math.isfinite(segment)):
@@ -342,10 +296,14 @@ class Separator:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.dtype = resolve_precision(precision, self.device)
-        if isinstance(checkpoint, nn.Module):
-            self.model, self.checkpoint_path = checkpoint, None
+        if isinstance(model, nn.Module):
+            self.model, self.checkpoint_path = model, None
         else:
-            self.model, self.checkpoint_path = load_checkpoint(checkpoint)
+            self.checkpoint_path = resolve(model, offline=offline, progress=progress)
+            self.model = load_checkpoint_file(self.checkpoint_path)
+            if model is not None and os.fspath(model) == "demo":
+                log.info("model: the bundled demo model, trained on synthetic songs only; for real music use the "
+                         "default, bsmamba2-musdb (the paper's weights)")
         self.model = self.model.to(self.device).eval()
         self.stems: tuple[str, ...] = tuple(getattr(self.model, "stems", ("vocals",)))
         self.audio_channels: int = int(getattr(self.model, "audio_channels", 2))
@@ -377,7 +335,7 @@ class Separator:
         """SHA-256 of the checkpoint file (or of the model's weights when a module was given)."""
         if self._checkpoint_sha256 is None:
             if self.checkpoint_path is not None:
-                self._checkpoint_sha256 = file_sha256(self.checkpoint_path)
+                self._checkpoint_sha256 = sha256_file(self.checkpoint_path)
             else:
                 self._checkpoint_sha256 = _module_sha256(self.model)
         return self._checkpoint_sha256
@@ -611,7 +569,7 @@ class Separator:
         targets = self.output_paths(path, out_dir, template, format.lower(), stems)
         with AudioReader(path, check=False) as reader:  # `stream` checks every block for NaN/Inf
             info = reader.info
-            if info.frames == 0:
+            if info.frames == 0 and info.frames_exact:
                 raise AudioError(f"{path}: contains no audio samples; nothing to separate")
             if info.channels > 2 and not downmix:
                 self._check_channels(torch.zeros(info.channels, 0), str(path), downmix)
@@ -689,7 +647,7 @@ class Manifest:
         entry = self.get(path)
         if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns and entry.get("input_sha256"):
             return entry["input_sha256"]
-        return file_sha256(path)
+        return sha256_file(path)
 
     def update(self, path: str | os.PathLike, **fields) -> None:
         st = Path(path).stat() if Path(path).exists() else None

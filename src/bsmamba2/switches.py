@@ -17,6 +17,7 @@ A leaf module: it imports no other bsmamba2 module, so model code and `kernels/`
 | `BSMAMBA2_CATALOG_TEST_KILL` | unset | tests only: `K` makes the catalog process holding the longest file SIGKILL itself mid-file once K files are done |
 
 Paths and network (read where they are used, not here): `BSMAMBA2_CACHE` (download cache, `pretrained.py`),
+`BSMAMBA2_MIRROR` (where the model registry's files are fetched from, `pretrained.py`),
 `BSMAMBA2_OFFLINE` (no network), `BSMAMBA2_SHARED` (the test fixtures' folder, `tests/conftest.py`).
 Not ours but read here too: `TRITON_INTERPRET` (Triton's CPU interpreter, used by the tests).
 

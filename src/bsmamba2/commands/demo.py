@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     clock = time.perf_counter()
-    # None: the bundled model (it says so)
     # A song no longer than a segment goes through in one call, unpadded.
     segment = 0.0 if args.segment == 0 or args.segment >= args.seconds else args.segment
-    separator = Separator(args.checkpoint, device=args.device, segment=segment, overlap=args.overlap)
+    # the bundled model unless one is given
+    separator = Separator(args.checkpoint or "demo", device=args.device, segment=segment, overlap=args.overlap)
     timings["load_model"] = time.perf_counter() - clock
 
     log.info("synthesizing a %.0f-s song with %s vocals (seed %d)", args.seconds, args.vocal_activity, args.seed)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
+
+from bsmamba2.commands.separate import add_model_arguments
 
 HELP = "score a checkpoint on MUSDB18-HQ: cSDR/uSDR per track and overall, vocal-segment and input-length analyses"
 
@@ -14,7 +15,7 @@ log = logging.getLogger("bsmamba2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="official Lightning .ckpt or bsmamba2 .safetensors file")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="MUSDB18-HQ root holding train/ and test/ track folders")
     parser.add_argument("--subset", default="test", choices=("train", "test"), help="which split (default: test)")
     parser.add_argument("--tracks", nargs="+", metavar="NAME", help="only these track folders")
@@ -52,19 +53,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run(args: argparse.Namespace) -> int:
     from bsmamba2 import evaluate as ev  # noqa: PLC0415  (heavy imports only when the command runs)
     from bsmamba2 import plots  # noqa: PLC0415
     from bsmamba2.audio import read_audio  # noqa: PLC0415
-    from bsmamba2.checkpoint import load_model  # noqa: PLC0415
+    from bsmamba2.pretrained import load_checkpoint_file, resolve, sha256_file  # noqa: PLC0415
     from bsmamba2.metrics import ActivityConfig  # noqa: PLC0415
     from bsmamba2.separate import Separator  # noqa: PLC0415
 
@@ -79,12 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if plot_track is not None and plot_track not in names:
         raise ValueError(f"--plot-track {plot_track!r} is not among the evaluated tracks; pick one of {names[:5]}")
 
-    ckpt = Path(args.checkpoint).expanduser()
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found; pass an official .ckpt or a bsmamba2 .safetensors file")
-    model = load_model(ckpt, map_location="cpu")
+    ckpt = resolve(args.model, offline=args.offline or None, progress=not args.no_progress)
+    model = load_checkpoint_file(ckpt)
     settings = ev.EvalSettings(
-        checkpoint=_sha256(ckpt), mode=mode, segment=args.segment, overlap=overlap,
+        checkpoint=sha256_file(ckpt), mode=mode, segment=args.segment, overlap=overlap,
         precision=args.precision or "fp32", activity=activity,
     )  # fmt: skip
     out = Path(args.output or f"eval-{ckpt.stem}-{args.subset}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -13,7 +12,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from bsmamba2 import catalog
 from bsmamba2.audio import (
     AUDIO_EXTENSIONS,
-    DEFAULT_MP3_BITRATE,
+    DEFAULT_BITRATES,
     SUBTYPES,
     WRITE_FORMATS,
     AudioError,
@@ -21,6 +20,7 @@ from bsmamba2.audio import (
     encoder_options,
     resolve_format,
 )
+from bsmamba2.pretrained import DEFAULT_MODEL
 from bsmamba2.separate import DEFAULT_TEMPLATE, MANIFEST_NAME, MODES, Manifest, Separator
 
 HELP = "separate songs into vocals and instrumental"
@@ -38,11 +38,11 @@ def _input_path(text: str) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", type=_input_path,
-                   help="audio files, or folders searched recursively for audio (wav, flac, ogg, mp3, aiff, …)")
+                   help="audio or video files, or folders searched recursively for them (wav, flac, mp3, ogg, opus, m4a, "
+                        "wma, mp4, mkv, webm, …; the first audio stream of a video)")
     p.add_argument("-o", "--out-dir", type=Path, default=Path("separated"),
                    help="where outputs and manifest.json go (default: ./separated)")
-    p.add_argument("--checkpoint", "-c", type=Path, default=None,
-                   help="model checkpoint: official BSMamba2 .ckpt or bsmamba2 .safetensors (default: bundled model)")
+    add_model_arguments(p)
     g = p.add_argument_group("chunking")
     g.add_argument("--segment", type=float, default=8.0,
                    help="seconds per model call, the training length by default; 0 = whole file at once (default 8)")
@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sample format of wav, flac and aiff (default PCM_16); FLOAT keeps values beyond ±1, the "
                         "others clip them")
     g.add_argument("--bitrate", type=int, default=None, metavar="KBPS",
-                   help=f"mp3 constant bitrate in kbit/s, 32 to 320 (default {DEFAULT_MP3_BITRATE})")
+                   help="bitrate in kbit/s of mp3 (constant, 32 to 320; default {MP3}), m4a (AAC; default {M4A}) "
+                        "and opus (default {OPUS}; opus is always 48 kHz)".format(**DEFAULT_BITRATES))
     g.add_argument("--sample-rate", type=int, default=None, help="output sample rate (default: the input's)")
     g.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="output path under OUT_DIR with {track} {stem} {ext} {parent} (default: %(default)s)")
@@ -75,6 +76,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", choices=catalog.PROGRESS_MODES, default="bar",
                    help="bar (default), none, or json: one JSON line per update on stdout for schedulers (runs the "
                         "catalog engine, as `torchrun ... -m bsmamba2 separate` does on every GPU)")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model (alias --checkpoint) and --offline, shared by separate and evaluate."""
+    p.add_argument("--model", "-m", "--checkpoint", "-c", dest="model", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"model name (see `bsmamba2 models`), checkpoint file (official .ckpt or bsmamba2 "
+                        f".safetensors), URL, or hf://OWNER/REPO[/FILE]; default {DEFAULT_MODEL}, the paper's "
+                        f"weights, downloaded into the cache on first use; 'demo' = the small bundled model")
+    p.add_argument("--offline", action="store_true",
+                   help="never use the network (also BSMAMBA2_OFFLINE=1); fail with what is missing instead")
 
 
 def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -142,16 +153,16 @@ def _run(args: argparse.Namespace) -> int:
     # exit 1), before a model is loaded where they can be told without one.
     fmt, subtype = resolve_format(f"x.{args.format}", args.format, args.subtype)
     encoder_options(fmt, args.bitrate, args.sample_rate)
-    bitrate = (args.bitrate or DEFAULT_MP3_BITRATE) if fmt == "MP3" else None
+    bitrate = (args.bitrate or DEFAULT_BITRATES[fmt]) if fmt in DEFAULT_BITRATES else None
     separator = Separator(
-        args.checkpoint, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
-        batch_size=args.batch_size, mode=args.mode,
+        args.model, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
+        batch_size=args.batch_size, mode=args.mode, offline=args.offline or None, progress=not quiet,
     )  # fmt: skip
     settings = separator.settings() | {
         "sample_rate": args.sample_rate, "format": args.format, "subtype": subtype, "downmix": args.downmix,
         "template": args.template, "stems": list(separator._select(stems)),
     }  # fmt: skip
-    if bitrate is not None:  # only for mp3, so the manifests of other formats keep their settings
+    if bitrate is not None:  # only for mp3, m4a, opus, so the manifests of other formats keep their settings
         settings["bitrate"] = bitrate
     checkpoint_sha256 = separator.checkpoint_sha256
     manifest = Manifest(out_dir)
