@@ -29,8 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_separate import device_name, make_model, music_like  # noqa: E402  (benchmarks/: models, test signal)
+from common import device_label, make_model, music_like
 
 FORMATS = (("wav", 44100), ("flac", 48000), ("ogg", 44100), ("mp3", 44100))  # format, sample rate, in turn
 
@@ -183,7 +182,7 @@ def main() -> None:
     best_model = max(before["audio_s_per_s"], after["audio_s_per_s"])
     result = {
         "bench": "catalog", "model": args.model, "params": sum(q.numel() for q in sep.model.parameters()),
-        "device": device_name(sep.device), "precision": str(sep.dtype).replace("torch.", ""),
+        "device": device_label(sep.device), "precision": str(sep.dtype).replace("torch.", ""),
         "segment_s": sep.segment, "overlap": sep.overlap, "batch_size": sep.batch_size, "workers": rank["workers"],
         "songs": len(files), "audio_s": round(report.audio_s, 1), "ok": report.ok, "failed": report.failed,
         "wall_s": round(wall, 2), "e2e_audio_s_per_s": round(e2e, 2),

@@ -5,7 +5,7 @@ must keep the constant-memory bound of streaming separation.
     python benchmarks/bench_decode.py --minutes 2 --model tiny          # with a small real model (slow on a CPU)
     python benchmarks/bench_decode.py --minutes 60 --model paper --device cuda   # the paper-size model on a GPU
 
-It writes an N-minute stereo PCM16 WAV block by block (`bench_separate.write_long_file`), encodes the same audio
+It writes an N-minute stereo PCM16 WAV block by block (`common.write_long_file`), encodes the same audio
 to AAC in m4a with bsmamba2's own writer (PyAV, 256 kbit/s), then, each in a fresh process so that peak RSS belongs
 to that run alone (on Linux the peak is reset after imports and model load, so it is the work's own peak, and
 "before" is the RSS at that point): decodes each file through `AudioReader`, and separates each file with
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_separate import write_long_file
+from common import write_long_file
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -41,7 +41,7 @@ def rss_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 sys.path.insert(0, {bench_dir!r})
-from bench_separate import make_model
+from common import make_model
 from bsmamba2.audio import AudioReader, audio_info
 from bsmamba2.separate import Separator
 torch.set_num_threads({threads})

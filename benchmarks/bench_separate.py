@@ -25,41 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import build, device_label, shared_dir, stamp
-
-
-def make_model(name: str):
-    import torch
-
-    if name == "passthrough":  # no model work: measures the streaming pipeline alone (read, chunk, blend, write)
-
-        class Passthrough(torch.nn.Module):
-            stems, audio_channels, sample_rate = ("vocals",), 2, 44100
-
-            def forward_waveform(self, x):  # (b, c, t) -> (b, 1, c, t)
-                return 0.5 * x[:, None]
-
-        return Passthrough()
-    if name in ("paper", "tiny"):
-        return build("bsmamba2", tiny=name == "tiny").eval()
-    from bsmamba2.checkpoint import load_model
-
-    path = shared_dir() / "fixtures" / "official" / "official_tiny_a.ckpt" if name == "official-tiny" else Path(name)
-    return load_model(path)
-
-
-def music_like(seconds: float, sr: int = 44100, seed: int = 0):
-    """Stereo test signal with some structure: tones, a beat and noise. (2, time) float32."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sr)
-    t = np.arange(n) / sr
-    tone = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.1 * np.sin(2 * np.pi * 660 * t + 1.0)
-    beat = 0.3 * np.exp(-((t * 2) % 1.0) * 20) * rng.standard_normal(n)
-    left = tone + beat + 0.02 * rng.standard_normal(n)
-    right = 0.8 * tone + beat + 0.02 * rng.standard_normal(n)
-    return np.stack([left, right]).astype(np.float32)
+from common import device_label, make_model, music_like, stamp, write_long_file
 
 
 # -- real-time factor ------------------------------------------------------------------------------------------------
@@ -145,19 +111,6 @@ def _profile_once(sep, wave) -> None:
 
 
 # -- streaming memory ------------------------------------------------------------------------------------------------
-def write_long_file(path: Path, minutes: float, sr: int = 44100) -> None:
-    """Write an N-minute stereo PCM16 file block by block (the generator itself never holds the whole file)."""
-    import soundfile as sf
-
-    block = music_like(60.0, sr)  # one minute, repeated with a varying gain
-    with sf.SoundFile(str(path), "w", samplerate=sr, channels=2, subtype="PCM_16") as f:
-        whole, rest = divmod(minutes, 1.0)
-        for i in range(int(whole)):
-            f.write((block * (0.6 + 0.4 * math.sin(i))).T)
-        if rest:
-            f.write(block[:, : int(rest * 60 * sr)].T)
-
-
 def memory_child(args) -> None:
     """The measured process of `memory` (run by it as `bench_separate.py memory-child`): load the model, separate
     the file, print one JSON line with the peak RSS along the file."""
