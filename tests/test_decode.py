@@ -30,7 +30,7 @@ from bsmamba2.checkpoint import save_model
 from bsmamba2.cli import main
 from bsmamba2.commands.separate import find_inputs
 from bsmamba2.config import BSMamba2Config
-from bsmamba2.model import build_model
+from bsmamba2.build import build_model
 from bsmamba2.separate import Separator
 
 SR = 44100
