@@ -19,11 +19,13 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with `only` just that sub-command (what `main` builds when argv names one: each
+    command module imports what it needs, and a torchrun job starts one process per GPU, so the others stay out)."""
     parser = argparse.ArgumentParser(prog="bsmamba2", description="BSMamba2 vocal separation")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         module = _load(name)
         if module is None:
             continue
@@ -42,8 +44,14 @@ def _load(name: str):
         raise
 
 
+def _named_command(argv: list[str]) -> str | None:
+    """The sub-command argv names (its first word that is not an option), if it is one of ours."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_named_command(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
