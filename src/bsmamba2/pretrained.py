@@ -565,7 +565,7 @@ def known_models() -> list[ModelEntry]:
     for p in PUBLISHED.values():
         path = cache_dir() / p.filename
         cached = path.is_file()
-        size = f"{path.stat().st_size / 1e6:.0f} MB" if cached else (p.size_note if p.params else "unknown size")
+        size = f"{path.stat().st_size / 1e6:.0f} MB" if cached else (p.size_note if p.params else "not published")
         entries.append(ModelEntry(p.name, p.what, f"vocals cSDR {p.csdr:.2f} dB, uSDR {p.usdr:.2f} dB (paper)", size,
                                   path, cached))
     demo = default_checkpoint()
