@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from bsmamba2.commands.separate import add_backend_arguments, backend_options
+
 HELP = "score a checkpoint on MUSDB18-HQ: cSDR/uSDR per track and overall, vocal-segment and input-length analyses"
 
 log = logging.getLogger("bsmamba2")
@@ -29,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sep.add_argument("--batch-size", type=int, default=None,
                    help="segments per model call (default: 1 on a CPU, 8 on a GPU)")
     sep.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    sep.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
+    sep.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"),
+                     help="autocast precision; int8: dynamically quantized projections on the CPU (default fp32)")
+    add_backend_arguments(sep)
     ana = parser.add_argument_group("analyses")
     ana.add_argument("--segment-sweep", nargs="+", type=float, metavar="SECONDS",
                      help="Table IV: evaluate again for each input length, e.g. 1 2 4 8 12 16")
@@ -82,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} not found; pass an official .ckpt or a bsmamba2 .safetensors file")
-    model = load_model(ckpt, map_location="cpu")
+    backend = backend_options(args)
+    # onnxruntime: the Separator exports (or finds in the cache) the checkpoint file's network for each segment
+    model = load_model(ckpt, map_location="cpu") if args.backend == "torch" else ckpt
     settings = ev.EvalSettings(
         checkpoint=_sha256(ckpt), mode=mode, segment=args.segment, overlap=overlap,
         precision=args.precision or "fp32", activity=activity,
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     def make_separator(segment: float) -> Separator:
         return Separator(
             model, device=args.device, precision=args.precision, segment=segment, overlap=overlap,
-            batch_size=args.batch_size, mode=mode,
+            batch_size=args.batch_size, mode=mode, **backend,
         )  # fmt: skip
 
     separator = make_separator(args.segment)
