@@ -352,10 +352,12 @@ class OnnxModel(nn.Module):
         providers: execution providers (see `resolve_providers`); None picks by `device`.
         device: the user's device choice ("cpu", "auto", "cuda", …), used only to pick providers.
         threads: intra-op threads of the session (None: onnxruntime's default, every core).
+        segment, checkpoint_sha256: what the file must serve (`check`), checked before a session is made.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | str | None = None,
-                 device: str | None = "auto", threads: int | None = None):
+                 device: str | None = "auto", threads: int | None = None, segment: float | None = None,
+                 checkpoint_sha256: str | None = None):
         super().__init__()
         ort = _import_ort()
         self.path = Path(path)
@@ -366,6 +368,7 @@ class OnnxModel(nn.Module):
         self.sample_rate = int(self.metadata["sample_rate"])
         self.segment_samples = int(self.metadata["segment_samples"])
         self.precision = self.metadata.get("precision", "fp32")
+        self.check(None if segment is None else round(segment * self.sample_rate), checkpoint_sha256)
         self.providers = resolve_providers(providers, device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -445,11 +448,10 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
     if is_onnx_file(source):
         onnx_path, source = Path(source), None
     if onnx_path is not None:
-        net = OnnxModel(onnx_path, providers=providers, device=device)
         ckpt_sha = None
         if source is not None:
             ckpt_sha = sha256(source) if isinstance(source, nn.Module) else file_sha256(load(source)[1])
-        net.check(round(segment * net.sample_rate), ckpt_sha)
+        net = OnnxModel(onnx_path, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha)
         if precision != net.precision:
             net = _quantized(net, precision, providers, device)
         return net, Path(onnx_path)
@@ -465,8 +467,7 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
             export_onnx(model, fp32, segment_samples, checkpoint_sha256=ckpt_sha)
         if precision == "int8":
             quantize_onnx_int8(fp32, target)
-    net = OnnxModel(target, providers=providers, device=device)
-    net.check(segment_samples, ckpt_sha)
+    net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha)
     return net, path
 
 
