@@ -7,6 +7,7 @@ what costs time here, so every test shares that file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -80,6 +81,10 @@ def test_export_is_valid_real_valued_and_described(exported, official_ckpt, offi
     assert json.loads(meta["config"])["dim"] == official_model.config.dim
     assert meta["checkpoint_sha256"] == sha256_file(official_ckpt)
     assert meta["bsmamba2_version"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o666 & ~umask  # a plain file's permissions, not mkstemp's 0600
+    assert [p.name for p in exported.parent.iterdir()] == [exported.name]  # no temporary left behind
 
 
 def test_onnxruntime_equals_pytorch(session, official_model):
@@ -205,3 +210,18 @@ def test_export_cli_errors(tmp_path, official_ckpt):
     assert cli.main(["export", str(tmp_path / "nope.ckpt"), "--onnx", str(tmp_path / "x.onnx")]) == 1
     assert cli.main(["export", str(official_ckpt), "--onnx", str(tmp_path / "x.onnx"), "--segment", "0"]) == 1
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_evaluate_onnxruntime_equals_torch(tmp_path, tiny_musdb, exported, official_ckpt):
+    scores = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        argv = ["evaluate", "--checkpoint", str(official_ckpt), "--data", str(tiny_musdb), "-o", str(out),
+                "--segment", str(SEGMENT), "--no-progress", "--no-plots", "--device", "cpu", "--backend", backend]
+        if backend == "onnxruntime":
+            argv += ["--onnx", str(exported)]
+        assert cli.main(argv) == 0
+        scores[backend] = json.loads((out / "results.json").read_text())["tracks"]
+    assert [r["track"] for r in scores["torch"]] == [r["track"] for r in scores["onnxruntime"]] == ["Cut D"]
+    for a, b in zip(scores["torch"], scores["onnxruntime"]):
+        assert b["usdr"] == pytest.approx(a["usdr"], abs=1e-3) and b["csdr"] == pytest.approx(a["csdr"], abs=1e-3)

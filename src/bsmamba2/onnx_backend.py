@@ -211,7 +211,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, segment_samples: int,
         onnx.save_model(proto, tmp)
         if precision == "int8":
             quantize_onnx_int8(tmp, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -255,11 +255,19 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         proto = onnx.load(tmp)
         _set_metadata(proto, meta | {"precision": "int8"})
         onnx.save_model(proto, tmp)
-        os.replace(tmp, dst)
+        _publish(tmp, dst)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dst
+
+
+def _publish(tmp: str, dst: str | os.PathLike) -> None:
+    """Rename the finished temporary file into place with the permissions a plain new file gets (mkstemp's are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dst)
 
 
 def _version() -> str:
@@ -460,12 +468,13 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
     segment_samples = round(segment * model.sample_rate)
     target = cache_path(ckpt_sha, segment_samples, precision)
     if not target.is_file():
-        log.warning("exporting the model to ONNX for %g-s segments into %s (once per checkpoint and segment)",
-                    segment, target)
         fp32 = cache_path(ckpt_sha, segment_samples, "fp32")
         if not fp32.is_file():
+            log.warning("exporting the model to ONNX for %g-s segments into %s (once per checkpoint and segment)",
+                        segment, fp32)
             export_onnx(model, fp32, segment_samples, checkpoint_sha256=ckpt_sha)
         if precision == "int8":
+            log.info("quantizing %s to int8 into %s", fp32.name, target)
             quantize_onnx_int8(fp32, target)
     net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha)
     return net, path
