@@ -76,7 +76,9 @@ def onnx_net(model, precision: str, threads: int) -> tuple[ob.OnnxModel, float]:
     t0 = time.perf_counter()
     net, _ = ob.onnx_model(model, 8.0, precision=precision, device="cpu", sha256=_module_sha256)
     took = time.perf_counter() - t0
-    return ob.OnnxModel(net.path, device="cpu", threads=threads), took
+    path = net.path
+    del net  # one session per file: a paper-size session holds several GB
+    return ob.OnnxModel(path, device="cpu", threads=threads), took
 
 
 def speed(args) -> list[dict]:
