@@ -48,6 +48,7 @@ from bsmamba2.pretrained import load_checkpoint_file, resolve, sha256_file
 log = logging.getLogger(__name__)
 
 MODES = ("overlap-add", "paper")
+BACKENDS = ("torch", "onnxruntime")
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 INSTRUMENTAL = "instrumental"
 READ_BLOCK_SECONDS = 10.0
@@ -274,18 +275,28 @@ class Separator:
         checkpoint: the former name of `model`, still accepted.
         offline: never use the network (default: $BSMAMBA2_OFFLINE); a model missing from the cache is an error.
         progress: show a progress bar while downloading a model.
+        backend: "torch" (default) or "onnxruntime": the network runs as an ONNX export in an onnxruntime session
+            (`bsmamba2.onnx_backend.onnx_model` says where the file comes from: an .onnx `model`, `onnx`, or an
+            export of the model cached per checkpoint hash and segment). Precision there: fp32 or int8.
+        providers: onnxruntime execution providers (e.g. ["cuda", "cpu"]); None picks by `device`.
+        onnx: with backend "onnxruntime", an ONNX export of `model` to run (checked against it).
+
+    precision "int8" (CPU) quantizes the Linear projections dynamically to int8 (`bsmamba2.quantize`).
     """
 
     def __init__(
         self, model: str | os.PathLike | nn.Module | None = None, device: str | torch.device = "auto",
         precision: str | torch.dtype | None = None, segment: float = 8.0, overlap: float = 0.5, batch_size: int | None = None,
         mode: str = "overlap-add", *, checkpoint: str | os.PathLike | nn.Module | None = None,
-        offline: bool | None = None, progress: bool = True,
+        offline: bool | None = None, progress: bool = True, backend: str = "torch",
+        providers: Iterable[str] | str | None = None, onnx: str | os.PathLike | None = None,
     ):  # fmt: skip
         if checkpoint is not None:
             if model is not None:
                 raise ValueError("give the model once: `model` and its old name `checkpoint` are the same argument")
             model = checkpoint
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
         if not (segment >= 0 and math.isfinite(segment)):
@@ -294,16 +305,40 @@ class Separator:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
         if batch_size is not None and int(batch_size) < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.device = resolve_device(device)
-        self.dtype = resolve_precision(precision, self.device)
-        if isinstance(model, nn.Module):
+
+        def load(spec) -> tuple[nn.Module, Path]:  # a model name, path or URL -> (model, its file)
+            path = resolve(spec, offline=offline, progress=progress)
+            return load_checkpoint_file(path), path
+
+        int8 = str(precision).lower() == "int8"
+        self.device = resolve_device("cpu" if int8 and device == "auto" else device)  # int8 kernels are CPU ones
+        self.dtype = resolve_precision(None if int8 else precision, self.device)
+        is_onnx = isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx"
+        self.backend = "onnxruntime" if is_onnx else backend
+        if self.backend == "onnxruntime":  # the network callable is an onnxruntime session (bsmamba2.onnx_backend)
+            from bsmamba2.onnx_backend import onnx_model  # noqa: PLC0415
+
+            if self.dtype != torch.float32:
+                raise ValueError("the onnxruntime backend runs fp32 or int8; drop --precision or use one of those")
+            self.model, self.checkpoint_path = onnx_model(
+                model, segment, precision="int8" if int8 else "fp32", providers=providers, device=str(device),
+                onnx_path=onnx, load=load, sha256=_module_sha256,
+            )  # fmt: skip
+            self.device = torch.device("cpu")  # where the STFT runs; the session places its own work
+        elif isinstance(model, nn.Module):
             self.model, self.checkpoint_path = model, None
         else:
-            self.checkpoint_path = resolve(model, offline=offline, progress=progress)
-            self.model = load_checkpoint_file(self.checkpoint_path)
+            self.model, self.checkpoint_path = load(model)
             if model is not None and os.fspath(model) == "demo":
                 log.info("model: the bundled demo model, trained on synthetic songs only; for real music use the "
                          "default, bsmamba2-musdb (the paper's weights)")
+        if int8 and self.backend == "torch":
+            from bsmamba2.quantize import quantize_linear_int8  # noqa: PLC0415
+
+            if self.device.type != "cpu":
+                raise ValueError("--precision int8 runs on the CPU; pass --device cpu")
+            self.model = quantize_linear_int8(self.model)
+        self.int8 = int8
         self.model = self.model.to(self.device).eval()
         self.stems: tuple[str, ...] = tuple(getattr(self.model, "stems", ("vocals",)))
         self.audio_channels: int = int(getattr(self.model, "audio_channels", 2))
@@ -342,10 +377,13 @@ class Separator:
 
     def settings(self) -> dict:
         """The settings that change the output, as recorded in a manifest."""
-        return {
+        settings = {
             "mode": self.mode, "segment": self.segment, "overlap": self.overlap,
-            "precision": str(self.dtype).replace("torch.", ""),
+            "precision": "int8" if self.int8 else str(self.dtype).replace("torch.", ""),
         }  # fmt: skip
+        if self.backend != "torch":  # only then, so manifests of torch runs keep their settings
+            settings["backend"] = self.backend
+        return settings
 
     # -- model call ----------------------------------------------------------------------------------------------
     def _apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from bsmamba2.commands.separate import add_model_arguments
+from bsmamba2.commands.separate import add_backend_arguments, add_model_arguments, backend_options
 
 HELP = "score a checkpoint on MUSDB18-HQ: cSDR/uSDR per track and overall, vocal-segment and input-length analyses"
 
@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sep.add_argument("--batch-size", type=int, default=None,
                    help="segments per model call (default: 1 on a CPU, 8 on a GPU)")
     sep.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    sep.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
+    sep.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"),
+                     help="autocast precision; int8: dynamically quantized projections on the CPU (default fp32)")
+    add_backend_arguments(sep)
     ana = parser.add_argument_group("analyses")
     ana.add_argument("--segment-sweep", nargs="+", type=float, metavar="SECONDS",
                      help="Table IV: evaluate again for each input length, e.g. 1 2 4 8 12 16")
@@ -73,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--plot-track {plot_track!r} is not among the evaluated tracks; pick one of {names[:5]}")
 
     ckpt = resolve(args.model, offline=args.offline or None, progress=not args.no_progress)
-    model = load_checkpoint_file(ckpt)
+    backend = backend_options(args)
+    # onnxruntime: the Separator exports (or finds in the cache) the checkpoint file's network for each segment
+    model = load_checkpoint_file(ckpt) if args.backend == "torch" else ckpt
     settings = ev.EvalSettings(
         checkpoint=sha256_file(ckpt), mode=mode, segment=args.segment, overlap=overlap,
         precision=args.precision or "fp32", activity=activity,
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     def make_separator(segment: float) -> Separator:
         return Separator(
             model, device=args.device, precision=args.precision, segment=segment, overlap=overlap,
-            batch_size=args.batch_size, mode=mode,
+            batch_size=args.batch_size, mode=mode, **backend,
         )  # fmt: skip
 
     separator = make_separator(args.segment)

@@ -21,7 +21,7 @@ from bsmamba2.audio import (
     resolve_format,
 )
 from bsmamba2.pretrained import DEFAULT_MODEL
-from bsmamba2.separate import DEFAULT_TEMPLATE, MANIFEST_NAME, MODES, Manifest, Separator
+from bsmamba2.separate import BACKENDS, DEFAULT_TEMPLATE, MANIFEST_NAME, MODES, Manifest, Separator
 
 HELP = "separate songs into vocals and instrumental"
 
@@ -54,8 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="segments per model call (default: 1 on a CPU, 8 on a GPU)")
     g = p.add_argument_group("device")
     g.add_argument("--device", "-d", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="model precision (autocast); fp16 needs a GPU (default fp32)")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default=None,
+                   help="model precision (autocast); fp16 needs a GPU; int8: dynamically quantized projections on "
+                        "the CPU (default fp32)")
+    add_backend_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--format", "-f", choices=sorted(WRITE_FORMATS), default="wav", help="output format (default wav)")
     g.add_argument("--subtype", type=str.upper, choices=SUBTYPES, default=None,
@@ -88,6 +90,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="never use the network (also BSMAMBA2_OFFLINE=1); fail with what is missing instead")
 
 
+def add_backend_arguments(g) -> None:
+    """--backend, --providers and --onnx (shared with `bsmamba2 evaluate`)."""
+    g.add_argument("--backend", choices=BACKENDS, default="torch",
+                   help="torch (default) or onnxruntime: the network as ONNX in onnxruntime (pip install "
+                        "'bsmamba2[onnx]'), exported once per checkpoint and segment into the cache unless "
+                        "--onnx or an .onnx --checkpoint is given")
+    g.add_argument("--providers", default=None, metavar="LIST",
+                   help="onnxruntime execution providers, comma-separated (cpu, cuda, dml, coreml, rocm or full "
+                        "names); default: by --device, the CPU for cpu, else the first accelerator present")
+    g.add_argument("--onnx", default=None, metavar="FILE",
+                   help="with --backend onnxruntime: this export of the checkpoint (`bsmamba2 export --onnx`)")
+
+
 def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand folders recursively to audio files; return (files, [(input, error)])."""
     files: list[Path] = []
@@ -117,6 +132,13 @@ def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[P
         else:
             errors.append((item, f"{item}: no such file or folder; check the path"))
     return files, errors
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """Separator keyword arguments for --backend, --providers and --onnx."""
+    if args.onnx and args.backend != "onnxruntime":
+        raise ValueError("--onnx needs --backend onnxruntime")
+    return {"backend": args.backend, "providers": args.providers, "onnx": args.onnx}
 
 
 def _error_line(path: Path, err: BaseException) -> str:
@@ -157,6 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     separator = Separator(
         args.model, device=args.device, precision=args.precision, segment=args.segment, overlap=args.overlap,
         batch_size=args.batch_size, mode=args.mode, offline=args.offline or None, progress=not quiet,
+        **backend_options(args),
     )  # fmt: skip
     settings = separator.settings() | {
         "sample_rate": args.sample_rate, "format": args.format, "subtype": subtype, "downmix": args.downmix,
