@@ -152,6 +152,10 @@ def test_evaluate_tracks_numbers_reports_and_resume(root, tmp_path):
     assert sep.calls == 4
     evaluate_tracks(sep, tracks, EvalSettings(checkpoint="other"), out, resume=False, progress=False)
     assert sep.calls == 6
+    # the same settings through another backend are another run
+    assert "backend" not in settings.as_dict()
+    evaluate_tracks(sep, tracks, EvalSettings(checkpoint="other", backend="onnxruntime"), out, progress=False)
+    assert sep.calls == 8
     # a model at another rate is refused with a hint
     with pytest.raises(ValueError, match="resample the dataset"):
         evaluate_tracks(sep, tracks, settings, None, progress=False, sample_rate=48000)

@@ -204,6 +204,7 @@ class EvalSettings:
     overlap: float = 0.0
     precision: str = "fp32"
     activity: ActivityConfig = field(default_factory=ActivityConfig)
+    backend: str = "torch"  # "onnxruntime": the network ran as an ONNX export
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -218,6 +219,8 @@ class EvalSettings:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["activity"] = self.activity.as_dict()
+        if self.backend == "torch":  # recorded only when not the default, so earlier reports still resume
+            del d["backend"]
         return d
 
 

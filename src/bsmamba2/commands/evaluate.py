@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint_file(ckpt) if args.backend == "torch" else ckpt
     settings = ev.EvalSettings(
         checkpoint=sha256_file(ckpt), mode=mode, segment=args.segment, overlap=overlap,
-        precision=args.precision or "fp32", activity=activity,
+        precision=args.precision or "fp32", activity=activity, backend=args.backend,
     )  # fmt: skip
     out = Path(args.output or f"eval-{ckpt.stem}-{args.subset}")
     log.info("evaluating %s on %d %s track(s) from %s -> %s", ckpt.name, len(tracks), args.subset, args.data, out)
