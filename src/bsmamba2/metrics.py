@@ -401,6 +401,41 @@ def silent_leakage(
     inactive = np.repeat(~vocal_activity(ref, sample_rate, config), flen)[: ref.shape[-1]]  # (time,)
     if not np.any(inactive):
         return math.nan
-    e_est = float(np.sum(est[:, inactive] ** 2))
-    e_mix = float(np.sum(mix[:, inactive] ** 2))
-    return 10.0 * math.log10((e_est + eps) / (e_mix + eps))
+    return _energy_ratio_db(est[:, inactive], mix[:, inactive], eps)
+
+
+def _energy_ratio_db(est: np.ndarray, mix: np.ndarray, eps: float) -> float:
+    return 10.0 * math.log10((float(np.sum(est**2)) + eps) / (float(np.sum(mix**2)) + eps))
+
+
+def silent_gap_leakage(
+    estimate: Any,
+    reference: Any,
+    mixture: Any,
+    sample_rate: int,
+    min_seconds: float = 0.5,
+    config: ActivityConfig = ActivityConfig(),
+    eps: float = 1e-10,
+) -> list[dict[str, float]]:
+    """`silent_leakage` per silent gap: each run of inactive frames of at least `min_seconds`, in time order.
+
+    Args:
+        estimate, reference, mixture: (channels, time), same shape.
+    Returns:
+        [{"start": s, "end": s, "leakage_db": dB}, ...] (seconds).
+    """
+    est = _as_numpy(estimate).astype(np.float64, copy=False)
+    ref = _as_numpy(reference)
+    mix = _as_numpy(mixture).astype(np.float64, copy=False)
+    _check_pair(est, ref, "silent_gap_leakage")
+    _check_pair(mix, ref, "silent_gap_leakage (mixture)")
+    flen = max(1, int(round(config.frame_seconds * sample_rate)))
+    inactive = ~vocal_activity(ref, sample_rate, config)  # (frames,)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], inactive.astype(np.int8), [0]])))  # run starts, ends
+    gaps = []
+    for a, b in zip(edges[::2], edges[1::2]):
+        lo, hi = a * flen, min(b * flen, ref.shape[-1])
+        if (hi - lo) / sample_rate >= min_seconds:
+            leak = _energy_ratio_db(est[:, lo:hi], mix[:, lo:hi], eps)
+            gaps.append({"start": lo / sample_rate, "end": hi / sample_rate, "leakage_db": leak})
+    return gaps

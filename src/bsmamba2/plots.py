@@ -237,42 +237,6 @@ def plot_segment_sweep(
     return fig
 
 
-def silent_gap_leakage(
-    estimate: Any, reference: Any, mixture: Any, sample_rate: int, min_seconds: float = 0.5
-) -> list[dict[str, float]]:
-    """Leakage per silent gap: the vocal estimate's energy relative to the mixture's, in dB, on each run of frames
-    where the reference vocal is inactive (the frames `bsmamba2.metrics.silent_leakage` scores), for runs of at least
-    `min_seconds`.
-
-    Args:
-        estimate, reference, mixture: (channels, time) vocal estimate, reference vocal, mixture.
-    Returns:
-        [{"start": s, "end": s, "leakage_db": dB}, ...] in time order (seconds).
-    """
-    from bsmamba2 import metrics  # noqa: PLC0415
-
-    def arr(x: Any) -> np.ndarray:
-        return np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, dtype=np.float64)
-
-    est, ref, mix = arr(estimate), arr(reference), arr(mixture)
-    if not est.shape == ref.shape == mix.shape:
-        raise ValueError(f"estimate, reference and mixture must have one shape, got {est.shape}, {ref.shape}, "
-                         f"{mix.shape}")
-    cfg = metrics.ActivityConfig()
-    flen = max(1, int(round(cfg.frame_seconds * sample_rate)))
-    inactive = ~metrics.vocal_activity(ref, sample_rate, cfg)
-    gaps = []
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], inactive.astype(np.int8), [0]])))
-    for a, b in zip(edges[::2], edges[1::2]):
-        lo, hi = a * flen, min(b * flen, ref.shape[-1])
-        if (hi - lo) / sample_rate < min_seconds:
-            continue
-        e_est, e_mix = float(np.sum(est[:, lo:hi] ** 2)), float(np.sum(mix[:, lo:hi] ** 2))
-        gaps.append({"start": lo / sample_rate, "end": hi / sample_rate,
-                     "leakage_db": 10.0 * math.log10((e_est + 1e-10) / (e_mix + 1e-10))})
-    return gaps
-
-
 def annotate_gaps(ax: Any, gaps: Sequence[Mapping[str, float]], y: float = 0.93, fontsize: float = 7.5) -> None:
     """Write each gap's leakage (dB) over it on a spectrogram panel, with a bracket spanning the gap."""
     for gap in gaps:

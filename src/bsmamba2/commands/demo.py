@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from bsmamba2 import metrics  # noqa: PLC0415 - keep `bsmamba2 --help` fast
     from bsmamba2.audio import write_audio  # noqa: PLC0415
     from bsmamba2.data.synth import generate_song  # noqa: PLC0415
-    from bsmamba2.plots import annotate_gaps, plot_spectrograms, save_figure, silent_gap_leakage  # noqa: PLC0415
+    from bsmamba2.plots import annotate_gaps, plot_spectrograms, save_figure  # noqa: PLC0415
     from bsmamba2.separate import Separator  # noqa: PLC0415
 
     out = args.out_dir
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                                 "leakage_db": float("nan")},
     }
     scores["instrumental_usdr"] = metrics.usdr(inst, ref_inst)
-    gaps = silent_gap_leakage(vocals, ref_vocals, mix, sr)
+    gaps = metrics.silent_gap_leakage(vocals, ref_vocals, mix, sr)
     scores["leakage_per_gap"] = gaps
     scores["seconds_taken"] = elapsed
     timings["write_audio_and_score"] = time.perf_counter() - clock
