@@ -447,7 +447,7 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
         missing.
     `load(source) -> (model, path)` loads a checkpoint (Separator's loader); `sha256(model)` hashes a module's weights.
     """
-    from bsmamba2.pretrained import sha256_file as file_sha256  # noqa: PLC0415
+    from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not available with the onnxruntime backend; use fp32 or int8")
@@ -458,13 +458,13 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
     if onnx_path is not None:
         ckpt_sha = None
         if source is not None:
-            ckpt_sha = sha256(source) if isinstance(source, nn.Module) else file_sha256(load(source)[1])
+            ckpt_sha = sha256(source) if isinstance(source, nn.Module) else sha256_file(load(source)[1])
         net = OnnxModel(onnx_path, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha)
         if precision != net.precision:
             net = _quantized(net, precision, providers, device)
         return net, Path(onnx_path)
     model, path = (source, None) if isinstance(source, nn.Module) else load(source)
-    ckpt_sha = file_sha256(path) if path is not None else sha256(model)
+    ckpt_sha = sha256_file(path) if path is not None else sha256(model)
     segment_samples = round(segment * model.sample_rate)
     target = cache_path(ckpt_sha, segment_samples, precision)
     if not target.is_file():
@@ -482,11 +482,11 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
 
 def _quantized(net: OnnxModel, precision: str, providers, device) -> OnnxModel:
     """An int8 version of an fp32 `OnnxModel`, from the cache (keyed by the fp32 file's hash)."""
-    from bsmamba2.pretrained import sha256_file as file_sha256  # noqa: PLC0415
+    from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
     if net.precision != "fp32":
         raise ValueError(f"{net.path} is {net.precision}; the onnxruntime backend cannot turn it into {precision}")
-    target = cache_path(file_sha256(net.path), net.segment_samples, precision)
+    target = cache_path(sha256_file(net.path), net.segment_samples, precision)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         quantize_onnx_int8(net.path, target)

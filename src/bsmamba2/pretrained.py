@@ -516,7 +516,7 @@ def resolve(spec: str | os.PathLike | None = None, offline: bool | None = None, 
     return path
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location="cpu"):
+def model_from_file(path: str | os.PathLike, map_location="cpu"):
     """A model from a checkpoint file, every failure of a foreign file turned into one clear ValueError line."""
     from bsmamba2.checkpoint import load_model as _load  # noqa: PLC0415 - torch and the model only when needed
 
@@ -544,7 +544,7 @@ def load_model(spec: str | os.PathLike | None = None, map_location="cpu", offlin
     `bsmamba2.load_model("bsmamba2-musdb")` fetches the paper's weights on first use; `load_model("demo")` gives the
     bundled model; a path loads that file.
     """
-    return load_checkpoint_file(resolve(spec, offline=offline, progress=progress), map_location).eval()
+    return model_from_file(resolve(spec, offline=offline, progress=progress), map_location).eval()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from bsmamba2.audio import (
     resolve_format,
 )
 from bsmamba2.device import autocast, resolve_device, resolve_precision
-from bsmamba2.pretrained import load_checkpoint_file, resolve, sha256_file
+from bsmamba2.pretrained import model_from_file, resolve, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ class Separator:
 
         def load(spec) -> tuple[nn.Module, Path]:  # a model name, path or URL -> (model, its file)
             path = resolve(spec, offline=offline, progress=progress)
-            return load_checkpoint_file(path), path
+            return model_from_file(path), path
 
         int8 = str(precision).lower() == "int8"
         self.device = resolve_device("cpu" if int8 and device == "auto" else device)  # int8 kernels are CPU ones

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from bsmamba2 import evaluate as ev  # noqa: PLC0415  (heavy imports only when the command runs)
     from bsmamba2 import plots  # noqa: PLC0415
     from bsmamba2.audio import read_audio  # noqa: PLC0415
-    from bsmamba2.pretrained import load_checkpoint_file, resolve, sha256_file  # noqa: PLC0415
+    from bsmamba2.pretrained import model_from_file, resolve, sha256_file  # noqa: PLC0415
     from bsmamba2.metrics import ActivityConfig  # noqa: PLC0415
     from bsmamba2.separate import Separator  # noqa: PLC0415
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = resolve(args.model, offline=args.offline or None, progress=not args.no_progress)
     backend = backend_options(args)
     # onnxruntime: the Separator exports (or finds in the cache) the checkpoint file's network for each segment
-    model = load_checkpoint_file(ckpt) if args.backend == "torch" else ckpt
+    model = model_from_file(ckpt) if args.backend == "torch" else ckpt
     settings = ev.EvalSettings(
         checkpoint=sha256_file(ckpt), mode=mode, segment=args.segment, overlap=overlap,
         precision=args.precision or "fp32", activity=activity, backend=args.backend,
