@@ -84,9 +84,12 @@ print(f'{sum(p.numel() for p in m.parameters()):,} parameters')" "$WORK/model-fp
 say "exported $(du -h "$OUT/bsmamba2-demo.safetensors" | cut -f1)"
 
 # ---- resume checkpoint in 15 MiB parts (before the evaluation, so a slow evaluation cannot lose it)
+# (RESUME_PARTS=0 skips them: with the optimizer state they can pass the size a call hands back)
 rm -f "$OUT"/last.pt.part-*
-split -b 15M "$RUN/last.pt" "$OUT/last.pt.part-"
-say "resume checkpoint: $(ls "$OUT"/last.pt.part-* | wc -l) parts"
+if [ "${RESUME_PARTS:-1}" = 1 ]; then
+  split -b 15M "$RUN/last.pt" "$OUT/last.pt.part-"
+  say "resume checkpoint: $(ls "$OUT"/last.pt.part-* | wc -l) parts"
+fi
 
 # ---- held-out evaluation: the demo song and the sparse test songs, new model and the model it replaces
 BASE_ARG=()
