@@ -259,29 +259,69 @@ def test_band_split_kernel_path_matches_loop(monkeypatch):
 
 @pytest.mark.parametrize("length", [13, 45])  # one chunk; several chunks
 def test_mixer_core_node_matches_chained_functions(length):
-    """The block's one-node conv → scan → gated norm (gradients written into shared buffers) vs the chain of the
-    separate autograd functions on split views: output and every input gradient, float32."""
+    """The block's one node conv → scan → gated norm → + gn W_gᵀ (gradients written into shared buffers, the conv
+    output and gn recomputed in backward) vs the chain of the separate autograd functions on split views and a plain
+    product: output and every input gradient (in-projection, conv weights, dt_bias, A, D, norm gains, W_g and the
+    accumulated term), float32."""
     from bsmamba2.kernels.block import MixerCore, mixer_core_reference
 
     torch.manual_seed(length)
-    s, e, h, p, g, n, k = 3, 16, 4, 4, 2, 6, 4
+    s, d, e, h, p, g, n, k = 3, 8, 16, 4, 4, 2, 6, 4
     c = e + 2 * g * n
     zx = torch.randn(s, length, 2, 2 * (e + c + h) + 5, device=DEV)[..., 3:3 + e + c + h]  # strided, as a view
-    inputs = [zx, 0.5 * torch.randn(2, c, k, device=DEV), 0.1 * torch.randn(2, c, device=DEV),
+    inputs = [torch.randn(s * length, d, device=DEV), zx, 0.5 * torch.randn(2, c, k, device=DEV), 0.1 * torch.randn(2, c, device=DEV),
               torch.randn(2, h, device=DEV) - 1, -torch.rand(2, h, device=DEV) - 0.2, torch.randn(2, h, device=DEV),
-              1 + 0.1 * torch.randn(2, e, device=DEV)]
+              1 + 0.1 * torch.randn(2, e, device=DEV), torch.randn(d, 2 * e, device=DEV) / e]
     args = ((e, c, h, p, g, n), 1e-5, e // 2)
     outs, grads = [], []
     for fn in (MixerCore.apply, mixer_core_reference):
         leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = fn(*leaves, *args)
+        acc = leaves[0].clone().view(s, length, d)  # the node adds into acc in place: a view, as in the block
+        out = fn(acc, *leaves[1:], *args)
         go = torch.randn(out.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(1))
         outs.append(out)
         grads.append(torch.autograd.grad((out * go).sum(), leaves))
-    assert outs[0].shape == (s, length, 2 * e)
+    assert outs[0].shape == (s, length, d)
     assert rel(outs[0], outs[1]) < 1e-6
-    errors = {i: rel(a, b) for i, (a, b) in enumerate(zip(*grads))}
+    names = ["acc", "zxbcdt", "conv_w", "conv_b", "dt_bias", "A", "D", "norm_w", "w_g"]
+    errors = {nm: rel(a, b) for nm, a, b in zip(names, *grads)}
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_block_forward_saves_neither_conv_output_nor_gated_norm_output():
+    """What the autograd block keeps for backward (every tensor saved, one count per storage): neither the conv
+    output xbc (2, s, l, c) nor the gated-norm output gn (s, l, 2e), which the backward recomputes; the total is at
+    most what the chain of separate functions keeps (counted from the shapes) less those two."""
+    from bsmamba2.fused_block import _dims, merged_weights
+    from bsmamba2.kernels.block import block_forward
+
+    cfg = Mamba2Config(expand=2, d_state=16, headdim=8, chunk_size=16)
+    blk = _block(16, cfg, seed=6)
+    s, l, d = 3, 19, 16
+    e, c, h, p, g, n = dims = _dims(blk)
+    f = blk.forward_blocks[0]
+    merged = [w.detach().requires_grad_() for w in merged_weights(blk)]
+    x = torch.randn(s, l, d, device=DEV, requires_grad=True)
+    saved: dict[int, int] = {}  # storage address → bytes
+    shapes = []
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block_forward(x, tuple(merged), blk.linear.bias, dims, f.norm.eps, f.mixer.norm.eps,
+                          f.mixer.norm.group_size)
+    torch.autograd.grad(y.sum(), [x, *merged])  # the saved set suffices for backward
+    xbc_shape, gn_shape = (2, s, l, c), (s, l, 2 * e)
+    assert not {xbc_shape, gn_shape, (s * l, 2 * e)} & set(shapes), shapes  # gn also as the product's 2-D view
+    f32 = 4  # bytes: everything is float32 here
+    weights = sum(w.numel() for w in merged) * f32
+    acts = {"x": s * l * d, "rstd": s * l, "xn": s * l * d, "zxbcdt": s * l * 2 * (e + c + h),
+            "xbc": 2 * s * l * c, "dt": 2 * s * l * h, "y": 2 * s * l * h * p, "gn": s * l * 2 * e}
+    chained = weights + f32 * sum(acts.values())
+    assert sum(saved.values()) <= chained - f32 * (acts["xbc"] + acts["gn"]), (sum(saved.values()), chained)
 
 
 def test_block_q_for_lengths():

@@ -15,8 +15,10 @@ Here, with the same parameters and the same function:
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
        W_g = [Wm₁ᵀ·Wo_f, Wm₂ᵀ·Wo_b] (d × 2·d_inner), W_x = (Wm₁ + Wm₂)ᵀ: one product on the gated-norm
        outputs of both directions, which adds the small d × d product on x (and its bias) in its epilogue.
-    4. conv1d + SiLU → scan → gated RMSNorm form one autograd node (`MixerCore`), whose backward writes the
-       gradients of the split views into shared buffers instead of concatenating them.
+    4. conv1d + SiLU → scan → gated RMSNorm → the product on the gated-norm outputs (gn W_gᵀ of item 3) form one
+       autograd node (`MixerCore`), whose backward writes the gradients of the split views into shared buffers
+       instead of concatenating them, and which keeps neither the conv output nor gn for backward: both are
+       recomputed there from what it keeps anyway (the in-projection's output and the scan's output).
     5. Without autograd (`block_inference`, when the gated norm spans all of d_inner, as in the paper's model), no
        normalized tensor goes through memory. The norm's row scale rstd commutes with the out-projection, so the
        products run on g = y·silu(z) (norm gains folded into the weights) and rstd is applied in the residual add:
@@ -52,44 +54,64 @@ from bsmamba2.kernels.ssd import block_q_for, ssd_bwd, ssd_fwd, ssd_scan_bidirec
 
 
 class MixerCore(torch.autograd.Function):
-    """conv1d + SiLU → SSD scan → gated RMSNorm of both directions, from the in-projection's output, as one autograd
-    node: `(s, l, 2, e + c + h)` → `(s, l, 2e)`.
+    """conv1d + SiLU → SSD scan → gated RMSNorm of both directions → the folded out-projection, from the
+    in-projection's output, as one autograd node: zxbcdt `(s, l, 2, e + c + h)`, acc `(s, l, d)` →
+    acc + gn W_gᵀ (written into acc), gn `(s, l, 2e)` the gated-norm outputs of both directions side by side.
 
-    The same function as `conv_silu_bidirectional`, `ssd_scan_bidirectional` and `gated_norm_bidirectional` chained
-    on the split views (`mixer_core_reference`). As one node, the backward writes the gradients of z, xBC and dt
-    straight into one buffer shaped like the in-projection's output, and those of x, B and C into one buffer shaped
-    like the conv output: autograd's split backward would concatenate them instead (one strided copy of each).
+    acc comes first: an in-place node on a view (F.linear's output may be one) must take the view as its first
+    input, where autograd's CopySlices looks for it. The same function as `conv_silu_bidirectional`, `ssd_scan_bidirectional`, `gated_norm_bidirectional` and the
+    product chained on the split views (`mixer_core_reference`). As one node:
+      - the backward writes the gradients of z, xBC and dt straight into one buffer shaped like the in-projection's
+        output, and those of x, B and C into one buffer shaped like the conv output: autograd's split backward
+        would concatenate them instead (one strided copy of each);
+      - it keeps for backward only the in-projection's output, dt and the scan's output y (and the weights): the
+        conv output xbc `(2, s, l, c)` and gn are recomputed in backward from them (`conv_silu_fwd`,
+        `gated_norm_fwd`: deterministic kernels, so the same values), where the chain keeps both alive from the
+        forward to the backward of the block.
+    w_g is in the products' dtype, cast to gn's for the product, as `acc.addmm_` would take it.
     """
 
     @staticmethod
-    def forward(ctx, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size):
+    def forward(ctx, acc, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, eps, group_size):
         e = dims[0]
-        s, l = zxbcdt.shape[:2]
-        xbc, dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)
-        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y)
-        ctx.dims, ctx.eps, ctx.group_size = dims, eps, group_size
-        return gated_norm_fwd(y.view(2, s, l, e), zxbcdt[..., :e], norm_w, eps, group_size)
+        s, l, d = acc.shape
+        _, dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)  # the conv output is dropped here
+        gn = gated_norm_fwd(y.view(2, s, l, e), zxbcdt[..., :e], norm_w, eps, group_size)  # (s, l, 2e)
+        acc.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
+        ctx.mark_dirty(acc)
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dt, y)
+        ctx.dims, ctx.eps, ctx.group_size, ctx.gn_dtype = dims, eps, group_size, gn.dtype
+        return acc
 
     @staticmethod
-    def backward(ctx, dgn):
-        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, xbc, dt, y = ctx.saved_tensors
+    def backward(ctx, dout):
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dt, y = ctx.saved_tensors
         e, c, h, p, g, n = ctx.dims
-        s, l = zxbcdt.shape[:2]
+        s, l, d = dout.shape
         z, xbc_raw, _ = zxbcdt.split([e, c, h], dim=-1)
+        dout2 = dout.reshape(s * l, d)
+        # the out-product: gn recomputed for W_g's gradient (and freed) before gn's own gradient is formed
+        gn = gated_norm_fwd(y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size).view(s * l, 2 * e)
+        dw_g = gn.t().mm(dout2).t().to(w_g.dtype)  # (d, 2e)
+        del gn
+        dgn = dout2.mm(w_g.to(ctx.gn_dtype)).view(s, l, 2 * e)
         dzx = torch.empty_like(zxbcdt)  # (s, l, 2, e + c + h): the in-projection output's gradient
         dz, draw, ddt_raw = dzx.split([e, c, h], dim=-1)
         dy, _, dnorm_w = gated_norm_bwd(dgn, y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size, dz=dz)
-        dxbc = torch.empty_like(xbc)  # (2, s, l, c)
+        del dgn
+        xbc = conv_silu_fwd(xbc_raw, conv_w, conv_b)  # (2, s, l, c): the forward's conv output, recomputed
+        dxbc = torch.empty_like(xbc)
         dxs, dB, dC = _scan_inputs(dxbc, ctx.dims)
         xs, B, C = _scan_inputs(xbc, ctx.dims)
         _, ddt, dA, _, _, dD = ssd_bwd(dy.view(2 * s, l, h, p), xs, dt.view(2 * s, l, h), A, B, C, D, dir_mode=2,
                                         dx=dxs, dB=dB, dC=dC)
+        del xbc, xs, B, C, dy
         _, dconv_w, dconv_b = conv_silu_bwd(dxbc, xbc_raw, conv_w, conv_b, draw=draw)
         # dt = softplus(u), u = dt_raw + dt_bias: du = ddt · sigmoid(u), and sigmoid(u) = 1 − exp(−dt)
         du = ddt.view(2, s, l, h) * -torch.expm1(-dt)  # (2, s, l, h) float32
         ddt_raw.copy_(du.permute(1, 2, 0, 3))
-        return (dzx, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), du.sum((1, 2)).to(dt_bias.dtype),
-                dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), None, None, None)
+        return (dout, dzx, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), du.sum((1, 2)).to(dt_bias.dtype),
+                dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), dw_g, None, None, None)
 
 
 def conv_scan(zxbcdt: Tensor, conv_w, conv_b, dt_bias, A, D, dims) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,16 +133,19 @@ def _scan_inputs(xbc: Tensor, dims) -> tuple[Tensor, Tensor, Tensor]:
     return xs.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
 
 
-def mixer_core_reference(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, eps, group_size) -> Tensor:
-    """`MixerCore` as a chain of the separate autograd functions on the split views (its twin in the tests)."""
+def mixer_core_reference(acc, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, eps,
+                         group_size) -> Tensor:
+    """`MixerCore` as a chain of the separate autograd functions on the split views and a plain product (its twin
+    in the tests): acc + gn W_gᵀ as a new tensor."""
     e, c, h, p, g, n = dims
-    s, l = zxbcdt.shape[:2]
+    s, l, d = acc.shape
     z, xbc_raw, dt_raw = zxbcdt.split([e, c, h], dim=-1)
     xbc = conv_silu_bidirectional(xbc_raw, conv_w, conv_b)  # (2, s, l, c)
     dt = softplus_dt_reference(dt_raw, dt_bias)  # (2, s, l, h) float32
     xs, B, C = _scan_inputs(xbc.contiguous(), dims)
     y = ssd_scan_bidirectional(xs, dt.reshape(2 * s, l, h), A, B, C, D)  # (2s, l, h, p)
-    return gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, eps, group_size)  # (s, l, 2e)
+    gn = gated_norm_bidirectional(y.view(2, s, l, e), z, norm_w, eps, group_size)  # (s, l, 2e)
+    return torch.addmm(acc.reshape(s * l, d), gn.view(s * l, 2 * e), w_g.t().to(gn.dtype)).view(s, l, d)
 
 
 def fused_weights(merged: tuple[Tensor, ...], e: int, d: int) -> tuple[Tensor, ...]:
@@ -140,13 +165,13 @@ def block_forward(x: Tensor, merged: tuple[Tensor, ...], bias: Tensor | None, di
     A, D, norm_w) with w_in, w_g, w_x in the products' dtype; bias: the merge's."""
     w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = merged
     e, c, h = dims[:3]
-    s, l, d = x.shape
+    s, l = x.shape[:2]
     xn = rms_scale(x, prenorm_eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
     zxbcdt = F.linear(xn, w_in).view(s, l, 2, e + c + h)  # (s, l, 2, e + c + h)
-    gn = MixerCore.apply(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, dims, norm_eps,
-                         group_size)  # (s, l, 2e): both directions' gated-norm outputs side by side
     merged_x = F.linear(x, w_x, bias)  # (s, l, d): the merge's x-terms and bias
-    merged_x.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
+    # + gn W_gᵀ (gn: both directions' gated-norm outputs side by side), summed into merged_x in the epilogue
+    merged_x = MixerCore.apply(merged_x, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, norm_eps,
+                               group_size)
     return merged_x + x if out is None else add_into(merged_x, x, out)
 
 
