@@ -288,10 +288,31 @@ def test_mixer_core_node_matches_chained_functions(length):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_prenorm_in_node_matches_chain(autocast):
+    """The block's pre-norm + in-projection node (xn recomputed in backward) vs rms_scale then F.linear: output and
+    gradients of x and w_in, float32 and under bfloat16 autocast (w_in in the products' dtype, as the block has it)."""
+    from bsmamba2.kernels.block import PreNormIn, prenorm_in_reference
+
+    torch.manual_seed(2)
+    x0, w0 = torch.randn(3, 11, 16, device=DEV), torch.randn(40, 16, device=DEV) / 4
+    go = torch.randn(3, 11, 40, device=DEV)
+    results = []
+    for fn in (PreNormIn.apply, prenorm_in_reference):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x, w.to(torch.bfloat16) if autocast else w, 1e-5)
+        results.append((out, *torch.autograd.grad((out.float() * go).sum(), [x, w])))
+    assert results[0][0].dtype == results[1][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    errors = {nm: rel(a, b) for nm, a, b in zip(["out", "dx", "dw_in"], *results)}
+    assert max(errors.values()) < 1e-6, errors
+
+
 def test_block_forward_saves_neither_conv_output_nor_gated_norm_output():
     """What the autograd block keeps for backward (every tensor saved, one count per storage): neither the conv
-    output xbc (2, s, l, c) nor the gated-norm output gn (s, l, 2e), which the backward recomputes; the total is at
-    most what the chain of separate functions keeps (counted from the shapes) less those two."""
+    output xbc (2, s, l, c) nor the gated-norm output gn (s, l, 2e) nor the normalized input xn (s, l, d), which the
+    backward recomputes; the total is at most what the chain of separate functions keeps (counted from the shapes)
+    less those three and the pre-norm's row scales."""
     from bsmamba2.fused_block import _dims, merged_weights
     from bsmamba2.kernels.block import block_forward
 
@@ -321,7 +342,8 @@ def test_block_forward_saves_neither_conv_output_nor_gated_norm_output():
     acts = {"x": s * l * d, "rstd": s * l, "xn": s * l * d, "zxbcdt": s * l * 2 * (e + c + h),
             "xbc": 2 * s * l * c, "dt": 2 * s * l * h, "y": 2 * s * l * h * p, "gn": s * l * 2 * e}
     chained = weights + f32 * sum(acts.values())
-    assert sum(saved.values()) <= chained - f32 * (acts["xbc"] + acts["gn"]), (sum(saved.values()), chained)
+    recomputed = f32 * (acts["xbc"] + acts["gn"] + acts["xn"] + acts["rstd"])
+    assert sum(saved.values()) <= chained - recomputed, (sum(saved.values()), chained)
 
 
 def test_block_q_for_lengths():

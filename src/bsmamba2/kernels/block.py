@@ -9,7 +9,8 @@ for x `(s, l, d)`,
 
 Here, with the same parameters and the same function:
     1. rms(x) once (both pre-norms have the same eps); the pre-norm gains are folded into the in-projections, and
-       both directions' in-projections are one matrix product (d → 2·(d_inner + conv_dim + heads)).
+       both directions' in-projections are one matrix product (d → 2·(d_inner + conv_dim + heads)). With autograd,
+       the normalized x is not kept for backward (`PreNormIn` recomputes it from x).
     2. The backward direction never flips: its causal conv1d becomes anti-causal (taps t..t+3) and its scan reads
        positions L−1−τ (`ssd_scan_bidirectional`), so one conv pass and one scan launch serve both directions.
     3. out_proj and the 1×1 merge are folded:  [x + o_f, x + o_b] Wmᵀ = [g_f, g_b] W_gᵀ + x W_xᵀ with
@@ -51,6 +52,40 @@ from bsmamba2.kernels.gated_proj import gated_proj
 from bsmamba2.kernels.norm import gated_norm_bidirectional, gated_norm_bwd, gated_norm_fwd, rms_scale
 from bsmamba2.kernels.residual import add_into, gated_merge_into
 from bsmamba2.kernels.ssd import block_q_for, ssd_bwd, ssd_fwd, ssd_scan_bidirectional
+
+
+class PreNormIn(torch.autograd.Function):
+    """The pre-norm (without its gain) and the in-projection as one autograd node: x `(s, l, d)`, w_in `(m, d)` →
+    rms_scale(x) w_inᵀ `(s, l, m)`, the product as F.linear takes it (under autocast too).
+
+    The same function as `prenorm_in_reference`, which keeps the normalized xn for w_in's gradient; this node keeps
+    x instead (which the block keeps alive anyway, for the merge's x-terms) and recomputes xn from it in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_in, eps):
+        ctx.save_for_backward(x, w_in)
+        ctx.eps = eps
+        return F.linear(rms_scale(x, eps), w_in)
+
+    @staticmethod
+    def backward(ctx, dzx):
+        x, w_in = ctx.saved_tensors
+        with torch.enable_grad():  # the pre-norm again, its own backward below
+            x_ = x.detach().requires_grad_()
+            xn = rms_scale(x_, ctx.eps)
+        dzx2 = dzx.reshape(-1, dzx.shape[-1])  # (s·l, m), in the product's dtype
+        dw_in = dzx2.t().mm(xn.detach().reshape(-1, xn.shape[-1]).to(dzx.dtype)).to(w_in.dtype)  # (m, d)
+        if not ctx.needs_input_grad[0]:
+            return None, dw_in, None
+        dxn = dzx2.mm(w_in.to(dzx.dtype)).view(xn.shape).to(xn.dtype)
+        dx, = torch.autograd.grad(xn, x_, dxn)
+        return dx, dw_in, None
+
+
+def prenorm_in_reference(x: Tensor, w_in: Tensor, eps: float) -> Tensor:
+    """`PreNormIn` as the chain of the pre-norm and F.linear (its twin in the tests)."""
+    return F.linear(rms_scale(x, eps), w_in)
 
 
 class MixerCore(torch.autograd.Function):
@@ -166,8 +201,8 @@ def block_forward(x: Tensor, merged: tuple[Tensor, ...], bias: Tensor | None, di
     w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = merged
     e, c, h = dims[:3]
     s, l = x.shape[:2]
-    xn = rms_scale(x, prenorm_eps)  # (s, l, d): the pre-norm without its gain (folded into w_in)
-    zxbcdt = F.linear(xn, w_in).view(s, l, 2, e + c + h)  # (s, l, 2, e + c + h)
+    # the pre-norm without its gain (folded into w_in) and the in-projection: (s, l, 2, e + c + h)
+    zxbcdt = PreNormIn.apply(x, w_in, prenorm_eps).view(s, l, 2, e + c + h)
     merged_x = F.linear(x, w_x, bias)  # (s, l, d): the merge's x-terms and bias
     # + gn W_gᵀ (gn: both directions' gated-norm outputs side by side), summed into merged_x in the epilogue
     merged_x = MixerCore.apply(merged_x, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, norm_eps,
