@@ -269,7 +269,8 @@ def test_mixer_core_node_matches_chained_functions(length):
     s, d, e, h, p, g, n, k = 3, 8, 16, 4, 4, 2, 6, 4
     c = e + 2 * g * n
     zx = torch.randn(s, length, 2, 2 * (e + c + h) + 5, device=DEV)[..., 3:3 + e + c + h]  # strided, as a view
-    inputs = [torch.randn(s * length, d, device=DEV), zx, 0.5 * torch.randn(2, c, k, device=DEV), 0.1 * torch.randn(2, c, device=DEV),
+    inputs = [torch.randn(s * length, d, device=DEV), zx, 0.5 * torch.randn(2, c, k, device=DEV),
+              0.1 * torch.randn(2, c, device=DEV),
               torch.randn(2, h, device=DEV) - 1, -torch.rand(2, h, device=DEV) - 0.2, torch.randn(2, h, device=DEV),
               1 + 0.1 * torch.randn(2, e, device=DEV), torch.randn(d, 2 * e, device=DEV) / e]
     args = ((e, c, h, p, g, n), 1e-5, e // 2)

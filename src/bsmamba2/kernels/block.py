@@ -93,9 +93,10 @@ class MixerCore(torch.autograd.Function):
     in-projection's output, as one autograd node: zxbcdt `(s, l, 2, e + c + h)`, acc `(s, l, d)` →
     acc + gn W_gᵀ (written into acc), gn `(s, l, 2e)` the gated-norm outputs of both directions side by side.
 
-    acc comes first: an in-place node on a view (F.linear's output may be one) must take the view as its first
-    input, where autograd's CopySlices looks for it. The same function as `conv_silu_bidirectional`, `ssd_scan_bidirectional`, `gated_norm_bidirectional` and the
-    product chained on the split views (`mixer_core_reference`). As one node:
+    The same function as `conv_silu_bidirectional`, `ssd_scan_bidirectional`, `gated_norm_bidirectional` and the
+    product chained on the split views (`mixer_core_reference`). acc comes first: a node that writes into a view
+    (F.linear's output may be one) must take it as its first input, where autograd's CopySlices looks for it.
+    As one node:
       - the backward writes the gradients of z, xBC and dt straight into one buffer shaped like the in-projection's
         output, and those of x, B and C into one buffer shaped like the conv output: autograd's split backward
         would concatenate them instead (one strided copy of each);
@@ -110,7 +111,7 @@ class MixerCore(torch.autograd.Function):
     def forward(ctx, acc, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, eps, group_size):
         e = dims[0]
         s, l, d = acc.shape
-        _, dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)  # the conv output is dropped here
+        dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)[1:]  # the conv output is dropped here
         gn = gated_norm_fwd(y.view(2, s, l, e), zxbcdt[..., :e], norm_w, eps, group_size)  # (s, l, 2e)
         acc.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
         ctx.mark_dirty(acc)
