@@ -8,7 +8,11 @@
 #
 # Settings (environment):
 #   OUT              where logs and JSON go (default ./device_out)
-#   STEPS            any of: tests bench separate sweep (default "tests bench separate")
+#   STEPS            any of: tests bench separate sweep memory catalog base (default "tests bench separate")
+#                    memory: training peak and step time, checkpointing off/auto/full and a simulated 24 GB card;
+#                    catalog: 64 songs through `torchrun ... separate` against the model alone;
+#                    base: inference throughput of this tree and of the tree in $BASE (a `git archive` of an
+#                    earlier commit's src/ and benchmarks/bench_gpu.py), alternated in separate processes
 #   BSMAMBA2_SHARED  the shared test material (official-format fixture); default ../shared beside the checkout.
 #                    Without it the official-fixture parity tests fail with a message saying so.
 #   WHEELS           optional: a folder of wheels (soundfile, soxr, tqdm, pyyaml) to install first on a machine
@@ -26,9 +30,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for step in $STEPS; do
   case $step in
     tests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels*.py tests/test_model.py tests/test_spectral.py \
-        -k "kernel or conv or fused or parity or official or grouped" 2>&1 \
-        | tail -15 | tee "$OUT/gpu_tests.log" ;;
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels*.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_model.py tests/test_spectral.py tests/test_memory.py \
+        tests/test_catalog.py tests/test_separate.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
     bench)
       python3 benchmarks/bench_gpu.py --runs mamba:triton,roformer:- --checkpointing both --profile \
         --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | tail -60 ;;
@@ -38,10 +42,24 @@ for step in $STEPS; do
       python3 benchmarks/bench_separate.py rtf --model src/bsmamba2/assets/demo-bsmamba2-synthetic.safetensors \
         --seconds 30 --device cuda --precision bf16 --batch-size 4 --mode paper --repeat 3 2>&1 \
         | tee "$OUT/separate_small.log" | tail -3 ;;
+    memory)
+      python3 benchmarks/bench_memory.py --archs bsmamba2 --modes saved,off,auto,full,cap --steps 3 --warmup 1 \
+        --out "$OUT/bench_memory.json" 2>&1 | tee "$OUT/bench_memory.log" | tail -30 ;;
+    catalog)
+      python3 benchmarks/bench_catalog.py --songs 64 --device cuda --precision bf16 --check 2 --work /tmp/bench_catalog \
+        2>&1 | tee "$OUT/bench_catalog.log" | tail -25 ;;
+    base)
+      for round in 1 2; do
+        python3 benchmarks/bench_gpu.py --runs mamba:triton,roformer:- --no-train --iters 10 \
+          --out "$OUT/bench_gpu_head_$round.json" 2>&1 | tail -4 | tee -a "$OUT/base.log"
+        (cd "${BASE:?set BASE to an earlier tree}" && PYTHONPATH=$PWD/src python3 benchmarks/bench_gpu.py \
+          --runs mamba:triton,roformer:- --no-train --iters 10 --out "$OUT/bench_gpu_base_$round.json" 2>&1 \
+          | tail -4 | tee -a "$OUT/base.log")
+      done ;;
     sweep)
       python3 benchmarks/bench_gpu.py --runs mamba:triton --no-train --scan-sweep --iters 5 2>&1 | tail -40 ;;
     *)
-      echo "unknown step $step (tests, bench, separate, sweep)" >&2
+      echo "unknown step $step (tests, bench, separate, sweep, memory, catalog, base)" >&2
       exit 2 ;;
   esac
 done
