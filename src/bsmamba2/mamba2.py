@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsmamba2 import ssd, switches
+from bsmamba2 import cpu_compile, ssd, switches
 from bsmamba2.config import Mamba2Config
 from bsmamba2.functional import causal_depthwise_conv, compute_dtype, rms_scale
 from bsmamba2.switches import get_backend, set_backend  # noqa: F401  (the backend's home; kept importable here)
@@ -189,10 +189,13 @@ class BiMamba2Block(nn.Module):
     def _cpu_or_plain(self, x: Tensor, out: Tensor | None) -> Tensor:
         if x.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU inference: a few sequences at a time keeps every temporary small enough to stay in the
-            # allocator's heap and the caches, instead of page-faulting hundreds of MB per elementwise op
+            # allocator's heap and the caches, instead of page-faulting hundreds of MB per elementwise op; under
+            # `cpu_compile.enabled()` each slice runs through the compiled block
             step = max(1, CPU_SLICE_ELEMENTS // (x.shape[1] * self.forward_blocks[0].mixer.conv_dim))
-            if x.shape[0] > step:
-                y = torch.cat([self._plain(part) for part in x.split(step)])
+            compiled = cpu_compile.active()
+            if x.shape[0] > step or compiled:
+                plain = (lambda part: cpu_compile.run_block(self, part)) if compiled else self._plain
+                y = torch.cat([plain(part) for part in x.split(step)])
                 return y if out is None else out.copy_(y.view(out.shape))
         return self._plain(x, out)
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bsmamba2 import cpu_compile, switches
 from bsmamba2.audio import (
     AudioError,
     AudioReader,
@@ -280,6 +281,9 @@ class Separator:
             export of the model cached per checkpoint hash and segment). Precision there: fp32 or int8.
         providers: onnxruntime execution providers (e.g. ["cuda", "cpu"]); None picks by `device`.
         onnx: with backend "onnxruntime", an ONNX export of `model` to run (checked against it).
+        compile: CPU inference through `torch.compile` (`bsmamba2.cpu_compile`): "auto" (inputs of a minute or more,
+            when a C++ compiler is found), "on" or "off"; default $BSMAMBA2_CPU_COMPILE, else "auto". Same output
+            to float rounding; the first segment of each new shape pays the compile (tens of seconds, then cached).
 
     precision "int8" (CPU) quantizes the Linear projections dynamically to int8 (`bsmamba2.quantize`).
     """
@@ -290,11 +294,14 @@ class Separator:
         mode: str = "overlap-add", *, checkpoint: str | os.PathLike | nn.Module | None = None,
         offline: bool | None = None, progress: bool = True, backend: str = "torch",
         providers: Iterable[str] | str | None = None, onnx: str | os.PathLike | None = None,
+        compile: str | None = None,
     ):  # fmt: skip
         if checkpoint is not None:
             if model is not None:
                 raise ValueError("give the model once: `model` and its old name `checkpoint` are the same argument")
             model = checkpoint
+        self.compile = cpu_compile.check_mode(compile or switches.cpu_compile())
+        self._compiling = False  # set per input by `stream`
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
         if mode not in MODES:
@@ -409,7 +416,7 @@ class Separator:
         else:
             raise ValueError(f"a {m}-channel model cannot separate {channels}-channel audio")
         forward = getattr(self.model, "forward_waveform", None) or self.model
-        with torch.inference_mode(), autocast(self.device, self.dtype):
+        with torch.inference_mode(), autocast(self.device, self.dtype), cpu_compile.enabled(self._compiling):
             y = forward(inp)
         y = y.float()
         if channels == m:
@@ -419,6 +426,14 @@ class Separator:
         else:
             y = y.reshape(batch, channels, y.shape[1], length).transpose(1, 2)  # (b, s, c, t)
         return y
+
+    def _compile_wanted(self, seconds: float | None) -> bool:
+        """Whether the model runs compiled for an input of `seconds` (see `compile`); logged when it does."""
+        wanted = self.backend == "torch" and not self.int8 and cpu_compile.wanted(self.compile, self.device, seconds)
+        if wanted and not self._compiling:
+            log.info("CPU inference through torch.compile: the first segment also compiles the model (tens of "
+                     "seconds once, cached); --compile off skips it")
+        return wanted
 
     def with_model_call(self, fn: ModelFn) -> "Separator":
         """A shallow copy that sends its segments to `fn` instead of the model, with the same chunking, resampling,
@@ -437,14 +452,16 @@ class Separator:
     # -- streaming core ------------------------------------------------------------------------------------------
     def stream(
         self, blocks: Iterable[torch.Tensor], sample_rate: int, channels: int, output_sample_rate: int | None = None,
-        name: str = "waveform", progress: Callable[[float], None] | None = None,
+        name: str = "waveform", progress: Callable[[float], None] | None = None, seconds: float | None = None,
     ) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
         """Separate audio arriving as (channels, n) blocks; yield dicts of (channels, m) output blocks.
 
         Each yielded dict has every name of `output_stems`, all blocks the same length, at `output_sample_rate`
         (default: `sample_rate`); concatenated they have the input's duration and sum (vocals + instrumental) to the
-        mixture. `progress(seconds)` is called with the audio seconds finished by each yield.
+        mixture. `progress(seconds)` is called with the audio seconds finished by each yield. `seconds`: the input's
+        expected duration, if known (`compile="auto"` compiles for long inputs only).
         """
+        self._compiling = self._compile_wanted(seconds)
         in_sr = int(sample_rate)
         out_sr = int(output_sample_rate or in_sr)
         if in_sr <= 0 or out_sr <= 0:
@@ -525,7 +542,9 @@ class Separator:
         block = max(1, int(READ_BLOCK_SECONDS * sample_rate))
         parts: dict[str, list[torch.Tensor]] = {stem: [] for stem in self.output_stems}
         blocks = (wave[:, i : i + block] for i in range(0, wave.shape[-1], block))
-        for out in self.stream(blocks, sample_rate, wave.shape[0], output_sample_rate, progress=progress):
+        seconds = wave.shape[-1] / sample_rate
+        for out in self.stream(blocks, sample_rate, wave.shape[0], output_sample_rate, progress=progress,
+                               seconds=seconds):
             for stem, y in out.items():
                 parts[stem].append(y)
         return {stem: torch.cat(ys, dim=-1) for stem, ys in parts.items()}
@@ -621,7 +640,9 @@ class Separator:
                 for stem, target in targets.items():
                     writers[stem] = AudioWriter(target, out_sr, channels, subtype=subtype, format=format,
                                                 bitrate=bitrate)
-                for out in self.stream(blocks, info.sample_rate, channels, out_sr, name=str(path), progress=progress):
+                seconds = info.frames / info.sample_rate if info.frames else None
+                for out in self.stream(blocks, info.sample_rate, channels, out_sr, name=str(path), progress=progress,
+                                       seconds=seconds):
                     for stem, writer in writers.items():
                         writer.write(out[stem])
                 frames_in = reader.frames_read

@@ -5,6 +5,7 @@ A leaf module: it imports no other bsmamba2 module, so model code and `kernels/`
 | variable | default | effect |
 |---|---|---|
 | `BSMAMBA2_BACKEND` | `auto` | scan backend at import (`set_backend` changes it later): `torch`, `triton`, `auto` |
+| `BSMAMBA2_CPU_COMPILE` | `auto` | default of `Separator(compile=)` / `--compile`: CPU inference through `torch.compile` (`cpu_compile.py`) |
 | `BSMAMBA2_FUSED` | `1` | `0`: the fast block's fused inference path off (A/B runs) |
 | `BSMAMBA2_SSD_BLOCK` | `64` | chunk length of the Triton scan |
 | `BSMAMBA2_SSD_HEADS_FIRST` | `1` | `0`: sequence-major grid for the per-(sequence, head) scan kernels |
@@ -90,6 +91,13 @@ def resolve_backend(device: torch.device) -> str:
             raise RuntimeError("backend 'triton' needs a CUDA device and `pip install triton`; use 'torch' or 'auto'")
         return "triton"
     return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+# --- CPU inference ---------------------------------------------------------------------------------------------------
+
+def cpu_compile() -> str:
+    """BSMAMBA2_CPU_COMPILE: the default compile mode of CPU inference, "auto", "on" or "off" (`bsmamba2.cpu_compile`)."""
+    return os.environ.get("BSMAMBA2_CPU_COMPILE", "auto")
 
 
 # --- the fast block ------------------------------------------------------------------------------------------------

@@ -101,6 +101,10 @@ def add_backend_arguments(g) -> None:
                         "names); default: by --device, the CPU for cpu, else the first accelerator present")
     g.add_argument("--onnx", default=None, metavar="FILE",
                    help="with --backend onnxruntime: this export of the checkpoint (`bsmamba2 export --onnx`)")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default=None,
+                   help="CPU inference through torch.compile (needs a C++ compiler; the first segment compiles, tens of "
+                        "seconds, then cached): auto (default; inputs of a minute or more), on, off "
+                        "(default also from BSMAMBA2_CPU_COMPILE)")
 
 
 def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -135,10 +139,10 @@ def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[P
 
 
 def backend_options(args: argparse.Namespace) -> dict:
-    """Separator keyword arguments for --backend, --providers and --onnx."""
+    """Separator keyword arguments for --backend, --providers, --onnx and --compile."""
     if args.onnx and args.backend != "onnxruntime":
         raise ValueError("--onnx needs --backend onnxruntime")
-    return {"backend": args.backend, "providers": args.providers, "onnx": args.onnx}
+    return {"backend": args.backend, "providers": args.providers, "onnx": args.onnx, "compile": args.compile}
 
 
 def _error_line(path: Path, err: BaseException) -> str:
