@@ -1,4 +1,4 @@
-"""ONNX Runtime CPU against the PyTorch CPU path, fp32 and int8, for the bundled model and the paper-size model, with
+"""The CPU candidates side by side: PyTorch eager, PyTorch compiled (`torch.compile`) and ONNX Runtime, fp32 and int8, for the bundled model and the paper-size model, with
 the matmul floor measured in the same process; and the SDR cost of int8 on the shared real track and on synthetic
 sparse songs.
 
@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from bsmamba2 import cpu_compile
 from bsmamba2 import onnx_backend as ob
 from bsmamba2.config import BSMamba2Config
 from bsmamba2.model import BSMamba2
 from bsmamba2.quantize import quantize_linear_int8
-from bsmamba2.separate import Separator, _module_sha256, load_checkpoint
+from bsmamba2.pretrained import load_model
+from bsmamba2.separate import Separator, _module_sha256
 
 PAPER_TFLOP_PER_CHUNK = 3.28  # the issue's count for the paper-size network on one 8-s stereo chunk
 SR = 44100
@@ -65,10 +67,18 @@ def network_tflop(model, wave) -> float:
 
 def load(name: str):
     if name == "small":
-        model, _ = load_checkpoint(None)
-        return model.eval()
+        return load_model("demo").eval()
     torch.manual_seed(0)
     return BSMamba2(BSMamba2Config()).eval()
+
+
+def compiled_forward(model):
+    """`model.forward_waveform` with its bidirectional blocks compiled (`bsmamba2.cpu_compile`, as
+    `Separator(compile="on")` runs it)."""
+    def forward(wave):
+        with cpu_compile.enabled():
+            return model.forward_waveform(wave)
+    return forward
 
 
 def onnx_net(model, precision: str, threads: int) -> tuple[ob.OnnxModel, float]:
@@ -91,20 +101,24 @@ def speed(args) -> list[dict]:
         tflop = PAPER_TFLOP_PER_CHUNK if name == "paper" else network_tflop(model, wave)
         floor = tflop * 1e3 / gflops
         nets, export_s = {}, {}
-        for precision in ("fp32", "int8"):
-            nets[precision], export_s[precision] = onnx_net(model, precision, args.threads)
-        runners = {
-            ("torch", "fp32"): model.forward_waveform,
-            ("torch", "int8"): quantize_linear_int8(model).forward_waveform,
-            ("onnxruntime", "fp32"): nets["fp32"].forward_waveform,
-            ("onnxruntime", "int8"): nets["int8"].forward_waveform,
-        }
+        runners = {("torch", "fp32"): model.forward_waveform,
+                   ("torch", "int8"): quantize_linear_int8(model).forward_waveform}
+        if "compiled" in args.backends:
+            runners["compiled", "fp32"] = compiled_forward(model)
+            with torch.inference_mode():
+                export_s["compiled"] = _timed(lambda: runners["compiled", "fp32"](wave))  # compiles
+            print(f"{name}: torch.compile and a first chunk took {export_s['compiled']:.1f} s", flush=True)
+        if "onnxruntime" in args.backends:
+            for precision in ("fp32", "int8"):
+                nets[precision], export_s[precision] = onnx_net(model, precision, args.threads)
+                runners["onnxruntime", precision] = nets[precision].forward_waveform
         if name == "small":  # cheap enough to warm every path up once
             with torch.inference_mode():
                 for run in runners.values():
                     run(wave)
-        # the key pair (torch fp32, onnxruntime fp32) back to back `--pairs` times, then the int8 pair once
-        order = [("torch", "fp32"), ("onnxruntime", "fp32")] * args.pairs + [("torch", "int8"), ("onnxruntime", "int8")]
+        # the fp32 candidates back to back `--pairs` times, then the int8 ones once
+        fp32 = [(b, "fp32") for b in ("torch", "compiled", "onnxruntime") if b in args.backends]
+        order = fp32 * args.pairs + [(b, "int8") for b in ("torch", "onnxruntime") if b in args.backends]
         for backend, precision in order:
             # the CPU is shared: the floor's rate is taken again right before each timing, so both see one load
             gflops = matmul_gflops(repeats=3)
@@ -113,7 +127,7 @@ def speed(args) -> list[dict]:
                 s = _timed(lambda: runners[backend, precision](wave))
             row = {"model": name, "backend": backend, "precision": precision, "s_per_chunk": s, "rtf": s / 8,
                    "floor_s": floor, "x_floor": s / floor, "tflop": tflop, "matmul_gflops": gflops,
-                   "export_s": export_s[precision] if backend == "onnxruntime" else None}
+                   "export_s": export_s.get(precision if backend == "onnxruntime" else backend)}
             rows.append(row)
             print(f"{name:<6}{backend:<12}{precision:<6}{s:8.2f} s/chunk  RTF {s / 8:5.2f}  {s / floor:5.2f}x floor "
                   f"({floor:.1f} s: {tflop:.3f} TFLOP at {gflops:.0f} GFLOP/s)", flush=True)
@@ -135,7 +149,7 @@ def sdr(args) -> list[dict]:
     rows = []
     for backend in ("torch", "onnxruntime"):
         for precision in ("fp32", "int8"):
-            sep = Separator(None, device="cpu", precision=precision, backend=backend)
+            sep = Separator("demo", device="cpu", precision=precision, backend=backend)
             for name, (mix, ref) in songs.items():
                 t0 = time.perf_counter()
                 est = sep.separate(mix, SR)["vocals"]
@@ -162,7 +176,9 @@ def sdr(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("small", "paper"), default=["small", "paper"])
-    parser.add_argument("--pairs", type=int, default=2, help="torch/onnxruntime fp32 pairs back to back (default 2)")
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=["torch", "compiled", "onnxruntime"],
+                        help="comma-separated subset of torch, compiled (torch.compile), onnxruntime (default all)")
+    parser.add_argument("--pairs", type=int, default=2, help="rounds of the fp32 candidates back to back (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     parser.add_argument("--songs", type=int, default=3, help="synthetic sparse songs for the SDR cost (default 3)")
     parser.add_argument("--song-seconds", type=float, default=12.0)
@@ -175,7 +191,8 @@ def main() -> None:
     import onnxruntime  # noqa: PLC0415
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}", flush=True)
+          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+          f"C++ compiler {'found' if cpu_compile.compiler_found() else 'not found'}", flush=True)
     out = {"speed": [] if args.skip_speed else speed(args), "sdr": [] if args.skip_sdr else sdr(args),
            "load_average_end": os.getloadavg()[0]}
     print(f"load average at the end: {out['load_average_end']:.1f}")
