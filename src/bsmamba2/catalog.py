@@ -887,6 +887,7 @@ def separate_catalog(
     if job.main:
         log.info("catalog job %s: %d file(s) to separate (%.2f h of audio), %d skipped, on %d process(es)", job_id,
                  len(items), total_audio / 3600, todo["skipped"], job.world)  # fmt: skip
+    separator.plan_compile(total_audio)  # this process's model calls: compiled for a long library on a CPU
     show = progress if job.main else "none"
     with _Progress(job, show, len(items), todo["skipped"], total_audio, stream, failed_inputs):
         if show == "bar":

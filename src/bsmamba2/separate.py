@@ -283,7 +283,8 @@ class Separator:
         onnx: with backend "onnxruntime", an ONNX export of `model` to run (checked against it).
         compile: CPU inference through `torch.compile` (`bsmamba2.cpu_compile`): "auto" (inputs of a minute or more,
             when a C++ compiler is found), "on" or "off"; default $BSMAMBA2_CPU_COMPILE, else "auto". Same output
-            to float rounding; the first segment of each new shape pays the compile (tens of seconds, then cached).
+            to float rounding (bit-identical results across runs, e.g. a catalog against single files, need
+            "off"); the first segment of each new shape pays the compile (tens of seconds, then cached).
 
     precision "int8" (CPU) quantizes the Linear projections dynamically to int8 (`bsmamba2.quantize`).
     """
@@ -427,12 +428,14 @@ class Separator:
             y = y.reshape(batch, channels, y.shape[1], length).transpose(1, 2)  # (b, s, c, t)
         return y
 
-    def _compile_wanted(self, seconds: float | None) -> bool:
-        """Whether the model runs compiled for an input of `seconds` (see `compile`); logged when it does."""
+    def plan_compile(self, seconds: float | None) -> bool:
+        """Decide whether the next model calls run compiled, for `seconds` of input to come (see `compile`; None:
+        unknown). `stream` decides per input; `bsmamba2.catalog` once for its whole library."""
         wanted = self.backend == "torch" and not self.int8 and cpu_compile.wanted(self.compile, self.device, seconds)
         if wanted and not self._compiling:
             log.info("CPU inference through torch.compile: the first segment also compiles the model (tens of "
                      "seconds once, cached); --compile off skips it")
+        self._compiling = wanted
         return wanted
 
     def with_model_call(self, fn: ModelFn) -> "Separator":
@@ -461,7 +464,7 @@ class Separator:
         mixture. `progress(seconds)` is called with the audio seconds finished by each yield. `seconds`: the input's
         expected duration, if known (`compile="auto"` compiles for long inputs only).
         """
-        self._compiling = self._compile_wanted(seconds)
+        self.plan_compile(seconds)
         in_sr = int(sample_rate)
         out_sr = int(output_sample_rate or in_sr)
         if in_sr <= 0 or out_sr <= 0:
