@@ -195,7 +195,8 @@ class BiMamba2Block(nn.Module):
             compiled = cpu_compile.active()
             if x.shape[0] > step or compiled:
                 plain = (lambda part: cpu_compile.run_block(self, part)) if compiled else self._plain
-                y = torch.cat([plain(part) for part in x.split(step)])
+                parts = [plain(part) for part in x.split(step)]
+                y = parts[0] if len(parts) == 1 else torch.cat(parts)
                 return y if out is None else out.copy_(y.view(out.shape))
         return self._plain(x, out)
 
