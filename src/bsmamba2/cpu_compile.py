@@ -82,6 +82,8 @@ def run_block(block, x: Tensor) -> Tensor:
     if not _failed:
         try:
             if _compiled is None:
+                log.info("CPU inference through torch.compile: the first segment also compiles the model (tens of "
+                         "seconds once, cached on disk); --compile off skips it")
                 _compiled = torch.compile(_plain_block, dynamic=False)
             return _compiled(block, x)
         except Exception as err:  # no compiler, or Inductor cannot build here: the eager block is the same function

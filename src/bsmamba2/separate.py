@@ -431,12 +431,9 @@ class Separator:
     def plan_compile(self, seconds: float | None) -> bool:
         """Decide whether the next model calls run compiled, for `seconds` of input to come (see `compile`; None:
         unknown). `stream` decides per input; `bsmamba2.catalog` once for its whole library."""
-        wanted = self.backend == "torch" and not self.int8 and cpu_compile.wanted(self.compile, self.device, seconds)
-        if wanted and not self._compiling:
-            log.info("CPU inference through torch.compile: the first segment also compiles the model (tens of "
-                     "seconds once, cached); --compile off skips it")
-        self._compiling = wanted
-        return wanted
+        self._compiling = (self.backend == "torch" and not self.int8
+                           and cpu_compile.wanted(self.compile, self.device, seconds))
+        return self._compiling
 
     def with_model_call(self, fn: ModelFn) -> "Separator":
         """A shallow copy that sends its segments to `fn` instead of the model, with the same chunking, resampling,
