@@ -108,3 +108,29 @@ def test_separator_compiles_by_mode_and_length(fresh_compile_state, monkeypatch,
 def test_separator_rejects_unknown_compile_mode():
     with pytest.raises(ValueError, match="compile mode"):
         Separator(build_model(BSMamba2Config.tiny()), device="cpu", compile="fast")
+
+
+def test_compiled_slices_share_one_shape_whatever_the_batch(fresh_compile_state, monkeypatch):
+    """Under compile every slice of an axis has one shape (the last one padded), so a new batch size never compiles
+    again; the padding's rows are dropped and the result equals the eager block's."""
+    seen = []
+
+    def spy(block, x):
+        seen.append(tuple(x.shape))
+        return block._plain(x)
+
+    monkeypatch.setattr(cpu_compile, "run_block", spy)
+    block = BiMamba2Block(16, Mamba2Config(d_state=16, headdim=8, expand=2, chunk_size=16)).eval()
+    length = 20
+    monkeypatch.setattr("bsmamba2.mamba2.CPU_SLICE_ELEMENTS", 4 * length * block.forward_blocks[0].mixer.conv_dim)
+    with torch.inference_mode():
+        for sequences in (4, 9, 13):  # a multiple of the step of 4 sequences, and two remainders
+            x = torch.randn(sequences, length, 16)
+            out = torch.empty(sequences, length, 16)
+            with cpu_compile.enabled():
+                y = block(x)
+                block(x, out=out)
+            ref = block._plain(x)
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert set(seen) == {(4, length, 16)}

@@ -195,10 +195,23 @@ class BiMamba2Block(nn.Module):
             compiled = cpu_compile.active()
             if x.shape[0] > step or compiled:
                 plain = (lambda part: cpu_compile.run_block(self, part)) if compiled else self._plain
-                parts = [plain(part) for part in x.split(step)]
+                parts = [plain(part) for part in self._slices(x, step, same_shape=compiled)]
                 y = parts[0] if len(parts) == 1 else torch.cat(parts)
+                y = y[:x.shape[0]]
                 return y if out is None else out.copy_(y.view(out.shape))
         return self._plain(x, out)
+
+    @staticmethod
+    def _slices(x: Tensor, step: int, same_shape: bool) -> list[Tensor]:
+        """x `(s, l, d)` in slices of `step` sequences. With `same_shape` a shorter last slice is padded with zero
+        sequences to the full step (the sequences are independent; the caller drops the padding's rows), so the
+        compiled block sees one shape per axis whatever the batch, instead of compiling again for each remainder."""
+        step = min(step, x.shape[0])
+        parts = list(x.split(step))
+        if same_shape and parts[-1].shape[0] < step:
+            last = parts[-1]
+            parts[-1] = torch.cat([last, last.new_zeros(step - last.shape[0], *last.shape[1:])])
+        return parts
 
     def _plain(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         fwd = self.forward_blocks[0](x)
