@@ -1,20 +1,25 @@
-"""The CPU candidates side by side: PyTorch eager, PyTorch compiled (`torch.compile`) and ONNX Runtime, fp32 and int8, for the bundled model and the paper-size model, with
-the matmul floor measured in the same process; and the SDR cost of int8 on the shared real track and on synthetic
-sparse songs.
+"""The CPU candidates side by side: PyTorch eager, PyTorch compiled (`torch.compile`), ONNX Runtime and OpenVINO, fp32
+and int8, for the bundled model and the paper-size model, with the matmul floor measured in the same process; and the
+SDR cost of int8 on the shared real track and on synthetic sparse songs.
 
 Speed: one 8-s stereo chunk (batch 1) through `forward_waveform` (STFT + network + iSTFT) per measurement. The floor
 is the network's matmul FLOPs at the rate of a 2048³ fp32 matmul timed in the same process right before each
 measurement (the CPU is shared, so the rate moves with the load): 3.28 TFLOP per 8-s chunk for the paper
 size (0.41 TFLOP per audio-second), counted with `torch.utils.flop_counter` for the bundled model. The paper-size
 model has seeded random weights (speed does not depend on them). Exports come from the ONNX cache of
-`bsmamba2.onnx_backend` (`$BSMAMBA2_CACHE/onnx`), made on the first run (minutes each; timed and reported).
+`bsmamba2.onnx_backend` (`$BSMAMBA2_CACHE/onnx`), made on the first run (minutes each; timed and reported); both
+ONNX runtimes run the same files. The reported export time of OpenVINO is its compile of the cached file. On a 24-GB
+machine the paper-size model does not fit onnxruntime and OpenVINO (fp32 and int8 each) in one process: pass
+`--backends` with one of them.
 
-Quality: `Separator` with its defaults (8-s segments, overlap 0.5) at fp32 and int8, both backends, bundled model;
+Quality: `Separator` with its defaults (8-s segments, overlap 0.5) at fp32 and int8, torch and the ONNX runtimes in
+`--backends`, bundled model;
 uSDR of the vocals against the reference on "Music Delta - 80s Rock" (shared/, 6.8 s) and on `--songs` synthetic
 sparse-vocal songs (`generate_song((7, 1, i), vocal_activity="sparse")`, as `bsmamba2 synth --seed 7`).
 
-    python benchmarks/bench_onnx.py [--models small paper] [--pairs 2] [--threads 2] [--songs 3] [--song-seconds 12]
-                                    [--skip-sdr] [--json rows.json]
+    python benchmarks/bench_onnx.py [--models small paper] [--backends torch,compiled,onnxruntime,openvino]
+                                    [--pairs 2] [--threads 2] [--songs 3] [--song-seconds 12] [--skip-sdr]
+                                    [--json rows.json]
 """
 
 from __future__ import annotations
@@ -81,14 +86,22 @@ def compiled_forward(model):
     return forward
 
 
-def onnx_net(model, precision: str, threads: int) -> tuple[ob.OnnxModel, float]:
-    """The cached export of `model` for 8-s segments (exported now when missing); returns it and the export time."""
+ONNX_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def onnx_net(model, precision: str, threads: int, runtime: str = "onnxruntime") -> tuple[ob.OnnxModel, float]:
+    """The cached export of `model` for 8-s segments (exported now when missing) in `runtime`; returns it and the
+    export time (for OpenVINO, whose file is exported already, the time of its compile)."""
     t0 = time.perf_counter()
-    net, _ = ob.onnx_model(model, 8.0, precision=precision, device="cpu", sha256=_module_sha256)
-    took = time.perf_counter() - t0
-    path = net.path
-    del net  # one session per file: a paper-size session holds several GB
-    return ob.OnnxModel(path, device="cpu", threads=threads), took
+    path = ob.cache_path(_module_sha256(model), 8 * SR, precision)
+    if runtime == "onnxruntime" or not path.is_file():
+        net, _ = ob.onnx_model(model, 8.0, precision=precision, device="cpu", sha256=_module_sha256)
+        path = net.path
+        del net  # one session per file: a paper-size session holds several GB
+    exported = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    net = ob.OnnxModel(path, device="cpu", threads=threads, runtime=runtime)
+    return net, exported if runtime == "onnxruntime" else time.perf_counter() - t0
 
 
 def speed(args) -> list[dict]:
@@ -108,17 +121,18 @@ def speed(args) -> list[dict]:
             with torch.inference_mode():
                 export_s["compiled"] = _timed(lambda: runners["compiled", "fp32"](wave))  # compiles
             print(f"{name}: torch.compile and a first chunk took {export_s['compiled']:.1f} s", flush=True)
-        if "onnxruntime" in args.backends:
+        for runtime in (r for r in ONNX_RUNTIMES if r in args.backends):
             for precision in ("fp32", "int8"):
-                nets[precision], export_s[precision] = onnx_net(model, precision, args.threads)
-                runners["onnxruntime", precision] = nets[precision].forward_waveform
+                nets[runtime, precision], export_s[runtime, precision] = onnx_net(model, precision, args.threads,
+                                                                                 runtime)
+                runners[runtime, precision] = nets[runtime, precision].forward_waveform
         if name == "small":  # cheap enough to warm every path up once
             with torch.inference_mode():
                 for run in runners.values():
                     run(wave)
         # the fp32 candidates back to back `--pairs` times, then the int8 ones once
-        fp32 = [(b, "fp32") for b in ("torch", "compiled", "onnxruntime") if b in args.backends]
-        order = fp32 * args.pairs + [(b, "int8") for b in ("torch", "onnxruntime") if b in args.backends]
+        fp32 = [(b, "fp32") for b in ("torch", "compiled", *ONNX_RUNTIMES) if b in args.backends]
+        order = fp32 * args.pairs + [(b, "int8") for b in ("torch", *ONNX_RUNTIMES) if b in args.backends]
         for backend, precision in order:
             # the CPU is shared: the floor's rate is taken again right before each timing, so both see one load
             gflops = matmul_gflops(repeats=3)
@@ -127,7 +141,7 @@ def speed(args) -> list[dict]:
                 s = _timed(lambda: runners[backend, precision](wave))
             row = {"model": name, "backend": backend, "precision": precision, "s_per_chunk": s, "rtf": s / 8,
                    "floor_s": floor, "x_floor": s / floor, "tflop": tflop, "matmul_gflops": gflops,
-                   "export_s": export_s.get(precision if backend == "onnxruntime" else backend)}
+                   "export_s": export_s.get((backend, precision) if backend in ONNX_RUNTIMES else backend)}
             rows.append(row)
             print(f"{name:<6}{backend:<12}{precision:<6}{s:8.2f} s/chunk  RTF {s / 8:5.2f}  {s / floor:5.2f}x floor "
                   f"({floor:.1f} s: {tflop:.3f} TFLOP at {gflops:.0f} GFLOP/s)", flush=True)
@@ -147,7 +161,8 @@ def sdr(args) -> list[dict]:
         song = generate_song((7, 1, i), seconds=args.song_seconds, vocal_activity="sparse")
         songs[f"synthetic sparse {i}"] = (torch.from_numpy(song.mixture), torch.from_numpy(song.stems["vocals"]))
     rows = []
-    for backend in ("torch", "onnxruntime"):
+    backends = ["torch", *(r for r in ONNX_RUNTIMES if r in args.backends)]
+    for backend in backends:
         for precision in ("fp32", "int8"):
             sep = Separator("demo", device="cpu", precision=precision, backend=backend)
             for name, (mix, ref) in songs.items():
@@ -164,7 +179,7 @@ def sdr(args) -> list[dict]:
         r["rel_to_torch_fp32"] = float((r["vocals"] - b["vocals"]).abs().max() / b["vocals"].abs().max())
         print(f"{r['song']:<22}{r['backend']:<12}{r['precision']:<6}{r['usdr']:8.3f}{r['delta_db']:17.3f}"
               f"{r['rel_to_torch_fp32']:21.2e}{r['s']:7.1f}")
-    for backend in ("torch", "onnxruntime"):
+    for backend in backends:
         deltas = [r["delta_db"] for r in rows if r["backend"] == backend and r["precision"] == "int8"]
         print(f"int8 on {backend}: mean Δ uSDR {np.mean(deltas):+.3f} dB, worst {min(deltas):+.3f} dB "
               f"(default only if the cost is <= 0.05 dB)")
@@ -177,7 +192,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=("small", "paper"), default=["small", "paper"])
     parser.add_argument("--backends", type=lambda s: s.split(","), default=["torch", "compiled", "onnxruntime"],
-                        help="comma-separated subset of torch, compiled (torch.compile), onnxruntime (default all)")
+                        help="comma-separated subset of torch, compiled (torch.compile), onnxruntime, openvino "
+                             "(default: all but openvino)")
     parser.add_argument("--pairs", type=int, default=2, help="rounds of the fp32 candidates back to back (default 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch and onnxruntime threads (default 2)")
     parser.add_argument("--songs", type=int, default=3, help="synthetic sparse songs for the SDR cost (default 3)")
@@ -190,8 +206,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import onnxruntime  # noqa: PLC0415
 
+    versions = f"onnxruntime {onnxruntime.__version__}"
+    if "openvino" in args.backends:
+        import openvino  # noqa: PLC0415
+
+        versions += f", openvino {openvino.__version__}"
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, {versions}, "
           f"C++ compiler {'found' if cpu_compile.compiler_found() else 'not found'}", flush=True)
     out = {"speed": [] if args.skip_speed else speed(args), "sdr": [] if args.skip_sdr else sdr(args),
            "load_average_end": os.getloadavg()[0]}

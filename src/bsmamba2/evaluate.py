@@ -204,7 +204,7 @@ class EvalSettings:
     overlap: float = 0.0
     precision: str = "fp32"
     activity: ActivityConfig = field(default_factory=ActivityConfig)
-    backend: str = "torch"  # "onnxruntime": the network ran as an ONNX export
+    backend: str = "torch"  # "onnxruntime" or "openvino": the network ran as an ONNX export in that runtime
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

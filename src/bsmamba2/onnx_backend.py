@@ -7,7 +7,9 @@ tensor appears anywhere in the graph (DirectML, ROCm and CoreML providers have n
     input  "spec"   float32 (batch, channels, freq, frames, 2)         the mixture's STFT, (real, imag) last
     output "stems"  float32 (batch, stems, channels, freq, frames, 2)  the masked spectra, (real, imag) last
 
-STFT, iSTFT and overlap-add stay in the package (`OnnxModel.forward_waveform` runs them around the session). The
+STFT, iSTFT and overlap-add stay in the package (`OnnxModel.forward_waveform` runs them around the session). Two
+runtimes execute the file: onnxruntime (execution providers for CUDA, DirectML, CoreML, ROCm, ...) and OpenVINO
+(Intel and AMD x86 CPUs, Intel GPUs and NPUs; `RUNTIMES`). The
 graph is traced from the plain-PyTorch scan (`BSMAMBA2_BACKEND=torch`): the band-split, mask-estimator and Mamba2
 modules in their per-band, unsliced reference forms, which are the functions the fast paths are tested against.
 
@@ -49,6 +51,8 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvide
                     "rocm": "ROCMExecutionProvider", "migraphx": "MIGraphXExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
 INSTALL_HINT = "pip install 'bsmamba2[onnx]' (or: pip install onnx onnxruntime)"
+OPENVINO_HINT = "pip install 'bsmamba2[openvino]' (or: pip install onnx openvino)"
+RUNTIMES = ("onnxruntime", "openvino")  # what can run an export: the Separator's backends besides "torch"
 
 
 def _import_onnx():
@@ -66,6 +70,14 @@ def _import_ort():
         raise ModuleNotFoundError(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}",
                                   name=err.name) from err
     return onnxruntime
+
+
+def _import_openvino():
+    try:
+        import openvino  # noqa: PLC0415
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"the openvino backend needs OpenVINO: {OPENVINO_HINT}", name=err.name) from err
+    return openvino
 
 
 # -- the exported network -------------------------------------------------------------------------------------------
@@ -348,27 +360,80 @@ def resolve_providers(providers: Sequence[str] | str | None, device: str | None 
     return list(dict.fromkeys(names))
 
 
+def resolve_openvino_device(devices: Sequence[str] | str | None, device: str | None = "auto") -> str:
+    """The OpenVINO device to compile for: `devices` (CPU, GPU, GPU.1, NPU, AUTO, or a list such as "GPU,CPU", which
+    becomes OpenVINO's AUTO over them, in that order); None picks by `device`: "cpu" is the CPU, anything else AUTO
+    (OpenVINO's choice among those present, an Intel GPU before the CPU). A device OpenVINO does not see here is a
+    ValueError that lists the ones it has."""
+    available = _import_openvino().Core().available_devices
+    if devices is None:
+        return "CPU" if str(device or "auto").lower() == "cpu" else "AUTO"
+    if isinstance(devices, str):
+        devices = devices.split(",")
+    names = [d.strip().upper() for d in devices if d.strip()]
+    if not names:
+        raise ValueError(f"no OpenVINO device given; choose from {available} or AUTO")
+    missing = [n for n in names if n != "AUTO" and n not in available and n.split(".")[0] not in available]
+    if missing:
+        raise ValueError(f"OpenVINO device(s) {missing} are not present here; OpenVINO sees {available} (and AUTO); "
+                         "an Intel GPU or NPU needs its driver installed")
+    return names[0] if len(names) == 1 else "AUTO:" + ",".join(names)
+
+
 # -- the runtime ----------------------------------------------------------------------------------------------------
+def _onnxruntime_runner(path: Path, providers, device, threads) -> tuple[Callable[[np.ndarray], np.ndarray], list]:
+    """(run, where): an onnxruntime session of the file, as a function of the input array."""
+    ort = _import_ort()
+    where = resolve_providers(providers, device)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=where)
+    log.debug("onnxruntime session for %s on %s", path, session.get_providers())
+    return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], where
+
+
+def _openvino_runner(path: Path, devices, device, threads) -> tuple[Callable[[np.ndarray], np.ndarray], list]:
+    """(run, where): the file compiled by OpenVINO, in fp32 (no reduced-precision inference hint), as a function of
+    the input array. Compiled models are cached under the package's cache (`<cache>/openvino`)."""
+    ov = _import_openvino()
+    from bsmamba2.pretrained import cache_dir  # noqa: PLC0415
+
+    target = resolve_openvino_device(devices, device)
+    config = {"INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": str(cache_dir() / "openvino")}
+    if threads and target == "CPU":
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = ov.Core().compile_model(str(path), target, config)
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+    log.debug("OpenVINO model for %s on %s", path, target)
+    return lambda x: np.asarray(request.infer({INPUT_NAME: x})[output]), [target]
+
+
 class OnnxModel(nn.Module):
-    """An exported network in an onnxruntime session, usable wherever `Separator` takes a model.
+    """An exported network in onnxruntime or OpenVINO, usable wherever `Separator` takes a model.
 
     It has the attributes a model has (`config`, `stems`, `audio_channels`, `sample_rate`) and `forward_waveform`,
     which runs the package's STFT, the ONNX network and the iSTFT on segments of exactly the exported length.
 
     Args:
         path: an ONNX file written by `export_onnx`.
-        providers: execution providers (see `resolve_providers`); None picks by `device`.
+        providers: onnxruntime's execution providers (`resolve_providers`) or OpenVINO's device
+            (`resolve_openvino_device`); None picks by `device`.
         device: the user's device choice ("cpu", "auto", "cuda", …), used only to pick providers.
-        threads: intra-op threads of the session (None: onnxruntime's default, every core).
+        threads: intra-op threads (None: the runtime's default, every core).
+        runtime: "onnxruntime" (default) or "openvino" (`RUNTIMES`).
         segment, checkpoint_sha256: what the file must serve (`check`), checked before a session is made.
     """
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | str | None = None,
                  device: str | None = "auto", threads: int | None = None, segment: float | None = None,
-                 checkpoint_sha256: str | None = None):
+                 checkpoint_sha256: str | None = None, runtime: str = "onnxruntime"):
         super().__init__()
-        ort = _import_ort()
-        self.path = Path(path)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"unknown ONNX runtime {runtime!r}; choose one of {RUNTIMES}")
+        self.path, self.runtime = Path(path), runtime
         self.metadata = read_metadata(self.path)
         self.config: ModelConfig = config_from_dict(json.loads(self.metadata["config"]))
         self.stems = tuple(json.loads(self.metadata["stems"]))
@@ -377,13 +442,8 @@ class OnnxModel(nn.Module):
         self.segment_samples = int(self.metadata["segment_samples"])
         self.precision = self.metadata.get("precision", "fp32")
         self.check(None if segment is None else round(segment * self.sample_rate), checkpoint_sha256)
-        self.providers = resolve_providers(providers, device)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
-        log.debug("onnxruntime session for %s on %s", self.path, self.session.get_providers())
+        runner = _onnxruntime_runner if runtime == "onnxruntime" else _openvino_runner
+        self._run, self.providers = runner(self.path, providers, device, threads)
 
     def check(self, segment_samples: int | None = None, checkpoint_sha256: str | None = None) -> None:
         """ValueError when this export does not serve `segment_samples` or did not come from that checkpoint."""
@@ -403,10 +463,9 @@ class OnnxModel(nn.Module):
             )
 
     def run_spectrum(self, spec: Tensor) -> Tensor:
-        """Complex mixture spectrum `(b, c, f, t)` → complex stem spectra `(b, stems, c, f, t)` through the session."""
+        """Complex mixture spectrum `(b, c, f, t)` → complex stem spectra `(b, stems, c, f, t)` through the runtime."""
         x = np.ascontiguousarray(torch.view_as_real(spec.to(torch.complex64)).cpu().numpy())
-        (y,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        return torch.view_as_complex(torch.from_numpy(y))
+        return torch.view_as_complex(torch.from_numpy(np.ascontiguousarray(self._run(x))))
 
     def forward_waveform(self, wave: Tensor) -> Tensor:
         """Waveform `(b, c, segment)` → stems `(b, stems, c, segment)`, float32 on the CPU."""
@@ -436,7 +495,7 @@ def is_onnx_file(source) -> bool:
 def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Sequence[str] | str | None = None,
                device: str | None = "auto", onnx_path: str | os.PathLike | None = None,
                load: Callable | None = None, sha256: Callable[[nn.Module], str] | None = None,
-               ) -> tuple[OnnxModel, Path | None]:
+               runtime: str = "onnxruntime") -> tuple[OnnxModel, Path | None]:
     """The `OnnxModel` a Separator runs, and the file that identifies it (for its manifest hash).
 
     Where the ONNX file comes from:
@@ -446,20 +505,22 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
         and precision from the cache (`cache_path`, keyed by the checkpoint's SHA-256), exported there first when
         missing.
     `load(source) -> (model, path)` loads a checkpoint (Separator's loader); `sha256(model)` hashes a module's weights.
+    `runtime` runs the file: "onnxruntime" or "openvino".
     """
     from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not available with the onnxruntime backend; use fp32 or int8")
+        raise ValueError(f"precision {precision!r} is not available with the {runtime} backend; use fp32 or int8")
     if segment <= 0:
-        raise ValueError("the onnxruntime backend runs fixed-length segments; pass --segment > 0 (e.g. 8)")
+        raise ValueError(f"the {runtime} backend runs fixed-length segments; pass --segment > 0 (e.g. 8)")
     if is_onnx_file(source):
         onnx_path, source = Path(source), None
     if onnx_path is not None:
         ckpt_sha = None
         if source is not None:
             ckpt_sha = sha256(source) if isinstance(source, nn.Module) else sha256_file(load(source)[1])
-        net = OnnxModel(onnx_path, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha)
+        net = OnnxModel(onnx_path, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha,
+                        runtime=runtime)
         if precision != net.precision:
             net = _quantized(net, precision, providers, device)
         return net, Path(onnx_path)
@@ -476,7 +537,8 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
         if precision == "int8":
             log.info("quantizing %s to int8 into %s", fp32.name, target)
             quantize_onnx_int8(fp32, target)
-    net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha)
+    net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha,
+                    runtime=runtime)
     return net, path
 
 
@@ -485,9 +547,9 @@ def _quantized(net: OnnxModel, precision: str, providers, device) -> OnnxModel:
     from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
     if net.precision != "fp32":
-        raise ValueError(f"{net.path} is {net.precision}; the onnxruntime backend cannot turn it into {precision}")
+        raise ValueError(f"{net.path} is {net.precision}; the {net.runtime} backend cannot turn it into {precision}")
     target = cache_path(sha256_file(net.path), net.segment_samples, precision)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         quantize_onnx_int8(net.path, target)
-    return OnnxModel(target, providers=providers, device=device)
+    return OnnxModel(target, providers=providers, device=device, runtime=net.runtime)

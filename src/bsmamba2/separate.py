@@ -49,7 +49,7 @@ from bsmamba2.pretrained import model_from_file, resolve, sha256_file
 log = logging.getLogger(__name__)
 
 MODES = ("overlap-add", "paper")
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")  # the last two run an ONNX export (`bsmamba2.onnx_backend`)
 DEFAULT_TEMPLATE = "{track}/{stem}.{ext}"
 INSTRUMENTAL = "instrumental"
 READ_BLOCK_SECONDS = 10.0
@@ -276,11 +276,13 @@ class Separator:
         checkpoint: the former name of `model`, still accepted.
         offline: never use the network (default: $BSMAMBA2_OFFLINE); a model missing from the cache is an error.
         progress: show a progress bar while downloading a model.
-        backend: "torch" (default) or "onnxruntime": the network runs as an ONNX export in an onnxruntime session
+        backend: "torch" (default), "onnxruntime" or "openvino": the network runs as an ONNX export in that runtime
             (`bsmamba2.onnx_backend.onnx_model` says where the file comes from: an .onnx `model`, `onnx`, or an
-            export of the model cached per checkpoint hash and segment). Precision there: fp32 or int8.
-        providers: onnxruntime execution providers (e.g. ["cuda", "cpu"]); None picks by `device`.
-        onnx: with backend "onnxruntime", an ONNX export of `model` to run (checked against it).
+            export of the model cached per checkpoint hash and segment). Precision there: fp32 or int8. An .onnx
+            `model` with backend "torch" runs in onnxruntime.
+        providers: onnxruntime execution providers (e.g. ["cuda", "cpu"]) or the OpenVINO device ("CPU", "GPU",
+            "NPU", "AUTO"); None picks by `device`.
+        onnx: with backend "onnxruntime" or "openvino", an ONNX export of `model` to run (checked against it).
         compile: CPU inference through `torch.compile` (`bsmamba2.cpu_compile`): "auto" (inputs of a minute or more,
             when a C++ compiler is found), "on" or "off"; default $BSMAMBA2_CPU_COMPILE, else "auto". Same output
             to float rounding (bit-identical results across runs, e.g. a catalog against single files, need
@@ -322,15 +324,15 @@ class Separator:
         self.device = resolve_device("cpu" if int8 and device == "auto" else device)  # int8 kernels are CPU ones
         self.dtype = resolve_precision(None if int8 else precision, self.device)
         is_onnx = isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx"
-        self.backend = "onnxruntime" if is_onnx else backend
-        if self.backend == "onnxruntime":  # the network callable is an onnxruntime session (bsmamba2.onnx_backend)
+        self.backend = "onnxruntime" if is_onnx and backend == "torch" else backend
+        if self.backend != "torch":  # the network callable is an ONNX runtime's (bsmamba2.onnx_backend)
             from bsmamba2.onnx_backend import onnx_model  # noqa: PLC0415
 
             if self.dtype != torch.float32:
-                raise ValueError("the onnxruntime backend runs fp32 or int8; drop --precision or use one of those")
+                raise ValueError(f"the {backend} backend runs fp32 or int8; drop --precision or use one of those")
             self.model, self.checkpoint_path = onnx_model(
                 model, segment, precision="int8" if int8 else "fp32", providers=providers, device=str(device),
-                onnx_path=onnx, load=load, sha256=_module_sha256,
+                onnx_path=onnx, load=load, sha256=_module_sha256, runtime=self.backend,
             )  # fmt: skip
             self.device = torch.device("cpu")  # where the STFT runs; the session places its own work
         elif isinstance(model, nn.Module):

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     ckpt = resolve(args.model, offline=args.offline or None, progress=not args.no_progress)
     backend = backend_options(args)
-    # onnxruntime: the Separator exports (or finds in the cache) the checkpoint file's network for each segment
+    # onnxruntime, openvino: the Separator exports (or finds in the cache) the checkpoint file's network per segment
     model = model_from_file(ckpt) if args.backend == "torch" else ckpt
     settings = ev.EvalSettings(
         checkpoint=sha256_file(ckpt), mode=mode, segment=args.segment, overlap=overlap,

@@ -93,14 +93,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_backend_arguments(g) -> None:
     """--backend, --providers and --onnx (shared with `bsmamba2 evaluate`)."""
     g.add_argument("--backend", choices=BACKENDS, default="torch",
-                   help="torch (default) or onnxruntime: the network as ONNX in onnxruntime (pip install "
-                        "'bsmamba2[onnx]'), exported once per checkpoint and segment into the cache unless "
-                        "--onnx or an .onnx --checkpoint is given")
+                   help="torch (default), onnxruntime or openvino: the network as ONNX in onnxruntime (pip install "
+                        "'bsmamba2[onnx]') or OpenVINO (pip install 'bsmamba2[openvino]'; Intel/AMD CPUs, Intel "
+                        "GPUs and NPUs), exported once per checkpoint and segment into the cache unless --onnx or an "
+                        ".onnx --checkpoint is given")
     g.add_argument("--providers", default=None, metavar="LIST",
                    help="onnxruntime execution providers, comma-separated (cpu, cuda, dml, coreml, rocm or full "
-                        "names); default: by --device, the CPU for cpu, else the first accelerator present")
+                        "names), or the OpenVINO device (CPU, GPU, NPU, AUTO); default: by --device, the CPU for "
+                        "cpu, else the first accelerator present (OpenVINO: AUTO)")
     g.add_argument("--onnx", default=None, metavar="FILE",
-                   help="with --backend onnxruntime: this export of the checkpoint (`bsmamba2 export --onnx`)")
+                   help="with --backend onnxruntime or openvino: this export of the checkpoint "
+                        "(`bsmamba2 export --onnx`)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default=None,
                    help="CPU inference through torch.compile (needs a C++ compiler; the first segment compiles, tens of "
                         "seconds, then cached): auto (default; inputs of a minute or more), on, off "
@@ -140,8 +143,8 @@ def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[P
 
 def backend_options(args: argparse.Namespace) -> dict:
     """Separator keyword arguments for --backend, --providers, --onnx and --compile."""
-    if args.onnx and args.backend != "onnxruntime":
-        raise ValueError("--onnx needs --backend onnxruntime")
+    if args.onnx and args.backend == "torch":
+        raise ValueError("--onnx needs --backend onnxruntime or --backend openvino")
     return {"backend": args.backend, "providers": args.providers, "onnx": args.onnx, "compile": args.compile}
 
 
