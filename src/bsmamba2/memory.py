@@ -7,8 +7,11 @@
    band-axis module not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each module kept
    un-checkpointed), the part in parentheses proportional to the batch.
 2. `memory_budget`: what this process may allocate: free device memory plus what its allocator already holds,
-   capped by `torch.cuda.set_per_process_memory_fraction`, less a margin, divided by the fragmentation measured in
-   the dry runs (the caching allocator's reserved / allocated bytes at the peak).
+   capped by `torch.cuda.set_per_process_memory_fraction`, divided by the fragmentation measured in the dry runs
+   (the caching allocator's reserved / allocated bytes at the peak; at least 1 + margin), less a fixed reserve. The
+   fragmentation is measured without memory pressure, where the allocator keeps what it has cached; near a cap it
+   frees that cache and retries, so the measured ratio already errs on the safe side and the margin is not added
+   on top of it.
 3. `choose_plan` (pure): the first of `plans_by_speed` whose predicted peak fits the budget. When none does (not even
    with every module checkpointed), `batch_advice` says which batch size and accumulation would fit.
 
@@ -36,7 +39,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GiB = 2.0**30
-MARGIN = 0.05  # fraction of the usable memory kept free beyond the measured fragmentation (train.memory_margin)
+MARGIN = 0.05  # the least allowance for fragmentation, a fraction of the peak (train.memory_margin)
 RESERVE_BYTES = 0.5 * GiB  # and a fixed reserve for the CUDA libraries' workspaces (cuBLAS, cuFFT) on top
 
 
@@ -249,14 +252,15 @@ def measure_footprint(
 def memory_budget(device: torch.device, margin: float = MARGIN, fragmentation: float = 1.0,
                   reserve: float = RESERVE_BYTES) -> tuple[float, float]:
     """(budget, usable) bytes for this process's peak allocation on a CUDA device: usable = free + what this process
-    already holds (its allocator's cache included), capped by `set_per_process_memory_fraction`; budget = usable less
-    `margin` of it, divided by the measured `fragmentation` (reserved / allocated at the peak), less `reserve`."""
+    already holds (its allocator's cache included), capped by `set_per_process_memory_fraction`; budget = usable
+    divided by the measured `fragmentation` (reserved / allocated at the peak) or by 1 + `margin` when that is
+    larger, less `reserve`."""
     free, total = torch.cuda.mem_get_info(device)
     usable = free + torch.cuda.memory_reserved(device)
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     if fraction < 1.0:
         usable = min(usable, fraction * total)
-    return usable * (1.0 - margin) / fragmentation - reserve, float(usable)
+    return usable / max(fragmentation, 1.0 + margin) - reserve, float(usable)
 
 
 @dataclass(frozen=True)
@@ -334,5 +338,6 @@ def auto_checkpointing(
     budget, usable = memory_budget(device, margin, probe.fragmentation)
     if agree is not None:
         footprint, budget = agree_over_processes(footprint, budget, batch_size, agree)
-    note = f" ({usable / GiB:.1f} GiB usable, {100 * margin:g}% margin, fragmentation {probe.fragmentation:.3f})"
+    note = (f" ({usable / GiB:.1f} GiB usable, fragmentation {probe.fragmentation:.3f}, at least {1 + margin:g}; "
+            f"{RESERVE_BYTES / GiB:g} GiB reserve)")
     return decide(budget, footprint, batch_size, effective_batch, world, note if agree is None else " (all ranks)")

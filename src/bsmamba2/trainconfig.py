@@ -103,7 +103,7 @@ class TrainConfig:
     # auto: before the first step, measure the step's memory and recompute (checkpoint) only as many axis modules as
     # the GPU's free memory needs, all kept where they fit (bsmamba2.memory; none on CPU); true: all; false: none
     activation_checkpointing: bool | str = "auto"
-    memory_margin: float = 0.05  # auto: fraction of the GPU memory kept free; raise it if a run runs out of memory
+    memory_margin: float = 0.05  # auto: least allowance for fragmentation (fraction of the peak); raise it on OOM
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False
     # loss: time_weight * L1(time) + sum over windows of mean |STFT difference| (hop stft_hop, n_fft >= stft_min_nfft)
