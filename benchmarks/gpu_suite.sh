@@ -30,9 +30,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 for step in $STEPS; do
   case $step in
     tests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels*.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
-      python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_model.py tests/test_spectral.py tests/test_memory.py \
-        tests/test_catalog.py tests/test_separate.py 2>&1 | tail -8 | tee -a "$OUT/gpu_tests.log" ;;
+      # the whole output goes to the log as it comes (a run cut short by a time limit still leaves what passed)
+      python3 -m pytest -q -p no:cacheprovider -rfE tests/test_kernels*.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+      python3 -m pytest -q -p no:cacheprovider -rfE -m gpu tests/test_model.py tests/test_spectral.py \
+        tests/test_memory.py tests/test_catalog.py tests/test_separate.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -8 ;;
     bench)
       python3 benchmarks/bench_gpu.py --runs mamba:triton,roformer:- --checkpointing both --profile \
         --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log" | tail -60 ;;
