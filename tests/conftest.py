@@ -14,6 +14,7 @@ SHARED = Path(os.environ.get("BSMAMBA2_SHARED", ROOT.parent / "shared"))
 OFFICIAL = SHARED / "fixtures" / "official"
 SAMPLE_ROOT = SHARED / "data" / "musdb18hq-sample"
 SAMPLE_TRACK = SAMPLE_ROOT / "train" / "Music Delta - 80s Rock"
+ONNX_SEGMENT = 1.0  # seconds per segment of the ONNX exports in tests: 101 STFT frames, two 64-frame scan chunks
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -85,6 +86,24 @@ def tiny_musdb(tmp_path_factory, sample_track) -> Path:
             sf.write(str(folder / f"{s}.wav"), a, sr, subtype="PCM_16")
         sf.write(str(folder / "mixture.wav"), np.clip(sum(parts.values()), -1, 1), sr, subtype="PCM_16")
     return root
+
+
+@pytest.fixture(scope="session")
+def official_onnx(tmp_path_factory, official_ckpt) -> Path:
+    """The official fixture checkpoint exported by `bsmamba2 export --onnx` for 1-s segments (`ONNX_SEGMENT`), once
+    per test session: tracing is what costs time, so the tests of both ONNX runtimes share this file."""
+    pytest.importorskip("onnx")
+    from bsmamba2 import cli  # noqa: PLC0415
+
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    assert cli.main(["export", str(official_ckpt), "--onnx", str(path), "--segment", str(ONNX_SEGMENT)]) == 0
+    return path
+
+
+def max_rel(a, b) -> float:
+    """max |a - b| / max |b| (the ONNX tests' measure of agreement)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """ONNX export and the onnxruntime backend: parity with PyTorch, metadata, the CLI, errors, int8.
 
-One export per test session (`bsmamba2 export --onnx`, the official fixture checkpoint, 1-s segments): tracing is
-what costs time here, so every test shares that file.
+One export per test session (`official_onnx` in conftest: `bsmamba2 export --onnx`, the official fixture checkpoint,
+1-s segments): tracing is what costs time here, so every test shares that file.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 import torch
+from conftest import ONNX_SEGMENT as SEGMENT
+from conftest import max_rel as _rel
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -25,21 +27,12 @@ from bsmamba2.model import BSMamba2  # noqa: E402
 from bsmamba2.pretrained import sha256_file  # noqa: E402
 from bsmamba2.separate import Separator  # noqa: E402
 
-SEGMENT = 1.0  # seconds; 101 STFT frames, two 64-frame scan chunks
 SR = 44100
 
 
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return float((a - b).abs().max() / b.abs().max())
-
-
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, official_ckpt):
-    """The fixture checkpoint exported by the CLI for 1-s segments."""
-    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
-    assert cli.main(["export", str(official_ckpt), "--onnx", str(path), "--segment", str(SEGMENT)]) == 0
-    return path
+def exported(official_onnx):
+    return official_onnx
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +79,14 @@ def test_export_is_valid_real_valued_and_described(exported, official_ckpt, offi
     assert [p.name for p in exported.parent.iterdir()] == [exported.name]  # no temporary left behind
 
 
-def test_onnxruntime_equals_pytorch(session, official_model):
-    """fp32 parity on the official fixture checkpoint, at a batch size other than the one traced (2)."""
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_onnx_runtimes_equal_pytorch(session, exported, official_model, runtime):
+    """fp32 parity on the official fixture checkpoint, at a batch size other than the one traced (2), in both
+    runtimes (OpenVINO compiles the same file)."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+        session = ob.OnnxModel(exported, device="cpu", runtime="openvino", threads=2)
+        assert session.providers == ["CPU"]
     wave = 0.3 * torch.randn(3, 2, round(SEGMENT * SR))
     with torch.no_grad():
         spec = official_model.stft(wave)
@@ -122,18 +121,21 @@ def test_separator_backends_agree_on_real_track(exported, official_ckpt, sample_
     assert _rel(alone["vocals"], ref["vocals"]) <= 1e-4
 
 
-def test_cli_onnxruntime_equals_torch_on_real_track(tmp_path, cache, official_ckpt, sample_track):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_cli_onnx_runtimes_equal_torch_on_real_track(tmp_path, cache, official_ckpt, sample_track, runtime):
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
     common = [str(sample_track / "mixture.wav"), "--checkpoint", str(official_ckpt), "--segment", str(SEGMENT),
               "--format", "wav", "--subtype", "FLOAT", "-q", "--device", "cpu", "--paper"]
     assert cli.main(["separate", *common, "-o", str(tmp_path / "torch")]) == 0
-    assert cli.main(["separate", *common, "-o", str(tmp_path / "ort"), "--backend", "onnxruntime"]) == 0
+    assert cli.main(["separate", *common, "-o", str(tmp_path / runtime), "--backend", runtime]) == 0
     assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # found in the cache, nothing exported
     for stem in ("vocals", "instrumental"):
         a, _ = read_audio(tmp_path / "torch" / "mixture" / f"{stem}.wav")
-        b, _ = read_audio(tmp_path / "ort" / "mixture" / f"{stem}.wav")
+        b, _ = read_audio(tmp_path / runtime / "mixture" / f"{stem}.wav")
         assert a.shape == b.shape and _rel(b, a) <= 1e-4, stem
-    manifest = json.loads((tmp_path / "ort" / "manifest.json").read_text())
-    assert next(iter(manifest["files"].values()))["settings"]["backend"] == "onnxruntime"
+    manifest = json.loads((tmp_path / runtime / "manifest.json").read_text())
+    assert next(iter(manifest["files"].values()))["settings"]["backend"] == runtime
 
 
 def test_onnx_file_of_another_model_is_refused(tmp_path, exported):

@@ -1,72 +1,32 @@
 """The OpenVINO backend: the same ONNX export as the onnxruntime backend, compiled by OpenVINO. Parity with PyTorch
-on the official fixture checkpoint, the CLI on the shared real track, device choice and its errors, int8."""
+on the official fixture checkpoint and the CLI on the shared real track are tested beside onnxruntime's, in
+test_onnx.py; here: an .onnx file in either runtime, device choice and its errors, int8, the missing package."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from conftest import ONNX_SEGMENT as SEGMENT
+from conftest import max_rel as _rel
 
 pytest.importorskip("onnx")
 ov = pytest.importorskip("openvino")
 
-from bsmamba2 import cli  # noqa: E402
 from bsmamba2 import onnx_backend as ob  # noqa: E402
 from bsmamba2.audio import read_audio  # noqa: E402
 from bsmamba2.checkpoint import load_model  # noqa: E402
 from bsmamba2.separate import Separator  # noqa: E402
 
-SEGMENT = 1.0  # seconds: 101 STFT frames
-
-
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return float((a - b).abs().max() / b.abs().max())
-
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, official_ckpt):
-    path = tmp_path_factory.mktemp("openvino") / "tiny.onnx"
-    assert cli.main(["export", str(official_ckpt), "--onnx", str(path), "--segment", str(SEGMENT)]) == 0
-    return path
+def exported(official_onnx):
+    return official_onnx
 
 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """OpenVINO's compiled-model cache and the ONNX exports go to a fresh cache per test."""
     monkeypatch.setenv("BSMAMBA2_CACHE", str(tmp_path / "cache"))
-
-
-def test_openvino_equals_pytorch(exported, official_ckpt):
-    """fp32 parity on the official fixture checkpoint, at two batch sizes (the export's batch axis is free)."""
-    model = load_model(official_ckpt)
-    net = ob.OnnxModel(exported, device="cpu", runtime="openvino", threads=2)
-    assert net.runtime == "openvino" and net.providers == ["CPU"]
-    wave = 0.3 * torch.randn(3, 2, round(SEGMENT * 44100))
-    with torch.no_grad():
-        spec = model.stft(wave)
-        ref_spec = model(spec)
-        ref = model.istft(ref_spec, wave.shape[-1])
-    assert _rel(net.run_spectrum(spec), ref_spec) <= 1e-4
-    assert _rel(net.forward_waveform(wave), ref) <= 1e-4
-    assert _rel(net.forward_waveform(wave[:1]), ref[:1]) <= 1e-4
-
-
-def test_cli_openvino_equals_torch_on_real_track(tmp_path, official_ckpt, sample_track, caplog):
-    """`--backend openvino` without --onnx: the checkpoint is exported into the cache once, then compiled."""
-    common = [str(sample_track / "mixture.wav"), "--checkpoint", str(official_ckpt), "--segment", str(SEGMENT),
-              "--format", "wav", "--subtype", "FLOAT", "-q", "--device", "cpu", "--paper"]
-    assert cli.main(["separate", *common, "-o", str(tmp_path / "torch")]) == 0
-    assert cli.main(["separate", *common, "-o", str(tmp_path / "ov"), "--backend", "openvino"]) == 0
-    exports = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
-    assert len(exports) == 1 and ob.read_metadata(exports[0])["precision"] == "fp32"
-    for stem in ("vocals", "instrumental"):
-        a, _ = read_audio(tmp_path / "torch" / "mixture" / f"{stem}.wav")
-        b, _ = read_audio(tmp_path / "ov" / "mixture" / f"{stem}.wav")
-        assert a.shape == b.shape and _rel(b, a) <= 1e-4, stem
-    manifest = json.loads((tmp_path / "ov" / "manifest.json").read_text())
-    assert next(iter(manifest["files"].values()))["settings"]["backend"] == "openvino"
 
 
 def test_onnx_file_runs_in_openvino_when_asked(exported, sample_track):
