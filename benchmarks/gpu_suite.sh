@@ -12,7 +12,9 @@
 #                    memory: training peak and step time, checkpointing off/auto/full and a simulated 24 GB card;
 #                    catalog: 64 songs through `torchrun ... separate` against the model alone;
 #                    base: inference throughput of this tree and of the tree in $BASE (a `git archive` of an
-#                    earlier commit's src/ and benchmarks/bench_gpu.py), alternated in separate processes
+#                    earlier commit's src/ and benchmarks/bench_gpu.py), alternated in separate processes;
+#                    basetrain: the same for the training step without checkpointing (peak memory and s/step; a
+#                    $BASE from before the recomputing backward, e.g. 25ec704, needs an H200's memory)
 #   BSMAMBA2_SHARED  the shared test material (official-format fixture); default ../shared beside the checkout.
 #                    Without it the official-fixture parity tests fail with a message saying so.
 #   WHEELS           optional: a folder of wheels (soundfile, soxr, tqdm, pyyaml) to install first on a machine
@@ -57,10 +59,18 @@ for step in $STEPS; do
           --runs mamba:triton,roformer:- --no-train --iters 10 --out "$OUT/bench_gpu_base_$round.json" 2>&1 \
           | tail -4 | tee -a "$OUT/base.log")
       done ;;
+    basetrain)
+      for round in 1 2; do
+        python3 benchmarks/bench_gpu.py --runs mamba:triton --checkpointing off --iters 1 --steps 5 \
+          --out "$OUT/bench_train_head_$round.json" 2>&1 | tail -3 | tee -a "$OUT/basetrain.log"
+        (cd "${BASE:?set BASE to an earlier tree}" && PYTHONPATH=$PWD/src python3 benchmarks/bench_gpu.py \
+          --runs mamba:triton --checkpointing off --iters 1 --steps 5 --out "$OUT/bench_train_base_$round.json" 2>&1 \
+          | tail -3 | tee -a "$OUT/basetrain.log")
+      done ;;
     sweep)
       python3 benchmarks/bench_gpu.py --runs mamba:triton --no-train --scan-sweep --iters 5 2>&1 | tail -40 ;;
     *)
-      echo "unknown step $step (tests, bench, separate, sweep, memory, catalog, base)" >&2
+      echo "unknown step $step (tests, bench, separate, sweep, memory, catalog, base, basetrain)" >&2
       exit 2 ;;
   esac
 done
