@@ -24,8 +24,9 @@ def quantize_linear_int8(model: nn.Module) -> nn.Module:
     """
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ValueError("int8 quantization runs on the CPU; move the model there (or pass --device cpu)")
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao, once per layer
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=r"(?s).*quantize_per_tensor.*deprecated", category=UserWarning)
         from torch.ao.quantization import quantize_dynamic  # noqa: PLC0415
 
         quantized = quantize_dynamic(copy.deepcopy(model).float().eval(), {nn.Linear}, dtype=torch.qint8)
