@@ -329,7 +329,7 @@ class Separator:
             from bsmamba2.onnx_backend import onnx_model  # noqa: PLC0415
 
             if self.dtype != torch.float32:
-                raise ValueError(f"the {backend} backend runs fp32 or int8; drop --precision or use one of those")
+                raise ValueError(f"the {self.backend} backend runs fp32 or int8; drop --precision or use one of those")
             self.model, self.checkpoint_path = onnx_model(
                 model, segment, precision="int8" if int8 else "fp32", providers=providers, device=str(device),
                 onnx_path=onnx, load=load, sha256=_module_sha256, runtime=self.backend,
