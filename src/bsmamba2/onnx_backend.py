@@ -463,7 +463,7 @@ class OnnxModel(nn.Module):
             )
 
     def run_spectrum(self, spec: Tensor) -> Tensor:
-        """Complex mixture spectrum `(b, c, f, t)` → complex stem spectra `(b, stems, c, f, t)` through the runtime."""
+        """Complex mixture spectrum `(b, c, f, t)` → complex stem spectra `(b, stems, c, f, t)` by the runtime."""
         x = np.ascontiguousarray(torch.view_as_real(spec.to(torch.complex64)).cpu().numpy())
         return torch.view_as_complex(torch.from_numpy(np.ascontiguousarray(self._run(x))))
 
