@@ -226,3 +226,20 @@ def test_evaluate_onnxruntime_equals_torch(tmp_path, tiny_musdb, exported, offic
     assert [r["track"] for r in scores["torch"]] == [r["track"] for r in scores["onnxruntime"]] == ["Cut D"]
     for a, b in zip(scores["torch"], scores["onnxruntime"]):
         assert b["usdr"] == pytest.approx(a["usdr"], abs=1e-3) and b["csdr"] == pytest.approx(a["csdr"], abs=1e-3)
+
+
+def test_given_export_is_quantized_into_the_cache_once(cache, exported, official_ckpt, sample_track, monkeypatch):
+    """`--onnx FILE --precision int8`: the fp32 file is checked from its metadata and quantized into the cache; only
+    the int8 file is loaded by the runtime. An int8 file cannot serve fp32."""
+    loaded = []
+    real_runner = ob._onnxruntime_runner
+    monkeypatch.setattr(ob, "_onnxruntime_runner", lambda path, *a: loaded.append(path.name) or real_runner(path, *a))
+    sep = Separator(official_ckpt, backend="onnxruntime", onnx=exported, precision="int8", device="cpu",
+                    segment=SEGMENT)
+    assert sep.model.precision == "int8" and len(loaded) == 1 and loaded[0].endswith("-int8-opset18.onnx")
+    mix, sr = read_audio(sample_track / "mixture.wav")
+    assert sep.separate(mix[:, : 2 * sr], sr)["vocals"].shape == (2, 2 * sr)
+    with pytest.raises(ValueError, match="is int8; it cannot be turned into fp32"):
+        Separator(official_ckpt, backend="onnxruntime", onnx=sep.model.path, device="cpu", segment=SEGMENT)
+    with pytest.raises(ValueError, match="exported for segments of"):
+        Separator(official_ckpt, backend="onnxruntime", onnx=exported, precision="int8", device="cpu", segment=2.0)

@@ -360,12 +360,14 @@ def resolve_providers(providers: Sequence[str] | str | None, device: str | None 
     return list(dict.fromkeys(names))
 
 
-def resolve_openvino_device(devices: Sequence[str] | str | None, device: str | None = "auto") -> str:
+def resolve_openvino_device(devices: Sequence[str] | str | None, device: str | None = "auto",
+                            available: Sequence[str] | None = None) -> str:
     """The OpenVINO device to compile for: `devices` (CPU, GPU, GPU.1, NPU, AUTO, or a list such as "GPU,CPU", which
     becomes OpenVINO's AUTO over them, in that order); None picks by `device`: "cpu" is the CPU, anything else AUTO
     (OpenVINO's choice among those present, an Intel GPU before the CPU). A device OpenVINO does not see here is a
-    ValueError that lists the ones it has."""
-    available = _import_openvino().Core().available_devices
+    ValueError that lists the ones it has. `available`: OpenVINO's devices, when the caller has a Core already."""
+    if available is None:
+        available = _import_openvino().Core().available_devices
     if devices is None:
         return "CPU" if str(device or "auto").lower() == "cpu" else "AUTO"
     if isinstance(devices, str):
@@ -400,11 +402,12 @@ def _openvino_runner(path: Path, devices, device, threads) -> tuple[Callable[[np
     ov = _import_openvino()
     from bsmamba2.pretrained import cache_dir  # noqa: PLC0415
 
-    target = resolve_openvino_device(devices, device)
+    core = ov.Core()
+    target = resolve_openvino_device(devices, device, core.available_devices)
     config = {"INFERENCE_PRECISION_HINT": "f32", "CACHE_DIR": str(cache_dir() / "openvino")}
     if threads and target == "CPU":
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = ov.Core().compile_model(str(path), target, config)
+    compiled = core.compile_model(str(path), target, config)
     request = compiled.create_infer_request()
     output = compiled.output(0)
     log.debug("OpenVINO model for %s on %s", path, target)
@@ -447,20 +450,7 @@ class OnnxModel(nn.Module):
 
     def check(self, segment_samples: int | None = None, checkpoint_sha256: str | None = None) -> None:
         """ValueError when this export does not serve `segment_samples` or did not come from that checkpoint."""
-        if segment_samples is not None and segment_samples != self.segment_samples:
-            raise ValueError(
-                f"{self.path} was exported for segments of {self.segment_samples} samples "
-                f"({self.segment_samples / self.sample_rate:g} s), not {segment_samples}; pass --segment "
-                f"{self.segment_samples / self.sample_rate:g} (Python: segment=...) or export again with "
-                f"`bsmamba2 export CHECKPOINT --onnx FILE --segment {segment_samples / self.sample_rate:g}`"
-            )
-        recorded = self.metadata.get("checkpoint_sha256")
-        if checkpoint_sha256 is not None and recorded and recorded != checkpoint_sha256:
-            raise ValueError(
-                f"{self.path} was exported from another model (checkpoint sha256 {recorded[:12]}…, this one "
-                f"{checkpoint_sha256[:12]}…); export this checkpoint with `bsmamba2 export CHECKPOINT --onnx FILE`, "
-                "or leave the ONNX file out and let --backend onnxruntime export it"
-            )
+        check_export(self.path, self.metadata, segment_samples, checkpoint_sha256)
 
     def run_spectrum(self, spec: Tensor) -> Tensor:
         """Complex mixture spectrum `(b, c, f, t)` → complex stem spectra `(b, stems, c, f, t)` by the runtime."""
@@ -478,6 +468,26 @@ class OnnxModel(nn.Module):
         return istft(self.run_spectrum(stft(wave, self.config.stft)), self.config.stft, wave.shape[-1])
 
     forward = forward_waveform
+
+
+def check_export(path: Path, metadata: dict[str, str], segment_samples: int | None = None,
+                 checkpoint_sha256: str | None = None) -> None:
+    """ValueError when the export at `path` (its `read_metadata`) does not serve `segment_samples` or did not come
+    from the checkpoint with that hash; checked before any runtime loads the file."""
+    exported, sr = int(metadata["segment_samples"]), int(metadata["sample_rate"])
+    if segment_samples is not None and segment_samples != exported:
+        raise ValueError(
+            f"{path} was exported for segments of {exported} samples ({exported / sr:g} s), not {segment_samples}; "
+            f"pass --segment {exported / sr:g} (Python: segment=...) or export again with "
+            f"`bsmamba2 export CHECKPOINT --onnx FILE --segment {segment_samples / sr:g}`"
+        )
+    recorded = metadata.get("checkpoint_sha256")
+    if checkpoint_sha256 is not None and recorded and recorded != checkpoint_sha256:
+        raise ValueError(
+            f"{path} was exported from another model (checkpoint sha256 {recorded[:12]}…, this one "
+            f"{checkpoint_sha256[:12]}…); export this checkpoint with `bsmamba2 export CHECKPOINT --onnx FILE`, "
+            "or leave the ONNX file out and let the backend export it"
+        )
 
 
 # -- where a Separator's ONNX file comes from -----------------------------------------------------------------------
@@ -519,11 +529,13 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
         ckpt_sha = None
         if source is not None:
             ckpt_sha = sha256(source) if isinstance(source, nn.Module) else sha256_file(load(source)[1])
-        net = OnnxModel(onnx_path, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha,
+        onnx_path = Path(onnx_path)
+        meta = read_metadata(onnx_path)
+        check_export(onnx_path, meta, round(segment * int(meta["sample_rate"])), ckpt_sha)
+        target = onnx_path if precision == meta.get("precision", "fp32") else _quantized(onnx_path, meta, precision)
+        net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha,
                         runtime=runtime)
-        if precision != net.precision:
-            net = _quantized(net, precision, providers, device)
-        return net, Path(onnx_path)
+        return net, onnx_path
     model, path = (source, None) if isinstance(source, nn.Module) else load(source)
     ckpt_sha = sha256_file(path) if path is not None else sha256(model)
     segment_samples = round(segment * model.sample_rate)
@@ -542,14 +554,16 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
     return net, path
 
 
-def _quantized(net: OnnxModel, precision: str, providers, device) -> OnnxModel:
-    """An int8 version of an fp32 `OnnxModel`, from the cache (keyed by the fp32 file's hash)."""
+def _quantized(path: Path, metadata: dict[str, str], precision: str) -> Path:
+    """The int8 version of the fp32 export at `path` (its `read_metadata`), from the cache (keyed by the fp32 file's
+    hash), quantized there first when missing."""
     from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
-    if net.precision != "fp32":
-        raise ValueError(f"{net.path} is {net.precision}; the {net.runtime} backend cannot turn it into {precision}")
-    target = cache_path(sha256_file(net.path), net.segment_samples, precision)
+    if metadata.get("precision", "fp32") != "fp32":
+        raise ValueError(f"{path} is {metadata['precision']}; it cannot be turned into {precision}: pass an fp32 "
+                         "export (`bsmamba2 export CHECKPOINT --onnx FILE`)")
+    target = cache_path(sha256_file(path), int(metadata["segment_samples"]), precision)
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        quantize_onnx_int8(net.path, target)
-    return OnnxModel(target, providers=providers, device=device, runtime=net.runtime)
+        quantize_onnx_int8(path, target)
+    return target
