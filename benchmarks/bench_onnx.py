@@ -8,7 +8,7 @@ measurement (the CPU is shared, so the rate moves with the load): 3.28 TFLOP per
 size (0.41 TFLOP per audio-second), counted with `torch.utils.flop_counter` for the bundled model. The paper-size
 model has seeded random weights (speed does not depend on them). Exports come from the ONNX cache of
 `bsmamba2.onnx_backend` (`$BSMAMBA2_CACHE/onnx`), made on the first run (minutes each; timed and reported); both
-ONNX runtimes run the same files. The reported export time of OpenVINO is its compile of the cached file. On a 24-GB
+ONNX runtimes run the same files; the reported set-up time is the export (first run) and the runtime's load. On a 24-GB
 machine the paper-size model does not fit onnxruntime and OpenVINO (fp32 and int8 each) in one process: pass
 `--backends` with one of them.
 
@@ -90,18 +90,12 @@ ONNX_RUNTIMES = ("onnxruntime", "openvino")
 
 
 def onnx_net(model, precision: str, threads: int, runtime: str = "onnxruntime") -> tuple[ob.OnnxModel, float]:
-    """The cached export of `model` for 8-s segments (exported now when missing) in `runtime`; returns it and the
-    export time (for OpenVINO, whose file is exported already, the time of its compile)."""
+    """The cached export of `model` for 8-s segments in `runtime`, and the time it took to get it: the export when
+    missing (minutes), then the runtime's session or compile (seconds)."""
     t0 = time.perf_counter()
-    path = ob.cache_path(_module_sha256(model), 8 * SR, precision)
-    if runtime == "onnxruntime" or not path.is_file():
-        net, _ = ob.onnx_model(model, 8.0, precision=precision, device="cpu", sha256=_module_sha256)
-        path = net.path
-        del net  # one session per file: a paper-size session holds several GB
-    exported = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    net = ob.OnnxModel(path, device="cpu", threads=threads, runtime=runtime)
-    return net, exported if runtime == "onnxruntime" else time.perf_counter() - t0
+    net, _ = ob.onnx_model(model, 8.0, precision=precision, device="cpu", sha256=_module_sha256, runtime=runtime,
+                           threads=threads)
+    return net, time.perf_counter() - t0
 
 
 def speed(args) -> list[dict]:

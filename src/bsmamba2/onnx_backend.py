@@ -505,7 +505,7 @@ def is_onnx_file(source) -> bool:
 def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Sequence[str] | str | None = None,
                device: str | None = "auto", onnx_path: str | os.PathLike | None = None,
                load: Callable | None = None, sha256: Callable[[nn.Module], str] | None = None,
-               runtime: str = "onnxruntime") -> tuple[OnnxModel, Path | None]:
+               runtime: str = "onnxruntime", threads: int | None = None) -> tuple[OnnxModel, Path | None]:
     """The `OnnxModel` a Separator runs, and the file that identifies it (for its manifest hash).
 
     Where the ONNX file comes from:
@@ -515,7 +515,7 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
         and precision from the cache (`cache_path`, keyed by the checkpoint's SHA-256), exported there first when
         missing.
     `load(source) -> (model, path)` loads a checkpoint (Separator's loader); `sha256(model)` hashes a module's weights.
-    `runtime` runs the file: "onnxruntime" or "openvino".
+    `runtime` runs the file: "onnxruntime" or "openvino", with `threads` intra-op threads (None: every core).
     """
     from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
@@ -534,7 +534,7 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
         check_export(onnx_path, meta, round(segment * int(meta["sample_rate"])), ckpt_sha)
         target = onnx_path if precision == meta.get("precision", "fp32") else _quantized(onnx_path, meta, precision)
         net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha,
-                        runtime=runtime)
+                        runtime=runtime, threads=threads)
         return net, onnx_path
     model, path = (source, None) if isinstance(source, nn.Module) else load(source)
     ckpt_sha = sha256_file(path) if path is not None else sha256(model)
@@ -550,7 +550,7 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
             log.info("quantizing %s to int8 into %s", fp32.name, target)
             quantize_onnx_int8(fp32, target)
     net = OnnxModel(target, providers=providers, device=device, segment=segment, checkpoint_sha256=ckpt_sha,
-                    runtime=runtime)
+                    runtime=runtime, threads=threads)
     return net, path
 
 
