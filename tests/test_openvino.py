@@ -12,6 +12,7 @@ from conftest import max_rel as _rel
 pytest.importorskip("onnx")
 ov = pytest.importorskip("openvino")
 
+from bsmamba2 import cli  # noqa: E402
 from bsmamba2 import onnx_backend as ob  # noqa: E402
 from bsmamba2.audio import read_audio  # noqa: E402
 from bsmamba2.checkpoint import load_model  # noqa: E402
@@ -65,7 +66,8 @@ def test_int8_export_runs_in_openvino(tmp_path, exported, official_ckpt):
     assert 20 < snr < 200
 
 
-def test_openvino_missing_says_what_to_install(monkeypatch, exported):
+def test_openvino_missing_says_what_to_install(monkeypatch, exported, official_ckpt, sample_track, tmp_path, caplog):
+    """Without the package: one error line naming the extra to install, from the library and from the CLI."""
     import builtins
 
     real_import = builtins.__import__
@@ -78,3 +80,8 @@ def test_openvino_missing_says_what_to_install(monkeypatch, exported):
     monkeypatch.setattr(builtins, "__import__", no_openvino)
     with pytest.raises(ModuleNotFoundError, match=r"bsmamba2\[openvino\]"):
         ob.OnnxModel(exported, device="cpu", runtime="openvino")
+    argv = ["separate", str(sample_track / "mixture.wav"), "--checkpoint", str(official_ckpt), "--backend", "openvino",
+            "--onnx", str(exported), "--segment", "1", "-o", str(tmp_path / "out"), "-q"]
+    assert cli.main(argv) == 1
+    assert "pip install 'bsmamba2[openvino]'" in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "out").exists()

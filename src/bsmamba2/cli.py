@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         logging.getLogger("bsmamba2").error("error: %s", err)
         return EXIT_FAILURE
+    except ModuleNotFoundError as err:  # an optional extra that is not installed: its message says what to install
+        if "pip install" not in str(err):
+            raise
+        logging.getLogger("bsmamba2").error("error: %s", err)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         logging.getLogger("bsmamba2").error("interrupted")
         return 130

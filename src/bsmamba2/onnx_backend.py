@@ -55,11 +55,11 @@ OPENVINO_HINT = "pip install 'bsmamba2[openvino]' (or: pip install onnx openvino
 RUNTIMES = ("onnxruntime", "openvino")  # what can run an export: the Separator's backends besides "torch"
 
 
-def _import_onnx():
+def _import_onnx(hint: str = INSTALL_HINT):
     try:
         import onnx  # noqa: PLC0415
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"ONNX export needs the onnx package: {INSTALL_HINT}", name=err.name) from err
+        raise ModuleNotFoundError(f"ONNX export needs the onnx package: {hint}", name=err.name) from err
     return onnx
 
 
@@ -519,6 +519,13 @@ def onnx_model(source, segment: float, *, precision: str = "fp32", providers: Se
     """
     from bsmamba2.pretrained import sha256_file  # noqa: PLC0415
 
+    # both packages the runtime needs, before any work, with the install line of its extra
+    if runtime == "openvino":
+        _import_onnx(OPENVINO_HINT)
+        _import_openvino()
+    else:
+        _import_onnx()
+        _import_ort()
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not available with the {runtime} backend; use fp32 or int8")
     if segment <= 0:
