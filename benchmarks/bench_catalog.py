@@ -26,7 +26,8 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from common import device_label, make_model, music_like
@@ -53,7 +54,8 @@ def make_library(folder: Path, songs: int, minutes: tuple[float, float], jobs: i
     folder.mkdir(parents=True, exist_ok=True)
     lo, hi = minutes
     lengths = [60 * (lo + (hi - lo) * i / max(1, songs - 1)) for i in range(songs)]
-    with ThreadPoolExecutor(max(1, jobs)) as pool:  # numpy and libsndfile release the GIL
+    # one song per process: the synthesis is Python-heavy, and encoders run with the main thread's full stack
+    with ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_write_song, [(folder, i, s) for i, s in enumerate(lengths)]))
 
 

@@ -23,7 +23,6 @@ import torch
 
 from bsmamba2 import metrics
 from bsmamba2.data.synth import generate_song
-from bsmamba2.plots import silent_gap_leakage
 from bsmamba2.separate import Separator
 
 
@@ -39,7 +38,7 @@ def score(sep: Separator, mix: torch.Tensor, ref: torch.Tensor, sr: int, csdr: b
     out = {"usdr": metrics.usdr(est, ref), "leakage_db": metrics.silent_leakage(est, ref, mix, sr)}
     if csdr:
         out["csdr"] = metrics.csdr(est, ref, sr)
-        out["leakage_per_gap"] = silent_gap_leakage(est, ref, mix, sr)
+        out["leakage_per_gap"] = metrics.silent_gap_leakage(est, ref, mix, sr)
     return out
 
 
