@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
-import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,16 +36,13 @@ FORMATS = (("wav", 44100), ("flac", 48000), ("ogg", 44100), ("mp3", 44100))  # f
 
 
 def _write_song(args: tuple[Path, int, float]) -> Path:
-    import soundfile as sf
+    from bsmamba2.audio import write_audio
 
     folder, index, seconds = args
     fmt, sr = FORMATS[index % len(FORMATS)]
     path = folder / f"song{index:03d}.{fmt}"
-    if not path.exists():
-        tmp = path.with_name(f".{path.name}.part")
-        sf.write(str(tmp), 0.5 * music_like(seconds, sr, seed=index).T, sr, format=fmt.upper(),
-                 subtype={"wav": "PCM_16", "flac": "PCM_16", "ogg": "VORBIS", "mp3": "MPEG_LAYER_III"}[fmt])
-        os.replace(tmp, path)
+    if not path.exists():  # write_audio is atomic: a song is there whole or not at all
+        write_audio(path, 0.5 * music_like(seconds, sr, seed=index), sr)
     return path
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,6 +135,24 @@ def test_ogg_output_and_lossy_clipping(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="bsmamba2"):
         write_audio(tmp_path / "loud.mp3", 2 * wave, 48000)
     assert any("clipped" in r.message and "wav or flac with --subtype FLOAT" in r.message for r in caplog.records)
+
+
+def test_long_ogg_is_written_in_pieces(tmp_path):
+    """A whole song to ogg in one call: libsndfile's Vorbis encoder crashes the process (SIGSEGV) on a minute of stereo
+    in one write, so the writer hands it bounded pieces. Run in a child process, so a crash fails this test only."""
+    script = (
+        "import sys, numpy as np; from bsmamba2.audio import write_audio; "
+        "t = np.arange(90 * 44100) / 44100; "
+        "w = 0.3 * np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 550 * t)]); "
+        "write_audio(sys.argv[1], w.astype(np.float32), 44100)"
+    )
+    path = tmp_path / "long.ogg"
+    run = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"writer died with {run.returncode}: {run.stderr[-2000:]}"
+    info = sf.info(str(path))
+    assert (info.frames, info.channels, info.samplerate) == (90 * 44100, 2, 44100)
+    data, _ = sf.read(str(path), dtype="float32", start=44100 * 80, frames=44100)
+    assert 0.2 < np.abs(data).max() < 0.4  # the end of the song is there, at its level
 
 
 def test_resample_lengths_and_quality():

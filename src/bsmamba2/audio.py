@@ -567,6 +567,9 @@ class _AVEncoder:
                 self._container.close()
 
 
+SNDFILE_WRITE_FRAMES = 1 << 16  # frames per libsndfile write call (see AudioWriter.write)
+
+
 class AudioWriter:
     """Write (channels, n) blocks to a temporary file next to `path`; `commit()` renames it into place.
 
@@ -624,7 +627,10 @@ class AudioWriter:
         if isinstance(self._file, _AVEncoder):
             self._file.write(np.ascontiguousarray(data))
         else:
-            self._file.write(data.T)
+            # libsndfile's Vorbis encoder needs stack in proportion to one call's frames and crashes the process
+            # (SIGSEGV) from about a minute of stereo audio at once: hand it bounded pieces, whatever the format.
+            for start in range(0, data.shape[1], SNDFILE_WRITE_FRAMES):
+                self._file.write(data[:, start : start + SNDFILE_WRITE_FRAMES].T)
         self.frames += data.shape[1]
 
     def commit(self) -> Path:
