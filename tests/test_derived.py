@@ -21,7 +21,7 @@ def test_cached_until_a_source_changes():
         lin.weight.add_(1.0)  # in place: the version counter moves
         second = dv.derived(lin, "w2", [lin.weight], build)
         assert len(calls) == 2 and torch.equal(second, lin.weight * 2)
-        torch._foreach_lerp_([lin.weight], [torch.zeros_like(lin.weight)], 0.5)  # as the EMA update does
+        torch._foreach_lerp_([lin.weight], [torch.zeros_like(lin.weight)], 0.5)  # bumps the counter on the CPU only
         assert torch.equal(dv.derived(lin, "w2", [lin.weight], build), lin.weight * 2) and len(calls) == 3
         lin.load_state_dict({"weight": torch.ones(3, 4), "bias": torch.zeros(3)})
         assert torch.equal(dv.derived(lin, "w2", [lin.weight], build), torch.full((3, 4), 2.0))

@@ -108,6 +108,40 @@ def test_ema_update_and_warmup():
     assert not ema.model.weight.requires_grad
 
 
+def test_ema_model_scores_its_current_weights_when_foreach_does_not_bump_versions(monkeypatch):
+    """Validation runs the EMA model without autograd, where the band layers reuse weights derived from the
+    parameters while their version counters stand still. CUDA's multi-tensor lerp does not bump them (the CPU's does):
+    replayed here with a lerp that writes through `.data`. The EMA model must then still compute with its new weights,
+    as a freshly built model holding them does (no cache)."""
+    from bsmamba2.build import build_model
+    from bsmamba2.config import BSMamba2Config
+
+    def lerp_without_version_bump(tensors, ends, weight):
+        for t, e in zip(tensors, ends):
+            t.data.lerp_(e.data, weight)
+
+    torch.manual_seed(0)
+    cfg = BSMamba2Config.tiny()
+    model = build_model(cfg)
+    ema = EMA(model, decay=0.5)
+    for module in ema.model.modules():  # the GPU's band layers: stacked weights, cached without autograd
+        if hasattr(module, "grouped"):
+            module.grouped = True
+    wave = 0.1 * torch.randn(1, 2, 44100)
+    with torch.no_grad():
+        first = ema.model.forward_waveform(wave)  # fills the caches
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    monkeypatch.setattr(torch, "_foreach_lerp_", lerp_without_version_bump)
+    ema.update(model)
+    fresh = build_model(cfg).eval()  # the per-band loop on the CPU: nothing cached
+    fresh.load_state_dict(ema.model.state_dict())
+    with torch.no_grad():
+        got, want = ema.model.forward_waveform(wave), fresh.forward_waveform(wave)
+    assert not torch.allclose(want, first, atol=1e-4)  # the update changed what the model computes
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the loop
 
 

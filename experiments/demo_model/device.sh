@@ -7,7 +7,7 @@
 #
 # Run from the repository root; nothing is installed (PYTHONPATH=src; torch, triton, numpy, scipy, soundfile,
 # pyyaml, tqdm, matplotlib, safetensors must be there - checked first; wheels in .wheels/ are used if carried).
-# Files back in $OUT (<= 8, each < 16 MiB): bsmamba2-demo.safetensors, eval.json, run.tar.gz (train log, history,
+# Files back in $OUT (<= 8, each < 16 MiB): bsmamba2-demo.safetensors, eval.json, train.log, history.json, run.tar.gz (train log, history,
 # config, synth manifest, demo figure and scores) and last.pt.part-aa, -ab, ... (the resume checkpoint, 15 MiB parts).
 set -euo pipefail
 START=$SECONDS
@@ -71,7 +71,9 @@ RC=$?
 set -e
 grep -a "val uSDR\|time limit\|Error\|error" "$WORK/train.log" | tail -12 | tee -a "$LOG" || true
 say "training exited with $RC"
-if [ ! -f "$RUN/last.pt" ]; then tail -40 "$WORK/train.log" >&2; cp "$WORK/train.log" "$OUT/"; exit 1; fi
+cp "$WORK/train.log" "$OUT/"  # back even if what follows runs past the call's limit
+cp "$RUN/history.json" "$OUT/" 2>/dev/null || true
+if [ ! -f "$RUN/last.pt" ]; then tail -40 "$WORK/train.log" >&2; exit 1; fi
 
 # ---- export the best EMA weights (best.pt, else last.pt) as fp16 safetensors
 $PY -m bsmamba2 export "$RUN" "$WORK/model-fp32.safetensors" 2>&1 | tail -1
@@ -107,6 +109,9 @@ cp "$OUT/eval.json" "$WORK/pack/" 2>/dev/null || true
 say "done; packing"
 cp "$LOG" "$WORK/pack/"
 tar -C "$WORK" -czf "$OUT/run.tar.gz" pack
-# at most 8 files come back: the parts, the model and the archive come first; eval.json is also in the archive
-if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then rm -f "$OUT/eval.json"; echo "eval.json is in run.tar.gz only" >&2; fi
+# at most 8 files come back: the parts, the model and the archive come first; the log, history and scores are
+# also in the archive
+if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+  rm -f "$OUT/eval.json" "$OUT/train.log" "$OUT/history.json"; echo "scores, log and history: in run.tar.gz" >&2
+fi
 ls -la "$OUT"

@@ -2,9 +2,12 @@
 
 The grouped band layers stack their per-band weights and the fast bidirectional block merges its projections on
 every forward, so that gradients reach each parameter. Without autograd the result only changes when a parameter
-does: `derived` keeps it, keyed by each source's storage and version counter, which every in-place change made
-through PyTorch (optimizer steps, `torch._foreach_*`, `load_state_dict`, `.to()`) bumps. Changes made through
-`.data` bypass the counter; `clear(module)` drops a module tree's cached values after such a change.
+does: `derived` keeps it, keyed by each source's storage and version counter, which in-place changes made through
+PyTorch's single-tensor ops (`add_`, `copy_`, `load_state_dict`) bump. Two kinds of change bypass the counter:
+writes through `.data`, and the multi-tensor `torch._foreach_*` kernels on CUDA (fused/foreach optimizer steps, an
+EMA's lerp; on the CPU they loop over single-tensor ops and do bump it). After such a change call
+`torch.autograd.graph.increment_version` on the tensors (as `train.EMA.update` does), or `clear(module)` to drop a
+module tree's cached values.
 `in_autocast_dtype` keeps their casts to the autocast dtype the same way.
 """
 

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
+from torch.autograd.graph import increment_version
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -90,6 +91,10 @@ class EMA:
         ema_params = list(self.model.parameters())
         params = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        # CUDA's multi-tensor kernels do not bump the version counters that `bsmamba2.derived` keys its caches on
+        # (the CPU path does): without this, validation and export would score the weights of the first validation.
+        for p in ema_params:
+            increment_version(p)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
