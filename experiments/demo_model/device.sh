@@ -7,8 +7,9 @@
 #
 # Run from the repository root; nothing is installed (PYTHONPATH=src; torch, triton, numpy, scipy, soundfile,
 # pyyaml, tqdm, matplotlib, safetensors must be there - checked first; wheels in .wheels/ are used if carried).
-# Files back in $OUT (<= 8, each < 16 MiB): bsmamba2-demo.safetensors, eval.json, train.log, history.json, run.tar.gz (train log, history,
-# config, synth manifest, demo figure and scores) and last.pt.part-aa, -ab, ... (the resume checkpoint, 15 MiB parts).
+# Files back in $OUT (<= 8, each < 16 MiB): bsmamba2-demo.safetensors, eval.json, train.log, history.json,
+# run.tar.gz (train log, history, config, synth manifest, demo figure and scores) and last.pt.part-aa, -ab, ... (the
+# resume checkpoint, 15 MiB parts).
 set -euo pipefail
 START=$SECONDS
 BUDGET=${BUDGET_SECONDS:-500}          # everything done by then (the call's limit is 570 s)
