@@ -32,6 +32,33 @@ def test_cached_until_a_source_changes():
     assert len(calls) == 6 and out.requires_grad
 
 
+def test_an_optimizer_step_invalidates_the_cache_even_without_version_bumps():
+    """CUDA's fused and foreach optimizer kernels leave the version counters as they were; replayed with an optimizer
+    that writes through `.data`. Any optimizer step drops what was cached."""
+
+    class DataSGD(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.5})
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad.data, alpha=-group["lr"])
+
+    lin = nn.Linear(4, 3)
+    opt = DataSGD(lin.parameters())
+    with torch.no_grad():
+        before = dv.derived(lin, "w2", [lin.weight], lambda: lin.weight * 2)
+    version = lin.weight._version
+    lin(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert lin.weight._version == version  # the counter did not move
+    with torch.no_grad():
+        after = dv.derived(lin, "w2", [lin.weight], lambda: lin.weight * 2)
+    assert not torch.equal(after, before) and torch.equal(after, lin.weight * 2)
+
+
 def test_grouped_band_layers_follow_parameter_updates():
     torch.manual_seed(0)
     sizes = (4, 4, 6, 8)
