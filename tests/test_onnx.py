@@ -190,6 +190,9 @@ def test_int8_onnx_and_torch_stay_close_to_fp32(tmp_path, exported, official_ckp
     int8 = ob.quantize_onnx_int8(exported, tmp_path / "int8.onnx")
     assert ob.read_metadata(int8)["precision"] == "int8"
     assert int8.stat().st_size < exported.stat().st_size
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    weights = ob.weight_matmuls(exported)
+    assert ops.count("MatMulInteger") == len(weights) > 0 and "MatMul" in ops  # products of activations stay fp32
     wave = 0.3 * torch.randn(1, 2, round(SEGMENT * SR))
     with torch.no_grad():
         ref = official_model.forward_waveform(wave)
