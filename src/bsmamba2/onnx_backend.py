@@ -266,8 +266,9 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     try:
         # uint8 weights: with int8 weights, onnxruntime 1.32's u8s8 kernels on AVX2 CPUs without VNNI saturate (the
         # fixture's output fell to 9.5 dB SNR against fp32; 28.3 dB with uint8, 27.4 with 7-bit int8 weights)
-        quantize_dynamic(str(src), tmp, op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls(src),
-                         weight_type=QuantType.QUInt8)  # fmt: skip
+        with _without_preprocessing_advice():
+            quantize_dynamic(str(src), tmp, op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls(src),
+                             weight_type=QuantType.QUInt8)  # fmt: skip
         proto = onnx.load(tmp)
         _set_metadata(proto, meta | {"precision": "int8"})
         onnx.save_model(proto, tmp)
@@ -276,6 +277,22 @@ def quantize_onnx_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dst
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    """`quantize_dynamic` logs advice to pre-process the model (shape inference for image models) on the root logger
+    every time; it does not apply to a user quantizing our export, so it is dropped while quantizing."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def weight_matmuls(path: str | os.PathLike) -> list[str]:
