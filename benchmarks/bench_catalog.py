@@ -163,6 +163,8 @@ def main() -> None:
     sep = Separator(make_model(args.model), device=args.device, precision=args.precision, segment=args.segment,
                     overlap=args.overlap, batch_size=args.batch_size)  # fmt: skip
     calls = args.model_calls or (30 if sep.device.type == "cuda" else 5)
+    # the model alone runs what the catalog will run: on a CPU, compiled for a library this long (the warm-up compiles)
+    sep.plan_compile(len(files) * 30 * sum(args.minutes))  # seconds: songs x mean length
 
     before = model_only(sep, calls)
     passthrough = Separator(make_model("passthrough"), device=sep.device, segment=args.segment, overlap=args.overlap,
