@@ -3,7 +3,8 @@
 # wall budget, export the EMA weights (fp16), score them, and hand back the resume checkpoint in parts.
 #
 #   OUT=/path/to/out bash experiments/demo_model/device.sh            # first call
-#   RESUME_FROM=resume OUT=... bash experiments/demo_model/device.sh  # a later call: resume/last.pt.part-* carried
+#   RESUME_FROM=here OUT=... bash experiments/demo_model/device.sh    # a later call on the same machine (data kept)
+#   RESUME_FROM=resume OUT=... bash experiments/demo_model/device.sh  # elsewhere: resume/last.pt.part-* carried
 #
 # Run from the repository root; nothing is installed (PYTHONPATH=src; torch, triton, numpy, scipy, soundfile,
 # pyyaml, tqdm, matplotlib, safetensors must be there - checked first; wheels in .wheels/ are used if carried).
@@ -40,22 +41,42 @@ if ! $PY -c "import torch, numpy, scipy, soundfile, yaml, tqdm, matplotlib, safe
 fi
 say "python: $($PY -c 'import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")')"
 
-# ---- data: training songs of every kind (varied), validation (mixed), held-out test (sparse, seed 7)
-say "synthesizing $TRACKS + $VALID_TRACKS songs of ${SONG_SECONDS} s and $TEST_TRACKS test songs on $WORKERS processes"
-$PY -m bsmamba2 synth --out "$WORK/data" --tracks "$TRACKS" --valid-tracks "$VALID_TRACKS" --seconds "$SONG_SECONDS" \
-    --seed 1 --vocal-activity varied --valid-activity mixed --workers "$WORKERS" 2>&1 | tail -1 | tee -a "$LOG"
-$PY -m bsmamba2 synth --out "$WORK/test" --tracks 0 --test-tracks "$TEST_TRACKS" --seconds "$SONG_SECONDS" \
-    --seed 7 --vocal-activity sparse --workers "$WORKERS" 2>&1 | tail -1 | tee -a "$LOG"
-say "data done"
+# ---- data: training songs of every kind (varied), validation (mixed), held-out test (sparse, seed 7); kept on the
+# machine for a later call with the same settings (the songs are a function of the seeds)
+STAMP="tracks=$TRACKS valid=$VALID_TRACKS test=$TEST_TRACKS seconds=$SONG_SECONDS seeds=1,7"
+if [ "$(cat "$WORK/data.stamp" 2>/dev/null)" = "$STAMP" ]; then
+  say "data: kept from an earlier call on this machine ($STAMP)"
+else
+  rm -rf "$WORK/data" "$WORK/test" "$WORK/data.stamp"
+  say "synthesizing $TRACKS + $VALID_TRACKS songs of ${SONG_SECONDS} s, $TEST_TRACKS test songs, $WORKERS processes"
+  $PY -m bsmamba2 synth --out "$WORK/data" --tracks "$TRACKS" --valid-tracks "$VALID_TRACKS" --seconds "$SONG_SECONDS" \
+      --seed 1 --vocal-activity varied --valid-activity mixed --workers "$WORKERS" 2>&1 | tail -1 | tee -a "$LOG"
+  $PY -m bsmamba2 synth --out "$WORK/test" --tracks 0 --test-tracks "$TEST_TRACKS" --seconds "$SONG_SECONDS" \
+      --seed 7 --vocal-activity sparse --workers "$WORKERS" 2>&1 | tail -1 | tee -a "$LOG"
+  echo "$STAMP" > "$WORK/data.stamp"
+  say "data done"
+fi
 
-# ---- resume: the parts of last.pt from an earlier call, carried back under $RESUME_FROM
+# ---- resume: RESUME_FROM=here continues the run left in $RUN by an earlier call on this same machine (it must still
+# be the same machine); RESUME_FROM=FOLDER joins the parts of last.pt carried back there; without it a new run starts
 RESUME_ARG=()
-if [ -n "$RESUME_FROM" ]; then
+if [ "$RESUME_FROM" = here ]; then
+  if [ ! -f "$RUN/last.pt" ]; then
+    echo "RESUME_FROM=here: no $RUN/last.pt on this machine (a fresh one?);" \
+         "carry the parts and set RESUME_FROM to their folder" >&2
+    exit 1
+  fi
+  RESUME_ARG=(--resume)
+  say "resuming from the run left on this machine ($(du -h "$RUN/last.pt" | cut -f1))"
+elif [ -n "$RESUME_FROM" ]; then
   ls "$RESUME_FROM"/last.pt.part-* > /dev/null  # fails loudly when the parts are missing
+  rm -rf "$RUN" && mkdir -p "$RUN"
   cat "$RESUME_FROM"/last.pt.part-* > "$RUN/last.pt.tmp" && mv "$RUN/last.pt.tmp" "$RUN/last.pt"
   cp "$CONFIG" "$RUN/config.yaml"
   RESUME_ARG=(--resume)
   say "resuming from $(ls "$RESUME_FROM"/last.pt.part-* | wc -l) parts ($(du -h "$RUN/last.pt" | cut -f1))"
+else
+  rm -rf "$RUN" && mkdir -p "$RUN"  # a new run, whatever an earlier call left here
 fi
 
 # ---- train for what is left of the budget; the time limit stops it cleanly (last.pt written), the hard timeout
