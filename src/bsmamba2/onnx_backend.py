@@ -52,6 +52,7 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvide
                     "tensorrt": "TensorrtExecutionProvider", "openvino": "OpenVINOExecutionProvider"}
 INSTALL_HINT = "pip install 'bsmamba2[onnx]' (or: pip install onnx onnxruntime)"
 OPENVINO_HINT = "pip install 'bsmamba2[openvino]' (or: pip install onnx openvino)"
+INT8_SCHEME = "u8w"  # quantize_onnx_int8's scheme: uint8 weights of the weight MatMuls (int8 weights saturated)
 RUNTIMES = ("onnxruntime", "openvino")  # what can run an export: the Separator's backends besides "torch"
 
 
@@ -527,10 +528,13 @@ def check_export(path: Path, metadata: dict[str, str], segment_samples: int | No
 
 # -- where a Separator's ONNX file comes from -----------------------------------------------------------------------
 def cache_path(checkpoint_sha256: str, segment_samples: int, precision: str) -> Path:
-    """The cached export of a checkpoint: `<cache>/onnx/<sha256[:16]>-<segment>-<precision>.onnx`."""
+    """The cached export of a checkpoint: `<cache>/onnx/<sha256[:16]>-<segment>-<precision>[-<scheme>]-opset<N>.onnx`,
+    int8 files named by their quantization scheme (`INT8_SCHEME`), so a cache written by an earlier scheme is not
+    reused."""
     from bsmamba2.pretrained import cache_dir  # noqa: PLC0415
 
-    return cache_dir() / "onnx" / f"{checkpoint_sha256[:16]}-{segment_samples}-{precision}-opset{OPSET}.onnx"
+    kind = f"{precision}-{INT8_SCHEME}" if precision == "int8" else precision
+    return cache_dir() / "onnx" / f"{checkpoint_sha256[:16]}-{segment_samples}-{kind}-opset{OPSET}.onnx"
 
 
 def is_onnx_file(source) -> bool:
