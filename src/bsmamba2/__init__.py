@@ -7,6 +7,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+
+class MissingExtra(ModuleNotFoundError):
+    """An optional package (an extra such as `bsmamba2[onnx]`) is not installed; the message says what to install."""
+
 # Public names, imported lazily so that `import bsmamba2` stays fast and light.
 _EXPORTS = {
     "BSMamba2": "bsmamba2.model",

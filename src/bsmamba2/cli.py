@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from bsmamba2 import MissingExtra
+
 COMMANDS = ("separate", "evaluate", "train", "export", "synth", "demo", "download", "models")
 
 EXIT_USAGE = 2
@@ -65,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         logging.getLogger("bsmamba2").error("error: %s", err)
         return EXIT_FAILURE
-    except ModuleNotFoundError as err:  # an optional extra that is not installed: its message says what to install
-        if "pip install" not in str(err):
-            raise
+    except MissingExtra as err:  # an optional extra that is not installed: its message says what to install
         logging.getLogger("bsmamba2").error("error: %s", err)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bsmamba2 import MissingExtra
 from bsmamba2.config import ModelConfig, config_from_dict, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _import_onnx(hint: str = INSTALL_HINT):
     try:
         import onnx  # noqa: PLC0415
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"ONNX export needs the onnx package: {hint}", name=err.name) from err
+        raise MissingExtra(f"ONNX export needs the onnx package: {hint}", name=err.name) from err
     return onnx
 
 
@@ -68,7 +69,7 @@ def _import_ort():
     try:
         import onnxruntime  # noqa: PLC0415
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}",
+        raise MissingExtra(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}",
                                   name=err.name) from err
     return onnxruntime
 
@@ -77,7 +78,7 @@ def _import_openvino():
     try:
         import openvino  # noqa: PLC0415
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(f"the openvino backend needs OpenVINO: {OPENVINO_HINT}", name=err.name) from err
+        raise MissingExtra(f"the openvino backend needs OpenVINO: {OPENVINO_HINT}", name=err.name) from err
     return openvino
 
 
