@@ -86,9 +86,6 @@ def compiled_forward(model):
     return forward
 
 
-ONNX_RUNTIMES = ("onnxruntime", "openvino")
-
-
 def onnx_net(model, precision: str, threads: int, runtime: str = "onnxruntime") -> tuple[ob.OnnxModel, float]:
     """The cached export of `model` for 8-s segments in `runtime`, and the time it took to get it: the export when
     missing (minutes), then the runtime's session or compile (seconds)."""
@@ -115,7 +112,7 @@ def speed(args) -> list[dict]:
             with torch.inference_mode():
                 export_s["compiled"] = _timed(lambda: runners["compiled", "fp32"](wave))  # compiles
             print(f"{name}: torch.compile and a first chunk took {export_s['compiled']:.1f} s", flush=True)
-        for runtime in (r for r in ONNX_RUNTIMES if r in args.backends):
+        for runtime in (r for r in ob.RUNTIMES if r in args.backends):
             for precision in ("fp32", "int8"):
                 nets[runtime, precision], export_s[runtime, precision] = onnx_net(model, precision, args.threads,
                                                                                  runtime)
@@ -125,8 +122,8 @@ def speed(args) -> list[dict]:
                 for run in runners.values():
                     run(wave)
         # the fp32 candidates back to back `--pairs` times, then the int8 ones once
-        fp32 = [(b, "fp32") for b in ("torch", "compiled", *ONNX_RUNTIMES) if b in args.backends]
-        order = fp32 * args.pairs + [(b, "int8") for b in ("torch", *ONNX_RUNTIMES) if b in args.backends]
+        fp32 = [(b, "fp32") for b in ("torch", "compiled", *ob.RUNTIMES) if b in args.backends]
+        order = fp32 * args.pairs + [(b, "int8") for b in ("torch", *ob.RUNTIMES) if b in args.backends]
         for backend, precision in order:
             # the CPU is shared: the floor's rate is taken again right before each timing, so both see one load
             gflops = matmul_gflops(repeats=3)
@@ -135,7 +132,7 @@ def speed(args) -> list[dict]:
                 s = _timed(lambda: runners[backend, precision](wave))
             row = {"model": name, "backend": backend, "precision": precision, "s_per_chunk": s, "rtf": s / 8,
                    "floor_s": floor, "x_floor": s / floor, "tflop": tflop, "matmul_gflops": gflops,
-                   "export_s": export_s.get((backend, precision) if backend in ONNX_RUNTIMES else backend)}
+                   "export_s": export_s.get((backend, precision) if backend in ob.RUNTIMES else backend)}
             rows.append(row)
             print(f"{name:<6}{backend:<12}{precision:<6}{s:8.2f} s/chunk  RTF {s / 8:5.2f}  {s / floor:5.2f}x floor "
                   f"({floor:.1f} s: {tflop:.3f} TFLOP at {gflops:.0f} GFLOP/s)", flush=True)
@@ -155,7 +152,7 @@ def sdr(args) -> list[dict]:
         song = generate_song((7, 1, i), seconds=args.song_seconds, vocal_activity="sparse")
         songs[f"synthetic sparse {i}"] = (torch.from_numpy(song.mixture), torch.from_numpy(song.stems["vocals"]))
     rows = []
-    backends = ["torch", *(r for r in ONNX_RUNTIMES if r in args.backends)]
+    backends = ["torch", *(r for r in ob.RUNTIMES if r in args.backends)]
     for backend in backends:
         for precision in ("fp32", "int8"):
             sep = Separator("demo", device="cpu", precision=precision, backend=backend)
