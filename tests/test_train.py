@@ -18,8 +18,8 @@ import torch
 
 from bsmamba2 import cli
 from bsmamba2.checkpoint import load_model
-from bsmamba2.train import EMA, accumulation_steps, load_checkpoint, train
-from bsmamba2.trainconfig import (RunConfig, apply_overrides, load_run_config, run_config_from_dict,
+from bsmamba2.train import EMA, accumulation_steps, learning_rate, load_checkpoint, train
+from bsmamba2.trainconfig import (RunConfig, TrainConfig, apply_overrides, load_run_config, run_config_from_dict,
                                   run_config_to_dict)
 
 # Small and fast: 0.25-s excerpts, batch 2 × accumulation 2, 1 optimiser step per epoch (validation at each).
@@ -33,6 +33,7 @@ TEST_OVERRIDES = [
     "train.epochs=2",
     "train.valid_batch_size=2",
     "train.save_every_steps=1",
+    "train.warmup_steps=2",  # the schedule runs through resume and DDP: step 1 at half the rate
     "train.device=cpu",
 ]
 
@@ -91,6 +92,17 @@ def test_accumulation_keeps_effective_batch():
     assert accumulation_steps(60, 5, 1) == 12
     with pytest.raises(ValueError, match="not a multiple"):
         accumulation_steps(60, 5, 8)
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    tc = TrainConfig(lr=1e-3, warmup_steps=4, decay_steps=10, final_lr_fraction=0.1)
+    rates = [learning_rate(tc, step) for step in range(20)]
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear, never 0
+    assert rates[4] == pytest.approx(1e-3)  # the top of the cosine
+    assert rates[9] == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way down
+    assert all(a > b for a, b in zip(rates[4:14], rates[5:15]))  # strictly falling
+    assert rates[14:] == pytest.approx([1e-4] * 6)  # held at lr * final_lr_fraction
+    assert {learning_rate(TrainConfig(lr=5e-4), step) for step in (0, 1, 10**6)} == {5e-4}  # the paper: constant
 
 
 def test_ema_update_and_warmup():
@@ -158,6 +170,8 @@ def test_straight_run_writes_checkpoints_and_logs(straight_run):
     assert result.step == 2 and result.epoch == 2
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and all(math.isfinite(h["val_usdr"]) for h in history)
+    lr = load_run_config("tiny").train.lr
+    assert [h["lr"] for h in history] == pytest.approx([lr / 2, lr])  # warm-up over 2 steps
     assert result.best_usdr == max(h["val_usdr"] for h in history)
     last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
     assert last["step"] == 2 and last["samples_seen"] == 8 and last["effective_batch"] == 4
@@ -201,7 +215,7 @@ def test_sigkill_and_resume_gives_identical_weights(straight_run, tiny_musdb, tm
     _assert_same_state(a["ema"]["model"], b["ema"]["model"], "ema")
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         _assert_same_state(sa, sb, "optimizer")
-    keys = ("step", "epoch", "val_usdr", "val_loss", "train_loss")
+    keys = ("step", "epoch", "val_usdr", "val_loss", "train_loss", "lr")
     assert [[h[k] for k in keys] for h in a["history"]] == [[h[k] for k in keys] for h in b["history"]]
     assert a["best_usdr"] == b["best_usdr"]
 

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 2 -m bsmamba2 train --config bsmamba2-paper.yaml --data ... --out ...  # DDP
     bsmamba2 train --out runs/paper --resume                                                  # after any crash
 
-Recipe: AdamW (lr 5e-4), bf16 autocast on GPU, gradient clipping at 3, gradient accumulation so that
+Recipe: AdamW (lr 5e-4, constant unless `train.warmup_steps` / `train.decay_steps` are set), bf16 autocast on GPU, gradient clipping at 3, gradient accumulation so that
 batch × processes × accumulation = `train.effective_batch`, an EMA of the weights (decay 0.999) that is what
 validation scores and export writes, validation uSDR at every epoch end. Activation checkpointing
 (`train.activation_checkpointing: auto`) is chosen before the first step from a measured footprint: the fastest
@@ -238,6 +238,20 @@ def _to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, m
     if mono:
         mix, tgt = mix.mean(1, keepdim=True), tgt.mean(2, keepdim=True)
     return mix, tgt
+
+
+def learning_rate(tc: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step `step` (0-based): warm-up, then cosine decay (TrainConfig), else lr.
+
+    A function of the step alone, so a resumed run continues the schedule exactly.
+    """
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    if tc.decay_steps <= 0:
+        return tc.lr
+    progress = min(1.0, (step - tc.warmup_steps) / tc.decay_steps)
+    floor = tc.lr * tc.final_lr_fraction
+    return floor + (tc.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def train_step(
@@ -518,6 +532,8 @@ def train(
         # ---- one optimiser step over `accum` micro-batches
         model.train()
         micro_batches = (_to_device(next(batches), ddp.device, mono) for _ in range(accum))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(tc, step)
         stats = train_step(net, model, micro_batches, accum, loss_fn, optimizer, scaler, ema, autocast, tc.grad_clip,
                            ddp.enabled)
         step += 1
@@ -556,7 +572,7 @@ def train(
             best_usdr = max(best_usdr, scores["usdr"])
             train_loss = ddp.mean([epoch_loss[0] / max(epoch_loss[1], 1)])[0]
             history.append({"step": step, "epoch": epoch, "val_usdr": scores["usdr"], "val_loss": scores["loss"],
-                            "train_loss": train_loss, "minutes": (clock + time.perf_counter() - started) / 60.0})
+                            "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "minutes": (clock + time.perf_counter() - started) / 60.0})
             if ddp.main:
                 log.info("epoch %d step %d: val uSDR %.3f dB (best %.3f), val loss %.4f",
                          epoch, step, scores["usdr"], best_usdr, scores["loss"])

@@ -85,6 +85,11 @@ class TrainConfig:
 
     seed: int = 42
     lr: float = 5e-4
+    # learning rate by optimiser step (the paper: constant): linear warm-up from 0 over warmup_steps, then, when
+    # decay_steps > 0, a half cosine from lr down to lr * final_lr_fraction over the next decay_steps, held after
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    final_lr_fraction: float = 0.0
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     batch_size: int = 5  # per process (GPU)
