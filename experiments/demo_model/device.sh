@@ -4,6 +4,7 @@
 #
 #   OUT=/path/to/out bash experiments/demo_model/device.sh            # first call
 #   RESUME_FROM=here OUT=... bash experiments/demo_model/device.sh    # a later call on the same machine (data kept)
+#   EVAL=0 RESERVE_SECONDS=30 ...                                     # a call that another one continues: no scoring
 #   RESUME_FROM=resume OUT=... bash experiments/demo_model/device.sh  # elsewhere: resume/last.pt.part-* carried
 #
 # Run from the repository root; nothing is installed (PYTHONPATH=src; torch, triton, numpy, scipy, soundfile,
@@ -116,6 +117,10 @@ if [ "${RESUME_PARTS:-1}" = 1 ]; then
 fi
 
 # ---- held-out evaluation: the demo song and the sparse test songs, new model and the model it replaces
+# (EVAL=0 skips it, for a call that a RESUME_FROM=here call follows: a smaller RESERVE_SECONDS then trains longer)
+if [ "${EVAL:-1}" = 0 ]; then
+  say "evaluation skipped (EVAL=0)"; cp "$RUN/history.json" "$OUT/" 2>/dev/null || true; ls -la "$OUT"; exit 0
+fi
 BASE_ARG=()
 if [ -f "$BASELINE" ]; then BASE_ARG=(--baseline "$BASELINE"); fi
 $PY experiments/demo_model/evaluate_demo.py --checkpoint "$OUT/bsmamba2-demo.safetensors" "${BASE_ARG[@]}" \
