@@ -38,6 +38,32 @@ def test_multires_stft_loss_matches_direct_dft():
     assert loss.n_ffts == (4096, 2048, 2048, 2048, 2048)
 
 
+def test_stft_of_the_difference_matches_two_transforms_in_value_and_gradient():
+    """The loss transforms ŝ - s once; the plain form transforms ŝ and s and subtracts (float64, fresh inputs)."""
+    torch.manual_seed(3)
+    pred = torch.randn(2, 1, 2, 5000, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 1, 2, 5000, dtype=torch.float64)
+    windows, hop = (4096, 1024, 256), 147
+    loss = MultiResolutionSTFTLoss(windows, hop, 2048).double()
+
+    def plain(p: torch.Tensor) -> torch.Tensor:
+        total = p.new_zeros(())
+        for i, (win, n_fft) in enumerate(zip(loss.windows, loss.n_ffts)):
+            kw = dict(n_fft=n_fft, hop_length=hop, win_length=win, window=getattr(loss, f"window_{i}").double(),
+                      center=True, pad_mode="reflect", return_complex=True)
+            total = total + (torch.stft(p.reshape(-1, 5000), **kw) - torch.stft(target.reshape(-1, 5000), **kw)).abs().mean()
+        return total
+
+    want = plain(pred)
+    (want_grad,) = torch.autograd.grad(want, pred)
+    with torch.no_grad():  # the loss always computes in float32: compare at float32's precision
+        pred32 = pred.detach().float().requires_grad_(True)
+    got = loss(pred32, target.float())
+    (got_grad,) = torch.autograd.grad(got, pred32)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-4, atol=1e-4 * float(want_grad.abs().max()))
+
+
 def test_separation_loss_weights_and_zero_at_target():
     torch.manual_seed(0)
     target = torch.randn(2, 1, 2, 8000)
