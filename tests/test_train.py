@@ -103,6 +103,8 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     assert all(a > b for a, b in zip(rates[4:14], rates[5:15]))  # strictly falling
     assert rates[14:] == pytest.approx([1e-4] * 6)  # held at lr * final_lr_fraction
     assert {learning_rate(TrainConfig(lr=5e-4), step) for step in (0, 1, 10**6)} == {5e-4}  # the paper: constant
+    with pytest.raises(ValueError, match="final_lr_fraction"):
+        learning_rate(TrainConfig(decay_steps=10, final_lr_fraction=2.0), 0)
 
 
 def test_ema_update_and_warmup():

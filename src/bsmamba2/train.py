@@ -4,11 +4,11 @@
     torchrun --nproc-per-node 2 -m bsmamba2 train --config bsmamba2-paper.yaml --data ... --out ...  # DDP
     bsmamba2 train --out runs/paper --resume                                                  # after any crash
 
-Recipe: AdamW (lr 5e-4, constant unless `train.warmup_steps` / `train.decay_steps` are set), bf16 autocast on GPU, gradient clipping at 3, gradient accumulation so that
-batch × processes × accumulation = `train.effective_batch`, an EMA of the weights (decay 0.999) that is what
-validation scores and export writes, validation uSDR at every epoch end. Activation checkpointing
-(`train.activation_checkpointing: auto`) is chosen before the first step from a measured footprint: the fastest
-selection of axis modules to recompute that fits the GPU's free memory (`bsmamba2.memory`).
+Recipe: AdamW (lr 5e-4; constant unless `train.warmup_steps` / `train.decay_steps` shape it), bf16 autocast on GPU,
+gradient clipping at 3, gradient accumulation so that batch × processes × accumulation = `train.effective_batch`, an
+EMA of the weights (decay 0.999) that is what validation scores and export writes, validation uSDR at every epoch end.
+Activation checkpointing (`train.activation_checkpointing: auto`) is chosen before the first step from a measured
+footprint: the fastest selection of axis modules to recompute that fits the GPU's free memory (`bsmamba2.memory`).
 
 Resumability: RUN_DIR/last.pt (and best.pt, by validation uSDR) hold the model, EMA, optimiser, grad scaler, step,
 epoch, RNG states and the data position; the training data are a pure function of (seed, sample index) (see
@@ -245,6 +245,9 @@ def learning_rate(tc: TrainConfig, step: int) -> float:
 
     A function of the step alone, so a resumed run continues the schedule exactly.
     """
+    if tc.warmup_steps < 0 or tc.decay_steps < 0 or not 0.0 <= tc.final_lr_fraction <= 1.0:
+        raise ValueError(f"train.warmup_steps ({tc.warmup_steps}) and train.decay_steps ({tc.decay_steps}) must be "
+                         f">= 0 and train.final_lr_fraction ({tc.final_lr_fraction}) within 0..1")
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     if tc.decay_steps <= 0:
@@ -572,7 +575,8 @@ def train(
             best_usdr = max(best_usdr, scores["usdr"])
             train_loss = ddp.mean([epoch_loss[0] / max(epoch_loss[1], 1)])[0]
             history.append({"step": step, "epoch": epoch, "val_usdr": scores["usdr"], "val_loss": scores["loss"],
-                            "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "minutes": (clock + time.perf_counter() - started) / 60.0})
+                            "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                            "minutes": (clock + time.perf_counter() - started) / 60.0})
             if ddp.main:
                 log.info("epoch %d step %d: val uSDR %.3f dB (best %.3f), val loss %.4f",
                          epoch, step, scores["usdr"], best_usdr, scores["loss"])
