@@ -103,8 +103,6 @@ def test_learning_rate_warms_up_then_decays_by_cosine():
     assert all(a > b for a, b in zip(rates[4:14], rates[5:15]))  # strictly falling
     assert rates[14:] == pytest.approx([1e-4] * 6)  # held at lr * final_lr_fraction
     assert {learning_rate(TrainConfig(lr=5e-4), step) for step in (0, 1, 10**6)} == {5e-4}  # the paper: constant
-    with pytest.raises(ValueError, match="final_lr_fraction"):
-        learning_rate(TrainConfig(decay_steps=10, final_lr_fraction=2.0), 0)
 
 
 def test_ema_update_and_warmup():
@@ -290,6 +288,8 @@ def test_checkpointing_setting_is_checked_and_auto_is_none_on_cpu(tmp_path, capl
         train(_config(tmp_path, "train.activation_checkpointing=some"), tmp_path / "run")
     with pytest.raises(ValueError, match="train.memory_margin"):
         train(_config(tmp_path, "train.memory_margin=1.5"), tmp_path / "run")
+    with pytest.raises(ValueError, match="final_lr_fraction"):  # checked before anything is built
+        train(_config(tmp_path, "train.decay_steps=10", "train.final_lr_fraction=2.0"), tmp_path / "run")
     config = _config(tmp_path)
     model = build_model(config.model)
     model.activation_checkpointing = True

@@ -8,7 +8,7 @@ this process. Two kinds of change bypass the version counter: writes through `.d
 `torch._foreach_*` kernels on CUDA (on the CPU they loop over single-tensor ops and do bump it). Optimizer steps, fused
 or foreach, are counted by a post-step hook on every `torch.optim.Optimizer`; an EMA's lerp bumps its tensors with
 `torch.autograd.graph.increment_version` (`train.EMA.update`); after any other such change, `clear(module)` drops a
-module tree's cached values.
+module tree's cached values. `in_autocast_dtype` keeps their casts to the autocast dtype the same way.
 """
 
 from __future__ import annotations

@@ -69,8 +69,7 @@ def _import_ort():
     try:
         import onnxruntime  # noqa: PLC0415
     except ModuleNotFoundError as err:
-        raise MissingExtra(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}",
-                                  name=err.name) from err
+        raise MissingExtra(f"the onnxruntime backend needs onnxruntime: {INSTALL_HINT}", name=err.name) from err
     return onnxruntime
 
 

@@ -245,9 +245,6 @@ def learning_rate(tc: TrainConfig, step: int) -> float:
 
     A function of the step alone, so a resumed run continues the schedule exactly.
     """
-    if tc.warmup_steps < 0 or tc.decay_steps < 0 or not 0.0 <= tc.final_lr_fraction <= 1.0:
-        raise ValueError(f"train.warmup_steps ({tc.warmup_steps}) and train.decay_steps ({tc.decay_steps}) must be "
-                         f">= 0 and train.final_lr_fraction ({tc.final_lr_fraction}) within 0..1")
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
     if tc.decay_steps <= 0:
@@ -403,6 +400,9 @@ def train(
     if tc.activation_checkpointing not in (True, False, "auto"):
         raise ValueError(f"train.activation_checkpointing={tc.activation_checkpointing!r}; "
                          "expected auto, true or false")
+    if tc.warmup_steps < 0 or tc.decay_steps < 0 or not 0.0 <= tc.final_lr_fraction <= 1.0:
+        raise ValueError(f"train.warmup_steps ({tc.warmup_steps}) and train.decay_steps ({tc.decay_steps}) must be "
+                         f">= 0 and train.final_lr_fraction ({tc.final_lr_fraction}) within 0..1, e.g. 0.05")
     if not 0.0 <= tc.memory_margin < 1.0:
         raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
     if dc.sample_rate != config.model.stft.sample_rate:
