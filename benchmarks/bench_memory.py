@@ -10,7 +10,8 @@ For each model (the shipped paper configs, bf16, batch 5 × 8 s by default) one 
            saves (shape, dtype, GiB; one row per storage), the inputs to a leaner backward
 Each mode: a fresh model, AdamW, EMA and the paper's loss; one step (optimiser state), `--warmup` steps, then the
 median of `--steps` timed steps (`bsmamba2.train.train_step`, the training loop's own step) and the peak memory over
-the timed steps (allocated and reserved). Writes JSON (`--out`, or $OUT/bench_memory.json when $OUT is set).
+the timed steps (allocated and reserved); `--profile N` then profiles one more step and prints its N costliest
+kernels (where a step's time goes). Writes JSON (`--out`, or $OUT/bench_memory.json when $OUT is set).
 
 GPU (H100 / H200), both models:
     PYTHONPATH=src python benchmarks/bench_memory.py
@@ -124,6 +125,8 @@ def bench(arch: str, mode: str, args, device: torch.device, cap_gib: float | Non
         if cuda:
             result.update(peak_gib=torch.cuda.max_memory_allocated(device) / GiB,
                           reserved_gib=torch.cuda.max_memory_reserved(device) / GiB)
+        if args.profile:
+            result["profile"] = profile_step(step, sync, cuda, args.profile)
     except torch.cuda.OutOfMemoryError:
         result.update(oom=True)
     except ValueError as err:  # auto: the batch does not fit even with full checkpointing (the advice)
@@ -136,6 +139,29 @@ def bench(arch: str, mode: str, args, device: torch.device, cap_gib: float | Non
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, device)
     return result
+
+
+def profile_step(step, sync, cuda: bool, top: int) -> list[dict]:
+    """One more step under torch.profiler: the `top` kernels (CUDA) or operators (CPU) by self time, ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with profile(activities=activities) as prof:
+        step()
+        sync()
+    rows = []
+    for e in prof.key_averages():
+        self_us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if self_us > 0 and (not cuda or e.device_type.name == "CUDA"):
+            rows.append({"name": e.key, "ms": self_us / 1e3, "calls": e.count})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    print(f"{'':<10} profile of one step: {total:.1f} ms of {'kernel' if cuda else 'operator'} self time; top {top}:",
+          flush=True)
+    for r in rows[:top]:
+        print(f"{'':<12}{r['ms']:8.2f} ms {100 * r['ms'] / total:5.1f}% {r['calls']:6d}x  {r['name'][:90]}", flush=True)
+    return [{"total_ms": total}] + rows[:top]
 
 
 def saved_for_backward(arch: str, args, device: torch.device) -> list[dict]:
@@ -194,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--tiny", action="store_true", help="test-size models (smoke test)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile one more step of each mode and print its N costliest kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
