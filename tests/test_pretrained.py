@@ -190,6 +190,27 @@ def test_first_use_downloads_with_progress_then_works_offline(cache, server, off
     assert len(server.fetches()) == 1
 
 
+def test_fine_tuning_starts_from_a_published_model_fetched_by_name(cache, server, official_ckpt, tiny_musdb,
+                                                                   tmp_path):
+    """`train.init_from: bsmamba2-musdb` fetches the paper's weights once (here the official-format fixture from the
+    local server) and the run starts from them: at lr 0 one step leaves the model equal to the checkpoint's."""
+    import dataclasses
+
+    from bsmamba2.train import train
+    from bsmamba2.trainconfig import load_run_config
+
+    official = bsmamba2.load_model(official_ckpt)
+    config = load_run_config("tiny", [f"data.root={tiny_musdb}", f"train.init_from={NAME}", "train.lr=0",
+                                      "train.max_steps=1", "train.device=cpu", "data.segment_seconds=0.25",
+                                      "data.valid_max_excerpts=1", "train.batch_size=1", "train.effective_batch=1",
+                                      "train.epoch_samples=1", "train.valid_batch_size=1"])
+    config = dataclasses.replace(config, model=official.config)  # the checkpoint's size (inferred from its weights)
+    result = train(config, tmp_path / "run")
+    assert len(server.fetches()) == 1 and (cache / f"{NAME}.ckpt").is_file()
+    mine, theirs = result.model.state_dict(), official.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
 def test_offline_says_what_is_missing_and_never_connects(cache, server, monkeypatch):
     monkeypatch.setenv("BSMAMBA2_OFFLINE", "1")
     with pytest.raises(DownloadError, match=rf"{NAME} is not in the cache .*{NAME}.ckpt is missing.*offline.*"

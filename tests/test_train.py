@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from bsmamba2 import cli
-from bsmamba2.checkpoint import load_model
+from bsmamba2.build import build_model
+from bsmamba2.checkpoint import load_model, save_model
 from bsmamba2.train import EMA, accumulation_steps, learning_rate, load_checkpoint, train
 from bsmamba2.trainconfig import (RunConfig, TrainConfig, apply_overrides, load_run_config, run_config_from_dict,
                                   run_config_to_dict)
@@ -275,6 +276,57 @@ def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
     _assert_same_state(model.state_dict(), ckpt["ema"]["model"], "exported EMA")
     assert model.config == run_config_from_dict(ckpt["config"]).model
     assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 1
+
+
+def test_init_from_starts_a_new_run_from_those_weights(tiny_musdb, tmp_path, caplog):
+    """Fine-tuning: with train.init_from a new run starts from the file's weights instead of its seed's (at lr 0 the
+    model and its EMA stay exactly those through a step), the run's config records the source, and a model of
+    another size is refused before training with the differing settings named."""
+    config = _config(tiny_musdb)
+    torch.manual_seed(123)
+    source = build_model(config.model)
+    start = tmp_path / "start.safetensors"
+    save_model(source, start)
+    torch.manual_seed(config.train.seed)
+    seeded = build_model(config.model).state_dict()  # what the run would start from without init_from
+    assert any(not torch.equal(seeded[k], v) for k, v in source.state_dict().items())
+    with caplog.at_level("INFO", logger="bsmamba2.train"):
+        result = train(_config(tiny_musdb, f"train.init_from={start}", "train.lr=0", "train.max_steps=1"),
+                       tmp_path / "run")
+    assert result.step == 1
+    _assert_same_state(result.model.state_dict(), source.state_dict(), "model after a step at lr 0")
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    _assert_same_state(last["ema"]["model"], source.state_dict(), "EMA after a step at lr 0")
+    assert last["config"]["train"]["init_from"] == str(start)
+    assert f"initialized the model from {start}" in caplog.text
+
+    other = tmp_path / "wider.safetensors"
+    save_model(build_model(_config(tiny_musdb, "model.dim=24").model), other)
+    with pytest.raises(ValueError, match=r"do not fit the run's model \(run vs checkpoint: dim: 16 vs 24"):
+        train(_config(tiny_musdb, f"train.init_from={other}"), tmp_path / "run2")
+    assert not (tmp_path / "run2" / "last.pt").exists()
+    with pytest.raises(ValueError, match="train.init_from=1.5; expected a model name"):
+        train(_config(tiny_musdb, "train.init_from=1.5"), tmp_path / "run3")
+
+
+def test_cli_init_from(tiny_musdb, tmp_path, caplog):
+    """`bsmamba2 train --init-from MODEL` fine-tunes (the bundled demo model is refused by the tiny config, naming
+    the settings); with --resume it is refused, since the run's own last.pt holds its weights."""
+    start = tmp_path / "start.safetensors"
+    config = _config(tiny_musdb)
+    save_model(build_model(config.model), start)
+    args = ["train", "--config", "tiny", "--data", str(tiny_musdb), "--out", str(tmp_path / "run")]
+    sets = [x for o in [*TEST_OVERRIDES, "train.max_steps=1"] for x in ("--set", o)]
+    assert cli.main([*args, *sets, "--init-from", str(start)]) == 0
+    assert load_run_config(str(tmp_path / "run" / "config.yaml")).train.init_from == str(start)
+    assert cli.main([*args, *sets, "--resume", "--init-from", str(start)]) == 1
+    assert "pass one of them" in caplog.text
+    demo = tmp_path / "demo-run"
+    if (Path(cli.__file__).parent / "assets" / "demo-bsmamba2-synthetic.safetensors").is_file():
+        caplog.clear()
+        assert cli.main(["train", "--config", "tiny", "--data", str(tiny_musdb), "--out", str(demo), *sets,
+                         "--init-from", "demo"]) == 1
+        assert "do not fit" in caplog.text and "dim: 16 vs 64" in caplog.text
 
 
 def test_checkpointing_setting_is_checked_and_auto_is_none_on_cpu(tmp_path, caplog):

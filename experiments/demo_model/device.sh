@@ -6,6 +6,7 @@
 #   RESUME_FROM=here OUT=... bash experiments/demo_model/device.sh    # a later call on the same machine (data kept)
 #   EVAL=0 RESERVE_SECONDS=30 ...                                     # a call that another one continues: no scoring
 #   RESUME_FROM=resume OUT=... bash experiments/demo_model/device.sh  # elsewhere: resume/last.pt.part-* carried
+#   INIT_FROM=demo OUT=... bash experiments/demo_model/device.sh      # a new run from the shipped model's weights
 #
 # Run from the repository root; nothing is installed (PYTHONPATH=src; torch, triton, numpy, scipy, soundfile,
 # pyyaml, tqdm, matplotlib, safetensors must be there - checked first; wheels in .wheels/ are used if carried).
@@ -24,6 +25,7 @@ TRACKS=${TRACKS:-400} VALID_TRACKS=${VALID_TRACKS:-8} TEST_TRACKS=${TEST_TRACKS:
 WORKERS=${WORKERS:-$(nproc)}
 DEVICE=${DEVICE:-auto}
 TRAIN_SET=${TRAIN_SET:-}               # extra `--set key=value` overrides (the CPU dry run uses this)
+INIT_FROM=${INIT_FROM:-}               # a new run starts from these weights (e.g. `demo`: train the shipped model on)
 BASELINE=${BASELINE:-src/bsmamba2/assets/demo-bsmamba2-synthetic.safetensors}
 RESUME_FROM=${RESUME_FROM:-}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -78,6 +80,10 @@ elif [ -n "$RESUME_FROM" ]; then
   say "resuming from $(ls "$RESUME_FROM"/last.pt.part-* | wc -l) parts ($(du -h "$RUN/last.pt" | cut -f1))"
 else
   rm -rf "$RUN" && mkdir -p "$RUN"  # a new run, whatever an earlier call left here
+  if [ -n "$INIT_FROM" ]; then
+    RESUME_ARG=(--init-from "$INIT_FROM")
+    say "a new run from the weights of $INIT_FROM"
+  fi
 fi
 
 # ---- train for what is left of the budget; the time limit stops it cleanly (last.pt written), the hard timeout

@@ -3,6 +3,7 @@
     bsmamba2 train --config bsmamba2-paper.yaml --data MUSDB18HQ --out runs/paper            # one GPU (or CPU)
     torchrun --nproc-per-node 2 -m bsmamba2 train --config bsmamba2-paper.yaml --data ... --out ...  # DDP
     bsmamba2 train --out runs/paper --resume                                                  # after any crash
+    bsmamba2 train --data MYDATA --out runs/ft --init-from bsmamba2-musdb --set train.lr=1e-4  # fine-tune the paper's
 
 Recipe: AdamW (lr 5e-4; constant unless `train.warmup_steps` / `train.decay_steps` shape it), bf16 autocast on GPU,
 gradient clipping at 3, gradient accumulation so that batch × processes × accumulation = `train.effective_batch`, an
@@ -48,6 +49,7 @@ from bsmamba2.losses import SeparationLoss
 from bsmamba2.memory import auto_checkpointing
 from bsmamba2.metrics import usdr
 from bsmamba2.build import build_model
+from bsmamba2.config import ModelConfig, config_to_dict
 from bsmamba2.trainconfig import RunConfig, run_config_from_dict, run_config_to_dict
 
 log = logging.getLogger(__name__)
@@ -353,6 +355,50 @@ def _choose_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, lo
         log.info("%s", decision.message)
 
 
+def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: a-value vs b-value` for every setting that differs between two model config dicts (nested ones dotted)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} vs {vb!r}")
+    return out
+
+
+def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist) -> None:
+    """Fine-tuning: load the weights of `spec` (name, path, URL, hf:// id) into the new run's `model`.
+
+    The main process fetches a published model first (one download), then every process loads the same file. The
+    weights must fit the run's model exactly; other config differences (say the STFT hop) are logged."""
+    from bsmamba2 import pretrained  # noqa: PLC0415 - the download machinery only when fine-tuning
+
+    if ddp.main:
+        path = pretrained.resolve(spec)
+    ddp.barrier()
+    if not ddp.main:
+        path = pretrained.resolve(spec, progress=False)
+    source = pretrained.model_from_file(path)
+    differences = _config_differences(config_to_dict(config), config_to_dict(source.config))
+    mine = model.state_dict()
+    theirs = source.state_dict()
+    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise ValueError(f"train.init_from={spec}: its weights do not fit the run's model (run vs checkpoint: "
+                         f"{shown or 'same config, other weights'}); train with the checkpoint's model settings, "
+                         "e.g. --config bsmamba2-paper for bsmamba2-musdb, or --set model.KEY=VALUE")
+    with torch.no_grad():
+        for name, tensor in mine.items():
+            tensor.copy_(theirs[name])  # into the run's dtype and device
+    if differences:
+        log.warning("train.init_from=%s: the weights fit, but these model settings differ (run vs checkpoint): %s",
+                    spec, "; ".join(differences))
+    if ddp.main:
+        log.info("initialized the model from %s (%s; %s parameters); the optimizer starts fresh", spec, path,
+                 f"{sum(p.numel() for p in model.parameters()):,}")
+
+
 def _summary_writer(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
@@ -403,6 +449,9 @@ def train(
     if tc.warmup_steps < 0 or tc.decay_steps < 0 or not 0.0 <= tc.final_lr_fraction <= 1.0:
         raise ValueError(f"train.warmup_steps ({tc.warmup_steps}) and train.decay_steps ({tc.decay_steps}) must be "
                          f">= 0 and train.final_lr_fraction ({tc.final_lr_fraction}) within 0..1, e.g. 0.05")
+    if tc.init_from is not None and not isinstance(tc.init_from, str):
+        raise ValueError(f"train.init_from={tc.init_from!r}; expected a model name, checkpoint path, URL or hf:// id "
+                         "(quote it in YAML)")
     if not 0.0 <= tc.memory_margin < 1.0:
         raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
     if dc.sample_rate != config.model.stft.sample_rate:
@@ -423,6 +472,8 @@ def train(
     if cuda:
         torch.set_float32_matmul_precision("high")
     model = build_model(config.model).to(ddp.device)
+    if tc.init_from is not None and not resume:  # before the EMA, which starts as a copy of these weights
+        _init_weights(model, config.model, tc.init_from, ddp)
     model.activation_checkpointing = tc.activation_checkpointing is True  # auto: decided before the first step
     ema = EMA(model, tc.ema_decay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)

@@ -84,6 +84,10 @@ class TrainConfig:
     """The optimisation recipe. Defaults are the paper's (AdamW 5e-4, bf16, clip 3, EMA 0.999, batch 60)."""
 
     seed: int = 42
+    # fine-tuning: a new run starts from these weights instead of random ones (a model name such as bsmamba2-musdb or
+    # demo, a checkpoint path, URL or hf:// id; its model config must be the run's); the optimiser and the schedule
+    # start fresh; a resumed run takes its weights from last.pt and ignores this
+    init_from: str | None = None
     lr: float = 5e-4
     # learning rate by optimiser step (the paper: constant): linear warm-up from 0 over warmup_steps, then, when
     # decay_steps > 0, a half cosine from lr down to lr * final_lr_fraction over the next decay_steps, held after

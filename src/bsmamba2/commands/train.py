@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="MUSDB18-HQ root (ROOT/train/<track>/vocals.wav ...); overrides data.root")
     parser.add_argument("--out", required=True, help="run folder for checkpoints, config.yaml and TensorBoard logs")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument("--init-from", metavar="MODEL",
+                        help="fine-tune: start from these weights (a model name such as bsmamba2-musdb or demo, a "
+                        "checkpoint path, URL or hf:// id) with a fresh optimizer; the model config must match "
+                        "(train.init_from)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     parser.epilog = ("multi-GPU: torchrun --nproc-per-node N -m bsmamba2 train ...; the accumulation adapts so that "
@@ -41,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.root={args.data}")
+    if args.init_from:
+        if args.resume:
+            raise ValueError("--init-from starts a new run from other weights; --resume continues this run's own "
+                             "(last.pt): pass one of them")
+        overrides.append(f"train.init_from={args.init_from}")
     config = load_run_config(name, overrides)
     try:
         result = train(config, out, resume=args.resume)
