@@ -305,6 +305,12 @@ def test_init_from_starts_a_new_run_from_those_weights(tiny_musdb, tmp_path, cap
     with pytest.raises(ValueError, match=r"do not fit the run's model \(run vs checkpoint: dim: 16 vs 24"):
         train(_config(tiny_musdb, f"train.init_from={other}"), tmp_path / "run2")
     assert not (tmp_path / "run2" / "last.pt").exists()
+    # weights that fit from a model with another STFT hop: trained on, with the difference in a warning
+    hop = tmp_path / "hop.safetensors"
+    save_model(build_model(_config(tiny_musdb, "model.stft.hop_length=512").model), hop)
+    caplog.clear()
+    train(_config(tiny_musdb, f"train.init_from={hop}", "train.max_steps=1"), tmp_path / "run4")
+    assert "these model settings differ (run vs checkpoint): stft.hop_length: 441 vs 512" in caplog.text
     with pytest.raises(ValueError, match="train.init_from=1.5; expected a model name"):
         train(_config(tiny_musdb, "train.init_from=1.5"), tmp_path / "run3")
 
