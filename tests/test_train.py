@@ -266,6 +266,9 @@ def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
     # a second start without --resume refuses to overwrite the run
     assert cli.main([*args, *sets]) == 1
     assert "--resume" in caplog.text
+    # resuming with another model size is refused, naming the setting
+    assert cli.main(["train", "--out", str(out), "--resume", "--set", "model.dim=24"]) == 1
+    assert "different model config (dim: 16 vs 24" in caplog.text
     # resume reads RUN_DIR/config.yaml when no --config is given
     assert cli.main(["train", "--out", str(out), "--resume", "--set", "train.max_steps=2"]) == 0
     assert load_checkpoint(out / "last.pt")["step"] == 2

@@ -20,22 +20,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import SR, time_cuda  # noqa: E402
 
-from bsmamba2.losses import MultiResolutionSTFTLoss, SeparationLoss  # noqa: E402
+from bsmamba2.losses import SeparationLoss  # noqa: E402
 
 
 class TwoTransformLoss(SeparationLoss):
     """The plain form of the same loss: STFT(prediction) - STFT(target) per resolution."""
 
     def forward(self, pred, target):
-        stft: MultiResolutionSTFTLoss = self.stft
         with torch.autocast(pred.device.type, enabled=False):
-            p, t = pred.float().reshape(-1, pred.shape[-1]), target.float().reshape(-1, target.shape[-1])
+            p, t = pred.float(), target.float()
             time_part = (p - t).abs().mean()
-            spec = p.new_zeros(())
-            for i, (win, n_fft) in enumerate(zip(stft.windows, stft.n_ffts)):
-                kw = dict(n_fft=n_fft, hop_length=stft.hop, win_length=win, window=getattr(stft, f"window_{i}"),
-                          center=True, pad_mode="reflect", return_complex=True)
-                spec = spec + (torch.stft(p, **kw) - torch.stft(t, **kw)).abs().mean()
+            spec = self.stft.plain(p, t)
         total = self.time_weight * time_part + spec
         return total, {"time": time_part.detach(), "stft": spec.detach()}
 

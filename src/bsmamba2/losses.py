@@ -28,6 +28,12 @@ class MultiResolutionSTFTLoss(nn.Module):
         for i, w in enumerate(self.windows):
             self.register_buffer(f"window_{i}", torch.hann_window(w, periodic=True), persistent=False)
 
+    def spectrum(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """(signals, time) -> (signals, freq, frames): the STFT of resolution `i`, in x's dtype."""
+        return torch.stft(x, n_fft=self.n_ffts[i], hop_length=self.hop, win_length=self.windows[i],
+                          window=getattr(self, f"window_{i}").to(x.dtype), center=True, pad_mode="reflect",
+                          return_complex=True)
+
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """
         Args:
@@ -37,18 +43,17 @@ class MultiResolutionSTFTLoss(nn.Module):
         """
         diff = (pred.float() - target.float()).reshape(-1, pred.shape[-1])  # (signals, time)
         total = diff.new_zeros(())
-        for i, (win, n_fft) in enumerate(zip(self.windows, self.n_ffts)):
-            spec = torch.stft(
-                diff,
-                n_fft=n_fft,
-                hop_length=self.hop,
-                win_length=win,
-                window=getattr(self, f"window_{i}").float(),
-                center=True,
-                pad_mode="reflect",
-                return_complex=True,
-            )  # (signals, freq, frames): STFT(pred) - STFT(target)
-            total = total + spec.abs().mean()
+        for i in range(len(self.windows)):
+            total = total + self.spectrum(diff, i).abs().mean()  # STFT(pred) - STFT(target)
+        return total
+
+    def plain(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The plain twin of `forward`: both signals transformed, then subtracted (in their own dtype; for tests and
+        `tools/loss_ab.py`)."""
+        p, t = pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1])
+        total = p.new_zeros(())
+        for i in range(len(self.windows)):
+            total = total + (self.spectrum(p, i) - self.spectrum(t, i)).abs().mean()
         return total
 
 

@@ -381,16 +381,13 @@ def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist) -
         path = pretrained.resolve(spec, progress=False)
     source = pretrained.model_from_file(path)
     differences = _config_differences(config_to_dict(config), config_to_dict(source.config))
-    mine = model.state_dict()
-    theirs = source.state_dict()
-    if mine.keys() != theirs.keys() or any(mine[k].shape != theirs[k].shape for k in mine):
+    try:
+        model.load_state_dict(source.state_dict())  # strict: every key, every shape; into the run's dtype and device
+    except RuntimeError as err:
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
         raise ValueError(f"train.init_from={spec}: its weights do not fit the run's model (run vs checkpoint: "
                          f"{shown or 'same config, other weights'}); train with the checkpoint's model settings, "
-                         "e.g. --config bsmamba2-paper for bsmamba2-musdb, or --set model.KEY=VALUE")
-    with torch.no_grad():
-        for name, tensor in mine.items():
-            tensor.copy_(theirs[name])  # into the run's dtype and device
+                         "e.g. --config bsmamba2-paper for bsmamba2-musdb, or --set model.KEY=VALUE") from err
     if differences:
         log.warning("train.init_from=%s: the weights fit, but these model settings differ (run vs checkpoint): %s",
                     spec, "; ".join(differences))
@@ -493,9 +490,10 @@ def train(
     last_path, best_path = out / "last.pt", out / "best.pt"
     if resume:
         ckpt = load_checkpoint(last_path)  # on CPU: RNG states must stay there; load_state_dict moves the rest
-        saved_model = ckpt["config"]["model"]
-        if saved_model != run_config_to_dict(config)["model"]:
-            raise ValueError(f"{last_path} was trained with a different model config; resume with its config.yaml")
+        differences = _config_differences(ckpt["config"]["model"], run_config_to_dict(config)["model"])
+        if differences:
+            raise ValueError(f"{last_path} was trained with a different model config ({'; '.join(differences)}, "
+                             "checkpoint vs now); resume with its config.yaml")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
