@@ -161,6 +161,37 @@ def test_causal_depthwise_conv_equals_conv1d(length):
     torch.testing.assert_close(causal_depthwise_conv(x, conv.weight, conv.bias), ref)
 
 
+@pytest.mark.parametrize("batch,length,channels", [(1, 1, 8), (3, 5, 12), (2, 300, 64), (15, 62, 40)])
+def test_channels_last_conv_equals_shifted_sum(batch, length, channels):
+    """The CPU's one-pass conv (oneDNN where present) against the plain shifted sum, on a strided input as the model
+    passes it (xBC, a column slice of the in-projection), forward and backward, fresh inputs each run."""
+    from bsmamba2.functional import causal_depthwise_conv, causal_depthwise_conv_channels_last
+
+    wide = torch.randn(batch, length, channels + 7)
+    weight, bias = torch.randn(channels, 1, 4), torch.randn(channels)
+    x = wide[..., 3:3 + channels]  # strided: rows of channels + 7
+    ref_x, fast_x = x.detach().requires_grad_(), x.detach().requires_grad_()
+    w_ref, w_fast = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = causal_depthwise_conv(ref_x, w_ref, bias)
+    fast = causal_depthwise_conv_channels_last(fast_x, w_fast, bias)
+    assert fast.shape == (batch, length, channels)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    fast.backward(grad)
+    torch.testing.assert_close(fast_x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w_fast.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_mixer_picks_the_one_pass_conv_on_cpu():
+    from bsmamba2.functional import causal_depthwise_conv, causal_depthwise_conv_channels_last
+    from bsmamba2.mamba2 import conv_for
+
+    expected = causal_depthwise_conv_channels_last if torch.backends.mkldnn.is_available() else causal_depthwise_conv
+    assert conv_for(torch.zeros(1)) is expected
+    assert conv_for(torch.zeros(1, device="meta")) is causal_depthwise_conv
+
+
 def test_cpu_inference_in_slices_equals_whole_batch(monkeypatch):
     import bsmamba2.mamba2 as mamba2_module
 

@@ -21,13 +21,22 @@ from torch import Tensor, nn
 
 from bsmamba2 import cpu_compile, ssd, switches
 from bsmamba2.config import Mamba2Config
-from bsmamba2.functional import causal_depthwise_conv, compute_dtype, rms_scale
+from bsmamba2.functional import (causal_depthwise_conv, causal_depthwise_conv_channels_last, compute_dtype,
+                                 rms_scale)
 from bsmamba2.switches import get_backend, set_backend  # noqa: F401  (the backend's home; kept importable here)
 
 log = logging.getLogger(__name__)
 
 TORCH_CHUNK = 64  # chunk length of the plain-PyTorch scan
 CPU_SLICE_ELEMENTS = 500_000  # elements of the widest per-slice activation in CPU inference (~2 MB float32)
+
+
+def conv_for(x: Tensor):
+    """The causal depthwise conv for x's device: on a CPU with oneDNN the channels-last conv2d (one pass), elsewhere
+    the shifted sum (`functional.causal_depthwise_conv`, the plain form; the GPU's fast path has its own kernels)."""
+    if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return causal_depthwise_conv_channels_last
+    return causal_depthwise_conv
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +109,7 @@ class Mamba2(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = F.silu(causal_depthwise_conv(xBC, self.conv1d.weight, self.conv1d.bias))
+        xBC = F.silu(conv_for(xBC)(xBC, self.conv1d.weight, self.conv1d.bias))
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         cd = compute_dtype(u)
         dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # (b, l, h), at least float32

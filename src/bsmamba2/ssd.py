@@ -8,7 +8,7 @@ For each head h (scalar decay a_t = dt_t·A_h < 0) and sequence position t:
 Shapes (letters used in every einsum below):
     x  (b, l, h, p)   inputs per head, p = headdim
     dt (b, l, h)      positive step sizes (after softplus)
-    A  (h,)           negative decay rates
+    A  (h,)           negative decay rates (so every log-decay dt·A ≤ 0)
     B, C (b, l, g, n) input/output projections, g groups shared by h/g heads each, n = d_state
     y  (b, l, h, p)
 
@@ -97,8 +97,12 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         e = min(s + q, l)
         a_i, x_i, B_i, C_i = a[..., s:e], xdt[:, :, :, s:e], Bt[:, :, s:e], Ct[:, :, s:e]
         cum = torch.cumsum(a_i, dim=-1)  # (b, g, r, m) decay from the chunk start
-        # within the chunk: y_t = Σ_{j≤t} exp(Σ_{j<k≤t} a_k) (C_t·B_j) dt_j x_j, scores shared by a group's heads
-        y_i = (segment_decay(a_i) * (C_i @ B_i.transpose(-1, -2)).unsqueeze(2)) @ x_i  # (b, g, r, m, p)
+        # within the chunk: y_t = Σ_{j≤t} exp(Σ_{j<k≤t} a_k) (C_t·B_j) dt_j x_j, scores shared by a group's heads.
+        # `segment_decay` without its -inf mask: above the diagonal cum_t - cum_j ≥ 0 (a ≤ 0) is clamped to 0 and
+        # the causal mask goes on the scores instead (one matrix per group, not per head; exp of -inf is slow on CPUs)
+        decay = torch.exp((cum[..., :, None] - cum[..., None, :]).clamp_(max=0))  # (b, g, r, m, m)
+        scores = (C_i @ B_i.transpose(-1, -2)).tril_()  # (b, g, m, m), zero above the diagonal
+        y_i = (decay * scores.unsqueeze(2)) @ x_i  # (b, g, r, m, p)
         if state is not None:  # the state entering the chunk, decayed to each position
             y_i = y_i + torch.exp(cum)[..., None] * (C_i.unsqueeze(2) @ state.transpose(-1, -2))
         ys.append(y_i)
