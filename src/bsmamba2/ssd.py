@@ -92,8 +92,7 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
     xdt = (x.to(cd) * dt.to(cd)[..., None]).view(b, l, g, r, p).permute(0, 2, 3, 1, 4).contiguous()  # (b, g, r, l, p)
     Bt, Ct = B.to(cd).transpose(1, 2), C.to(cd).transpose(1, 2)  # (b, g, l, n)
     state = None if initial_state is None else initial_state.to(cd).view(b, g, r, p, n)
-    y = torch.empty(b, l, h, p, dtype=cd, device=x.device)
-    y_chunks = y.view(b, l, g, r, p).permute(0, 2, 3, 1, 4)  # (b, g, r, l, p) view: each chunk writes its rows
+    ys = []
     for s in range(0, l, q):
         e = min(s + q, l)
         a_i, x_i, B_i, C_i = a[..., s:e], xdt[:, :, :, s:e], Bt[:, :, s:e], Ct[:, :, s:e]
@@ -104,16 +103,15 @@ def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tenso
         decay = torch.exp((cum[..., :, None] - cum[..., None, :]).clamp_(max=0))  # (b, g, r, m, m)
         scores = (C_i @ B_i.transpose(-1, -2)).tril_()  # (b, g, m, m), zero above the diagonal
         y_i = (decay * scores.unsqueeze(2)) @ x_i  # (b, g, r, m, p)
-        if state is None:
-            y_chunks[..., s:e, :].copy_(y_i)
-        else:  # plus the state entering the chunk, decayed to each position
-            torch.addcmul(y_i, torch.exp(cum)[..., None], C_i.unsqueeze(2) @ state.transpose(-1, -2),
-                          out=y_chunks[..., s:e, :])
+        if state is not None:  # the state entering the chunk, decayed to each position
+            y_i = y_i + torch.exp(cum)[..., None] * (C_i.unsqueeze(2) @ state.transpose(-1, -2))
+        ys.append(y_i)
         if e == l and not return_final_state:
             break
         # state at the chunk end: the entering state decayed over the chunk, plus the chunk's own inputs
         own = (x_i * torch.exp(cum[..., -1:] - cum)[..., None]).transpose(-1, -2) @ B_i.unsqueeze(2)  # (b,g,r,p,n)
         state = own if state is None else torch.exp(cum[..., -1])[..., None, None] * state + own
+    y = torch.cat(ys, dim=3).permute(0, 3, 1, 2, 4).reshape(b, l, h, p)  # (b, l, h, p)
     y = _skip(y, x, D).to(x.dtype)
     if return_final_state:
         return y, state.reshape(b, h, p, n)
