@@ -72,42 +72,47 @@ def ssd_quadratic(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Ten
     return _skip(y, x, D).to(x.dtype)
 
 
-def ssd_chunked(x, dt, A, B, C, D=None, chunk_size=256, initial_state=None, return_final_state=False):
+def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                chunk_size: int = 256, initial_state: Tensor | None = None, return_final_state: bool = False):
+    """Chunked SSD: the quadratic form within each chunk, the state carried from chunk to chunk.
+
+    Any length: the last chunk may be shorter. Chunks are visited in order (a loop over l / chunk_size), so only one
+    chunk's (chunk × chunk) decay matrix exists at a time and memory stays linear in length. B and C are used per
+    group (never copied per head): heads split as h = g·r, r heads per group.
+    Returns y `(b, l, h, p)` [, final state `(b, h, p, n)`].
+    """
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
+    if h % g:
+        raise ValueError(f"heads ({h}) must be a multiple of groups ({g})")
     r = h // g
-    q = max(1, min(chunk_size, l))
+    q = max(1, min(chunk_size, l))  # chunk length
     cd = compute_dtype(x)
-    a = (dt.to(cd) * A.to(cd)).view(b, l, g, r).permute(0, 2, 3, 1).contiguous()  # (b, g, r, l) log-decay
-    xdt = (x.to(cd) * dt.to(cd)[..., None]).view(b, l, g, r, p).transpose(1, 2)  # (b, g, l, r, p)
+    a = (dt.to(cd) * A.to(cd)).view(b, l, g, r).permute(0, 2, 3, 1)  # (b, g, r, l) log-decay per step
+    xdt = (x.to(cd) * dt.to(cd)[..., None]).view(b, l, g, r, p).permute(0, 2, 3, 1, 4).contiguous()  # (b, g, r, l, p)
     Bt, Ct = B.to(cd).transpose(1, 2), C.to(cd).transpose(1, 2)  # (b, g, l, n)
-    # state of a group's r heads side by side, transposed: (b, g, n, r, p)
-    state = None if initial_state is None else initial_state.to(cd).view(b, g, r, p, n).permute(0, 1, 4, 2, 3)
-    y = torch.empty(b, l, g, r, p, dtype=cd, device=x.device)
-    y_g = y.transpose(1, 2)  # (b, g, l, r, p) view
+    state = None if initial_state is None else initial_state.to(cd).view(b, g, r, p, n)
+    ys = []
     for s in range(0, l, q):
         e = min(s + q, l)
-        a_i, x_i, B_i, C_i = a[..., s:e], xdt[:, :, s:e], Bt[:, :, s:e], Ct[:, :, s:e]
-        cum = torch.cumsum(a_i, dim=-1)  # (b, g, r, m)
+        a_i, x_i, B_i, C_i = a[..., s:e], xdt[:, :, :, s:e], Bt[:, :, s:e], Ct[:, :, s:e]
+        cum = torch.cumsum(a_i, dim=-1)  # (b, g, r, m) decay from the chunk start
+        # within the chunk: y_t = Σ_{j≤t} exp(Σ_{j<k≤t} a_k) (C_t·B_j) dt_j x_j, scores shared by a group's heads.
+        # `segment_decay` without its -inf mask: above the diagonal cum_t - cum_j ≥ 0 (a ≤ 0) is clamped to 0 and
+        # the causal mask goes on the scores instead (one matrix per group, not per head; exp of -inf is slow on CPUs)
         decay = torch.exp((cum[..., :, None] - cum[..., None, :]).clamp_(max=0))  # (b, g, r, m, m)
-        scores = (C_i @ B_i.transpose(-1, -2)).tril_()  # (b, g, m, m)
-        y_i = ((decay * scores.unsqueeze(2)) @ x_i.transpose(2, 3)).transpose(2, 3)  # (b, g, m, r, p)
-        out_i = y_g[:, :, s:e]
-        if state is None:
-            out_i.copy_(y_i)
-        else:
-            from_state = (C_i @ state.flatten(-2)).unflatten(-1, (r, p))  # (b, g, m, r, p)
-            torch.addcmul(y_i, from_state, torch.exp(cum).transpose(-1, -2)[..., None], out=out_i)
+        scores = (C_i @ B_i.transpose(-1, -2)).tril_()  # (b, g, m, m), zero above the diagonal
+        y_i = (decay * scores.unsqueeze(2)) @ x_i  # (b, g, r, m, p)
+        if state is not None:  # the state entering the chunk, decayed to each position
+            y_i = y_i + torch.exp(cum)[..., None] * (C_i.unsqueeze(2) @ state.transpose(-1, -2))
+        ys.append(y_i)
         if e == l and not return_final_state:
             break
-        w = torch.exp(cum[..., -1:] - cum).transpose(-1, -2)[..., None]  # (b, g, m, r, 1) decay to the chunk end
-        own = (B_i.transpose(-1, -2) @ (x_i * w).flatten(-2)).unflatten(-1, (r, p))  # (b, g, n, r, p)
-        state = own if state is None else torch.addcmul(own, state, torch.exp(cum[..., -1])[:, :, None, :, None])
-    y = y.view(b, l, h, p)
-    if D is not None:
-        D = D.to(cd)
-        y = torch.addcmul(y, x.to(cd), D[:, None] if D.dim() == 1 else D.view(h, p))
-    y = y.to(x.dtype)
+        # state at the chunk end: the entering state decayed over the chunk, plus the chunk's own inputs
+        own = (x_i * torch.exp(cum[..., -1:] - cum)[..., None]).transpose(-1, -2) @ B_i.unsqueeze(2)  # (b,g,r,p,n)
+        state = own if state is None else torch.exp(cum[..., -1])[..., None, None] * state + own
+    y = torch.cat(ys, dim=3).permute(0, 3, 1, 2, 4).reshape(b, l, h, p)  # (b, l, h, p)
+    y = _skip(y, x, D).to(x.dtype)
     if return_final_state:
-        return y, state.permute(0, 1, 3, 4, 2).reshape(b, h, p, n)
+        return y, state.reshape(b, h, p, n)
     return y
