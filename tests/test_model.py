@@ -192,52 +192,6 @@ def test_mixer_picks_the_one_pass_conv_on_cpu():
     assert conv_for(torch.zeros(1, device="meta")) is causal_depthwise_conv
 
 
-@pytest.mark.parametrize("batch,length", [(1, 300), (5, 62), (2, 1)])
-def test_mixer_cpu_inference_path_equals_plain_forward(batch, length):
-    """The CPU inference mixer (three in-products, one-pass conv, the gated norm's scale moved past the
-    out-projection) against the plain forward, fresh weights and inputs, a non-trivial norm gain."""
-    from bsmamba2.config import Mamba2Config
-    from bsmamba2.mamba2 import Mamba2
-
-    mixer = Mamba2.from_config(24, Mamba2Config(expand=2, d_state=16, headdim=8, d_conv=4, ngroups=1,
-                                                chunk_size=16)).eval()
-    with torch.no_grad():
-        mixer.norm.weight.uniform_(0.5, 1.5)
-        mixer.D.uniform_(-1, 1)
-    u = torch.randn(batch, length, 24)
-    with torch.no_grad():
-        assert mixer._cpu_inference_applies(u)
-        fast = mixer(u)
-        plain = mixer.out_proj(mixer.norm(mixer._scan_xbc(*_plain_conv_and_dt(mixer, u)).flatten(-2),
-                                          mixer.in_proj(u)[..., :mixer.d_inner]))
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    assert not mixer._cpu_inference_applies(u.requires_grad_())  # training takes the plain path
-    torch.testing.assert_close(mixer(u).detach(), plain, rtol=1e-5, atol=1e-5)
-
-
-def _plain_conv_and_dt(mixer, u):
-    from bsmamba2.functional import causal_depthwise_conv
-
-    _, xBC, dt = mixer.in_proj(u).split([mixer.d_inner, mixer.conv_dim, mixer.nheads], dim=-1)
-    return torch.nn.functional.silu(causal_depthwise_conv(xBC, mixer.conv1d.weight, mixer.conv1d.bias)), dt
-
-
-def test_mixer_cpu_inference_path_skips_quantized_and_grouped_mixers():
-    from bsmamba2.config import Mamba2Config
-    from bsmamba2.mamba2 import Mamba2
-    from bsmamba2.quantize import quantize_linear_int8
-
-    u = torch.randn(1, 10, 16)
-    grouped = Mamba2.from_config(16, Mamba2Config(expand=2, d_state=8, headdim=8, ngroups=2, chunk_size=8))
-    quantized = quantize_linear_int8(Mamba2.from_config(16, Mamba2Config(expand=2, d_state=8, headdim=8,
-                                                                          chunk_size=8)))
-    with torch.no_grad():
-        assert not grouped._cpu_inference_applies(u)
-        assert not quantized._cpu_inference_applies(u)
-        assert not Mamba2.from_config(16, Mamba2Config(expand=2, d_state=8, headdim=8))._cpu_inference_applies(
-            u.double())
-
-
 def test_cpu_inference_in_slices_equals_whole_batch(monkeypatch):
     import bsmamba2.mamba2 as mamba2_module
 

@@ -107,44 +107,17 @@ class Mamba2(nn.Module):
                    ngroups=cfg.ngroups, chunk_size=cfg.chunk_size)
 
     def forward(self, u: Tensor) -> Tensor:
-        if self._cpu_inference_applies(u):
-            return self._forward_cpu_inference(u)
+        b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
         xBC = F.silu(conv_for(xBC)(xBC, self.conv1d.weight, self.conv1d.bias))
-        y = self._scan_xbc(xBC, dt)
-        y = self.norm(y.flatten(-2), z)  # (b, l, d_inner)
-        return self.out_proj(y)
-
-    def _scan_xbc(self, xBC: Tensor, dt: Tensor) -> Tensor:
-        """The SSD scan of the conv's output xBC `(b, l, conv_dim)` with the raw step sizes dt `(b, l, h)`."""
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        cd = compute_dtype(xBC)
+        cd = compute_dtype(u)
         dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # (b, l, h), at least float32
         A = -torch.exp(self.A_log.to(cd))  # (h,)
-        return self.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
-                         B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)))
-
-    def _cpu_inference_applies(self, u: Tensor) -> bool:
-        return (u.device.type == "cpu" and u.dtype == torch.float32 and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu") and self.ngroups == 1
-                and type(self.in_proj) is nn.Linear and type(self.out_proj) is nn.Linear  # not int8-quantized
-                and self.in_proj.bias is None and self.out_proj.bias is None)
-
-    def _forward_cpu_inference(self, u: Tensor) -> Tensor:
-        """`forward`'s function in fewer passes over the activations, for float32 CPU inference (one norm group):
-        z, xBC and dt come from three products instead of slices of one (xBC contiguous for the one-pass conv), and
-        the gated norm's per-token scale and gain move across the out-projection: with g = y · silu(z),
-        out_proj(g · rsqrt(mean(g²) + eps) · w) = (g @ (W·w)ᵀ) · rsqrt(mean(g²) + eps), a scale on the
-        d_model-wide output instead of two passes over the d_inner-wide g."""
-        w_in = self.in_proj.weight  # rows: [z (d_inner), xBC (conv_dim), dt (nheads)]
-        z = F.linear(u, w_in[:self.d_inner])
-        xBC = F.linear(u, w_in[self.d_inner:self.d_inner + self.conv_dim])
-        dt = F.linear(u, w_in[self.d_inner + self.conv_dim:])
-        xBC = F.silu(causal_depthwise_conv_channels_last(xBC, self.conv1d.weight, self.conv1d.bias))
-        g = self._scan_xbc(xBC, dt).flatten(-2).mul_(F.silu(z))  # (b, l, d_inner)
-        mean_square = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(self.d_inner)
-        out = F.linear(g, self.out_proj.weight * self.norm.weight)  # (b, l, d_model)
-        return out.mul_(mean_square.add_(self.norm.eps).rsqrt_())
+        y = self.scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
+                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)))
+        y = self.norm(y.flatten(-2), z)  # (b, l, d_inner)
+        return self.out_proj(y)
 
     def scan(self, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
         """SSD with skip: x (b, l, h, p), dt (b, l, h), A (h,), B/C (b, l, g, n) → (b, l, h, p)."""

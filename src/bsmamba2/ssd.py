@@ -33,7 +33,7 @@ def _skip(y: Tensor, x: Tensor, D: Tensor | None) -> Tensor:
     if D is None:
         return y
     D = D.to(y.dtype)
-    return torch.addcmul(y, x.to(y.dtype), D[:, None] if D.dim() == 1 else D.view(x.shape[2], x.shape[3]))
+    return y + (D[:, None] if D.dim() == 1 else D.view(x.shape[2], x.shape[3])) * x.to(y.dtype)
 
 
 def ssd_sequential(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
