@@ -35,7 +35,7 @@ def conv_for(x: Tensor):
     """The causal depthwise conv for x's device: on a CPU with oneDNN the channels-last conv2d (one pass), elsewhere
     the shifted sum (`functional.causal_depthwise_conv`, the plain form; the GPU's fast path has its own kernels).
     Under `torch.compile` the shifted sum too: Inductor fuses it with its neighbours, which an opaque oneDNN call
-    would prevent (paper size compiled: 21.1-21.3 s per chunk with the conv2d, 17.5-19.8 with the shifted sum)."""
+    would prevent (docs/perf-log.md, row 100)."""
     if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
         return causal_depthwise_conv_channels_last
     return causal_depthwise_conv
