@@ -245,6 +245,23 @@ def test_folders_templates_and_collisions(tiny_ckpt, short, tmp_path, log):
     assert sum("skipped, outputs exist" in m for m in log.messages) == 2  # the outputs folder was not searched
 
 
+def test_same_name_other_ending_in_one_folder(tiny_ckpt, short, tmp_path, log):
+    """song.wav and song.m4a side by side: {parent} cannot tell them apart, so the error names {filename}, and
+    the template it suggests separates both."""
+    wave = read_audio(short)[0][:, : SR // 4]
+    write_audio(tmp_path / "in" / "song.wav", wave, SR)
+    write_audio(tmp_path / "in" / "song.flac", wave, SR)
+    out = tmp_path / "out"
+    base = ["separate", str(tmp_path / "in" / "song.wav"), str(tmp_path / "in" / "song.flac"),
+            "--checkpoint", str(tiny_ckpt), "--segment", "0", "-o", str(out)]
+    assert main(base) == 1
+    errors = _errors(log)
+    assert any("song.flac" in e and "{filename}/{stem}.{ext}" in e for e in errors), errors
+    log.clear()
+    assert main(base + ["--template", "{filename}/{stem}.{ext}"]) == 0, _errors(log)
+    assert (out / "song.wav" / "vocals.wav").exists() and (out / "song.flac" / "vocals.wav").exists()
+
+
 def test_quiet_and_progress(tiny_ckpt, short, tmp_path, capsys, log):
     assert main(["separate", str(short), "-o", str(tmp_path / "q"), "--checkpoint", str(tiny_ckpt),
                  "--segment", "0", "--quiet"]) == 0  # fmt: skip

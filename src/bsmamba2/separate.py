@@ -570,8 +570,8 @@ class Separator:
     ) -> dict[str, Path]:  # fmt: skip
         """Where `separate_file` writes each stem of `path`.
 
-        The template is relative to `out_dir` and may use {track} (file name without ending), {stem}, {ext} and
-        {parent} (the name of the input's folder).
+        The template is relative to `out_dir` and may use {track} (file name without ending), {filename} (with it),
+        {stem}, {ext} and {parent} (the name of the input's folder).
         """
         path = Path(path)
         stems = self._select(stems)
@@ -580,10 +580,11 @@ class Separator:
         out = {}
         for stem in stems:
             try:
-                rel = template.format(track=path.stem, stem=stem, ext=ext, parent=path.resolve().parent.name)
+                rel = template.format(track=path.stem, filename=path.name, stem=stem, ext=ext,
+                                      parent=path.resolve().parent.name)
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
-                    f"bad output template {template!r} ({err}); use the fields {{track}}, {{stem}}, {{ext}}, {{parent}}"
+                    f"bad output template {template!r} ({err}); use the fields {{track}}, {{filename}}, {{stem}}, {{ext}}, {{parent}}"
                 ) from None
             out[stem] = Path(out_dir) / rel
         return out

@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and opus (default {OPUS}; opus is always 48 kHz)".format(**DEFAULT_BITRATES))
     g.add_argument("--sample-rate", type=int, default=None, help="output sample rate (default: the input's)")
     g.add_argument("--template", default=DEFAULT_TEMPLATE,
-                   help="output path under OUT_DIR with {track} {stem} {ext} {parent} (default: %(default)s)")
+                   help="output path under OUT_DIR with {track} {filename} {stem} {ext} {parent} (default: %(default)s)")
     g.add_argument("--stems", default=None,
                    help="comma-separated stems to write (default: all, e.g. vocals,instrumental)")
     g.add_argument("--downmix", action="store_true",
@@ -208,8 +208,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     clashes = _clashes(planned)
     for path, other in clashes:
-        log.error("error: %s: its outputs would overwrite those of %s; use a --template with {parent}, e.g. "
-                  "'{parent}/{track}/{stem}.{ext}'", path, other)
+        # the field that tells the two apart: their folders' names, else their full file names (song.wav, song.m4a)
+        field = "parent" if path.resolve().parent.name != other.resolve().parent.name else "filename"
+        example = "{parent}/{track}/{stem}.{ext}" if field == "parent" else "{filename}/{stem}.{ext}"
+        log.error("error: %s: its outputs would overwrite those of %s; use a --template with {%s}, e.g. '%s'",
+                  path, other, field, example)
     if clashes:
         log.warning("nothing separated: %d input(s) share output files with another input", len(clashes))
         return 1
