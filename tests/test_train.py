@@ -171,6 +171,7 @@ def test_straight_run_writes_checkpoints_and_logs(straight_run):
     assert result.step == 2 and result.epoch == 2
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2] and all(math.isfinite(h["val_usdr"]) for h in history)
+    assert all(h["val_leakage_db"] is None or math.isfinite(h["val_leakage_db"]) for h in history)
     lr = load_run_config("tiny").train.lr
     assert [h["lr"] for h in history] == pytest.approx([lr / 2, lr])  # warm-up over 2 steps
     assert result.best_usdr == max(h["val_usdr"] for h in history)
@@ -316,6 +317,18 @@ def test_init_from_starts_a_new_run_from_those_weights(tiny_musdb, tmp_path, cap
     assert "these model settings differ (run vs checkpoint): stft.hop_length: 441 vs 512" in caplog.text
     with pytest.raises(ValueError, match="train.init_from=1.5; expected a model name"):
         train(_config(tiny_musdb, "train.init_from=1.5"), tmp_path / "run3")
+
+
+def test_silence_term_trains_and_is_logged(tiny_musdb, tmp_path, caplog):
+    """train.silence_weight > 0 adds the silent-region leakage to the loss: the trainer hands the loss the mixture,
+    and validation logs the leakage in dB beside uSDR (history and log line)."""
+    with caplog.at_level("INFO", logger="bsmamba2.train"):
+        result = train(_config(tiny_musdb, "train.silence_weight=0.05", "train.max_steps=1"), tmp_path / "run")
+    assert result.step == 1
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert "val_leakage_db" in history[0] and math.isfinite(history[0]["val_loss"])
+    assert "silent-region leakage" in caplog.text
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["config"]["train"]["silence_weight"] == 0.05
 
 
 def test_cli_init_from(tiny_musdb, tmp_path, caplog):

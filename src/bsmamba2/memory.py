@@ -191,7 +191,8 @@ def measure_footprint(
     generators are as before.
 
     Args:
-        loss_fn: the training loss, called as `loss_fn(prediction, targets)` -> (loss, parts), outside `autocast`.
+        loss_fn: the training loss, called as `loss_fn(prediction, targets, mixture)` -> (loss, parts), outside
+            `autocast`.
         probe: `probe(step)` runs `step` and returns the peak bytes it allocated (it may raise
             torch.cuda.OutOfMemoryError); `probe.allocated()`, bytes allocated now; `probe.release()`, called after
             each dry run.
@@ -216,7 +217,7 @@ def measure_footprint(
             tgt = 0.05 * torch.randn(b, stems, channels, samples, device=device, generator=gen)  # (b, n, c, time)
             with autocast():
                 pred = model.forward_waveform(mix)  # (b, n, c, time)
-            loss, _ = loss_fn(pred, tgt)
+            loss, _ = loss_fn(pred, tgt, mix)
             loss.backward()
 
         oom = False

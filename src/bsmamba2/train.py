@@ -279,15 +279,15 @@ def train_step(
     Returns:
         mean loss and its parts over the micro-batches, and the gradient norm before clipping.
     """
-    sums = torch.zeros(3)  # loss, time part, STFT part; kept on the device so the GPU is not synchronised per batch
+    sums = torch.zeros(4)  # loss, time, STFT and silence parts; kept on the device: no GPU synchronisation per batch
     for micro, (mix, tgt) in enumerate(micro_batches):
         sync = net.no_sync() if distributed and micro < accum - 1 else contextlib.nullcontext()
         with sync:
             with autocast():
                 pred = net(mix)  # (b, stems, c, time)
-            loss, parts = loss_fn(pred, tgt)
+            loss, parts = loss_fn(pred, tgt, mix)
             scaler.scale(loss / accum).backward()
-        sums = sums.to(loss.device) + torch.stack([loss.detach(), parts["time"], parts["stft"]]) / accum
+        sums = sums.to(loss.device) + torch.stack([loss.detach(), parts["time"], parts["stft"], parts["silence"]]) / accum
     sums = sums.tolist()
     scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
@@ -297,7 +297,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update(model)
-    return {"loss": sums[0], "time": sums[1], "stft": sums[2], "grad_norm": grad_norm}
+    return {"loss": sums[0], "time": sums[1], "stft": sums[2], "silence": sums[3], "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -309,15 +309,17 @@ def validate(
     loss_fn: SeparationLoss,
     autocast: Callable[[], contextlib.AbstractContextManager],
 ) -> dict[str, float]:
-    """Mean uSDR (dB, over excerpts and target stems) and mean loss of `model` on the validation excerpts.
+    """Mean uSDR (dB, over excerpts and target stems), mean loss and mean silent-region leakage (dB against the
+    mixture, over the (excerpt, stem) pairs with silent frames; `losses.SilentLeakageLoss`, NaN when none has) of
+    `model` on the validation excerpts.
 
     Excerpts are split over processes (every world-th one) and the sums are all-reduced.
     """
     model.eval()
     mono = model.audio_channels == 1
     indices = list(range(ddp.rank, len(dataset), ddp.world))
-    usdr_sum = loss_sum = 0.0
-    count = batches = 0
+    usdr_sum = loss_sum = leak_sum = 0.0
+    count = batches = leak_count = 0
     for first in range(0, len(indices), batch_size):
         items = [dataset[i] for i in indices[first : first + batch_size]]
         mix = torch.stack([m for m, _ in items]).to(ddp.device)  # (b, c, time)
@@ -327,14 +329,19 @@ def validate(
         with autocast():
             pred = model.forward_waveform(mix)
         pred = pred.float()
-        loss, _ = loss_fn(pred, tgt)
+        loss, _ = loss_fn(pred, tgt, mix)
+        leak, has = loss_fn.silence.per_item(pred, tgt, mix)  # (b, stems)
+        leak_sum += float(leak[has].sum())
+        leak_count += int(has.sum())
         scores = usdr(pred, tgt)  # (b, stems)
         usdr_sum += float(np.sum(scores))
         count += int(np.size(scores))
         loss_sum += float(loss) * len(items)
         batches += len(items)
-    usdr_sum, count, loss_sum, batches = ddp.sum([usdr_sum, count, loss_sum, batches])
-    return {"usdr": usdr_sum / max(count, 1), "loss": loss_sum / max(batches, 1)}
+    usdr_sum, count, loss_sum, batches, leak_sum, leak_count = ddp.sum(
+        [usdr_sum, count, loss_sum, batches, leak_sum, leak_count])
+    return {"usdr": usdr_sum / max(count, 1), "loss": loss_sum / max(batches, 1),
+            "leakage": leak_sum / leak_count if leak_count else math.nan}
 
 
 def _choose_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, config: RunConfig,
@@ -512,7 +519,8 @@ def train(
             log.info("resumed from %s at step %d (epoch %d)", last_path, step, step // steps_per_epoch)
     if ddp.main:
         _atomic_write_text(yaml.safe_dump(run_config_to_dict(config), sort_keys=False), out / "config.yaml")
-    loss_fn = SeparationLoss(tc.time_weight, tc.stft_windows, tc.stft_hop, tc.stft_min_nfft).to(ddp.device)
+    loss_fn = SeparationLoss(tc.time_weight, tc.stft_windows, tc.stft_hop, tc.stft_min_nfft, tc.silence_weight,
+                             tc.silence_floor_db, config.data.sample_rate).to(ddp.device)
     if tc.activation_checkpointing == "auto":
         _choose_checkpointing(model, optimizer, loss_fn, config, ddp, autocast)
 
@@ -577,7 +585,8 @@ def train(
         }
         _atomic_torch_save(state, path)
 
-    window = {"loss": 0.0, "time": 0.0, "stft": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+    parts = ("loss", "time", "stft", "silence", "grad_norm")
+    window = {**dict.fromkeys(parts, 0.0), "n": 0, "t0": time.perf_counter()}
     started = time.perf_counter()
     epoch_loss = [0.0, 0]
     while step < total_steps:
@@ -589,31 +598,32 @@ def train(
         stats = train_step(net, model, micro_batches, accum, loss_fn, optimizer, scaler, ema, autocast, tc.grad_clip,
                            ddp.enabled)
         step += 1
-        step_loss, step_time, step_stft, grad_norm = stats["loss"], stats["time"], stats["stft"], stats["grad_norm"]
+        step_loss, grad_norm = stats["loss"], stats["grad_norm"]
         epoch_loss = [epoch_loss[0] + step_loss, epoch_loss[1] + 1]
         if not math.isfinite(grad_norm) and not scaler.is_enabled():
             log.warning("step %d: non-finite gradient norm, update skipped", step)
 
         # ---- logging
-        window["loss"] += step_loss
-        window["time"] += step_time
-        window["stft"] += step_stft
+        for key in ("loss", "time", "stft", "silence"):
+            window[key] += stats[key]
         window["grad_norm"] += grad_norm if math.isfinite(grad_norm) else 0.0
         window["n"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}", epoch=step // steps_per_epoch, refresh=False)
         if step % tc.log_every_steps == 0 or step == total_steps:
             n = window["n"]
-            loss_m, time_m, stft_m, gn_m = ddp.mean([window[k] / n for k in ("loss", "time", "stft", "grad_norm")])
+            loss_m, time_m, stft_m, silence_m, gn_m = ddp.mean([window[k] / n for k in parts])
             elapsed = time.perf_counter() - window["t0"]
             if writer is not None:
                 writer.add_scalar("train/loss", loss_m, step)
                 writer.add_scalar("train/loss_time", time_m, step)
                 writer.add_scalar("train/loss_stft", stft_m, step)
+                if tc.silence_weight:
+                    writer.add_scalar("train/silence_db", silence_m, step)
                 writer.add_scalar("train/grad_norm", gn_m, step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
                 writer.add_scalar("train/steps_per_s", n / max(elapsed, 1e-9), step)
-            window = {"loss": 0.0, "time": 0.0, "stft": 0.0, "grad_norm": 0.0, "n": 0, "t0": time.perf_counter()}
+            window = {**dict.fromkeys(parts, 0.0), "n": 0, "t0": time.perf_counter()}
 
         # ---- epoch end: validate the EMA weights, keep the best
         epoch_end = step % steps_per_epoch == 0
@@ -624,14 +634,16 @@ def train(
             best_usdr = max(best_usdr, scores["usdr"])
             train_loss = ddp.mean([epoch_loss[0] / max(epoch_loss[1], 1)])[0]
             history.append({"step": step, "epoch": epoch, "val_usdr": scores["usdr"], "val_loss": scores["loss"],
+                            "val_leakage_db": None if math.isnan(scores["leakage"]) else scores["leakage"],
                             "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                             "minutes": (clock + time.perf_counter() - started) / 60.0})
             if ddp.main:
-                log.info("epoch %d step %d: val uSDR %.3f dB (best %.3f), val loss %.4f",
-                         epoch, step, scores["usdr"], best_usdr, scores["loss"])
+                log.info("epoch %d step %d: val uSDR %.3f dB (best %.3f), val loss %.4f, silent-region leakage %.1f dB",
+                         epoch, step, scores["usdr"], best_usdr, scores["loss"], scores["leakage"])
                 if writer is not None:
                     writer.add_scalar("val/usdr", scores["usdr"], step)
                     writer.add_scalar("val/loss", scores["loss"], step)
+                    writer.add_scalar("val/leakage_db", scores["leakage"], step)
                     writer.flush()
                 _atomic_write_text(json.dumps(history, indent=1), out / "history.json")
             save(last_path)

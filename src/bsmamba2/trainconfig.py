@@ -120,6 +120,10 @@ class TrainConfig:
     stft_windows: tuple[int, ...] = (4096, 2048, 1024, 512, 256)
     stft_hop: int = 147
     stft_min_nfft: int = 2048
+    # not in the paper: + silence_weight * the estimate's leakage where a target stem is silent, in dB against the
+    # mixture there, softly floored at silence_floor_db (bsmamba2.losses.SilentLeakageLoss); 0 turns it off
+    silence_weight: float = 0.0
+    silence_floor_db: float = -50.0
 
 
 @dataclass
