@@ -80,18 +80,26 @@ def check_scan(s, l, h, p, g, n, dir_mode, dtype, seed, tol):
     assert max(errors.values()) <= tol, errors
 
 
+# the backward's chunk kernel: dB and dC summed over each group's heads inside it, or per head and summed after
+GROUPED = pytest.mark.parametrize("grouped", ["1", "0"], ids=["grouped", "per_head"])
+
+
+@GROUPED
 @pytest.mark.parametrize("dir_mode", [0, 1, 2])
 @pytest.mark.parametrize("length", [13, 45])  # one chunk (the band axis); several chunks with a partial last one
-def test_scan_forward_and_gradients_float32(dir_mode, length):
+def test_scan_forward_and_gradients_float32(dir_mode, length, grouped, monkeypatch):
+    monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
     if DEV == "cuda":
         length *= 20  # 260 / 900: several 64-step chunks
     check_scan(2 if dir_mode == 2 else 1, length, 2, 8, 1, 16, dir_mode, torch.float32, seed=length + dir_mode,
                tol=1e-3 if DEV == "cuda" else 1e-4)
 
 
+@GROUPED
 @pytest.mark.parametrize("length", [11, 21])  # one chunk (the C Bᵀ tile from its own kernel); several chunks
-def test_scan_groups_and_odd_sizes(length):
+def test_scan_groups_and_odd_sizes(length, grouped, monkeypatch):
     """Two groups of two heads; headdim and d_state not powers of two (masked tiles)."""
+    monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
     if DEV == "cuda":
         length *= 3
     check_scan(2, length, 4, 6, 2, 10, 2, torch.float32, seed=5, tol=1e-3 if DEV == "cuda" else 1e-4)
@@ -110,7 +118,9 @@ def test_causal_cb_matches_reference(dir_mode):
     assert (G[..., l:, :] == 0).all() and (G[..., :, l:] == 0).all()
 
 
-def test_scan_bfloat16():
+@GROUPED
+def test_scan_bfloat16(grouped, monkeypatch):
+    monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
     check_scan(2, 40, 2, 16, 1, 16, 2, torch.bfloat16, seed=7, tol=2e-2)
 
 
@@ -138,20 +148,45 @@ def test_scan_sequence_major_grid(monkeypatch, band):
     check_scan(2, length, 2, 16, 1, 16, 2, torch.float32, seed=4, tol=1e-3 if DEV == "cuda" else 1e-4)
 
 
-def test_scan_backward_writes_head_sums_into_strided_outputs():
+@GROUPED
+@pytest.mark.parametrize("length", [13, 45])  # one chunk; several
+def test_scan_backward_writes_head_sums_into_strided_outputs(length, grouped, monkeypatch):
     """ssd_bwd's dB/dC outputs: the head sums land in strided views of another dtype, as the mixer's buffer holds
     them, equal to the float32 sums it returns otherwise; nothing outside the views is touched."""
-    x, dt, A, B, C, D = random_scan_inputs(2, 45, 4, 8, 2, 16, 2, seed=9)
+    monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
+    x, dt, A, B, C, D = random_scan_inputs(2, length, 4, 8, 2, 16, 2, seed=9)
     dy = torch.randn_like(x)
     ref = ssd_bwd(dy, x, dt, A, B, C, D, 2)
-    buf = torch.zeros(2, 45, 3 * 2 * 16, device=DEV, dtype=torch.float64)  # [dB, dC, untouched] per row
+    buf = torch.zeros(2, length, 3 * 2 * 16, device=DEV, dtype=torch.float64)  # [dB, dC, untouched] per row
     dB, dC = (buf[..., k * 32:(k + 1) * 32].unflatten(-1, (2, 16)) for k in range(2))
     got = ssd_bwd(dy, x, dt, A, B, C, D, 2, dB=dB, dC=dC)
     assert got[3].data_ptr() == dB.data_ptr() and got[4].data_ptr() == dC.data_ptr()
     assert rel(dB, ref[3]) < 1e-6 and rel(dC, ref[4]) < 1e-6
     assert (buf[..., 64:] == 0).all()
     with pytest.raises(ValueError, match="shaped like B"):
-        ssd_bwd(dy, x, dt, A, B, C, D, 2, dB=dB[:, :44])
+        ssd_bwd(dy, x, dt, A, B, C, D, 2, dB=dB[:, :length - 1])
+
+
+@pytest.mark.parametrize("split", ["1", "0"], ids=["two_loops", "one_loop"])  # the grouped kernel's S_c terms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dir_mode, length", [(2, 13), (2, 45), (1, 37)])  # one chunk; several, partial last
+def test_grouped_and_per_head_backward_agree(dir_mode, length, dtype, split, monkeypatch):
+    """The grouped chunk kernel (three heads per group, two groups, dB/dC summed inside it) and the per-head one
+    (per-head buffers summed after it) give the same gradients, all six, for the same inputs."""
+    monkeypatch.setenv("BSMAMBA2_SSD_BWD_SPLIT", split)
+    x, dt, A, B, C, D = random_scan_inputs(2, length, 6, 8, 2, 16, 2 if dir_mode == 2 else 1, seed=length)
+    x, B, C = (t.to(dtype) for t in (x, B, C))
+    dy = torch.randn_like(x)
+    got = {}
+    for grouped in ("1", "0"):
+        monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
+        got[grouped] = ssd_bwd(dy, x, dt, A, B, C, D, dir_mode)
+    for name, a, b in zip("dx ddt dA dB dC dD".split(), got["1"], got["0"]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        # bf16: the per-head kernel rounds each head's dB, dC to bf16 before the sum, and on the GPU the products
+        # take bf16 operands (the interpreter's are float32: the other gradients agree to float32 rounding there)
+        loose = dtype == torch.bfloat16 and (name in ("dB", "dC") or DEV == "cuda")
+        assert rel(a, b) < (1e-2 if loose else 1e-5), (name, rel(a, b))
 
 
 def test_ssd_scan_entry_point_matches_sequential():

@@ -33,10 +33,13 @@ LISTING = """
 def test_loop_stats_counts_the_loop_body_only(tool_script):
     tool = tool_script("sm90_loop_stats")
     stats = tool.loop_stats(LISTING)
-    assert stats == {"loop_instructions": 7, "barriers": 1, "shuffles": 1, "async_copies": 1,
+    assert stats == {"loop": True, "loop_instructions": 7, "barriers": 1, "shuffles": 1, "async_copies": 1,
                      "plain_global_loads": 1, "tensor_core": 1, "exp2": 1, "local_memory": 0}
     with pytest.raises(ValueError, match="no loop"):
         tool.loop_stats(LISTING.replace("BRA `(.L_x_0)", "EXIT"))
+    # a kernel without a loop (the per-head backward) is counted whole on request
+    whole = tool.loop_stats(LISTING.replace("BRA `(.L_x_0)", "EXIT"), whole=True)
+    assert whole["loop"] is False and whole["loop_instructions"] == 10 and whole["tensor_core"] == 1
 
 
 def test_time_scan_specialized_as_launched(tool_script, monkeypatch):
@@ -64,3 +67,33 @@ def test_time_scan_compiles_for_sm90():
     assert stats["block_q"] == 64
     assert 0 < stats["registers"] <= 255 and stats["shared_bytes"] > 0
     assert stats["tensor_core"] >= 4 and stats["loop_instructions"] > 100  # the four products per chunk, as wgmma
+
+
+@pytest.mark.parametrize("grouped", ["1", "0"])
+def test_backward_chunk_kernel_specialized_as_launched(tool_script, monkeypatch, grouped):
+    """`--kernel bwd` captures the chunk kernel `ssd_bwd` launches for the mixer's layout (the grouped one, or the
+    per-head one under BSMAMBA2_SSD_BWD_GROUPED=0), the states kernel's launches set aside."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("BSMAMBA2_SSD_BLOCK", raising=False)
+    monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
+    tool = tool_script("sm90_loop_stats")
+    kernel, args, kwargs = tool.captured_launch(kernel="bwd")
+    assert kernel.__name__ == ("bwd_chunk_grouped_kernel" if grouped == "1" else "bwd_chunk_kernel")
+    signature, constexprs, attrs, options = tool.specialize(kernel, args, dict(kwargs))
+    names = kernel.arg_names
+    assert constexprs[(names.index("P"),)] == 64 and constexprs[(names.index("N"),)] == 128  # positional constexprs
+    assert kwargs["STATES"] and kwargs["BLOCK_Q"] == 64 and signature["dx_ptr"] == "*bf16"
+    assert options["num_warps"] == (8 if grouped == "1" else 4)
+
+
+def test_grouped_backward_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSMAMBA2_SSD_BLOCK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "sm90_loop_stats.py"), "--kernel", "bwd-band",
+                          "--json"], env=env, capture_output=True, text=True, timeout=600)
+    if run.returncode != 0 and "ships no" in run.stderr:
+        pytest.skip(run.stderr.strip().splitlines()[-1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    stats = json.loads(run.stdout)
+    assert stats["loop"] and stats["num_warps"] == 8 and 0 < stats["registers"] <= 255
+    assert stats["tensor_core"] >= 4  # the head loop's two products per head as wgmma

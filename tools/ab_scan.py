@@ -1,5 +1,6 @@
-"""A/B of the forward scans (device): this tree's `ssd_fwd` against a baseline copy of `kernels/ssd.py`
-(e.g. `git show HEAD~1:src/bsmamba2/kernels/ssd.py > base_ssd.py`), in one process, alternating.
+"""A/B of the scans (device): this tree's `ssd_fwd` against a baseline copy of `kernels/ssd.py` (e.g.
+`git show HEAD~1:src/bsmamba2/kernels/ssd.py > base_ssd.py`), and the scans under variants of this tree's knobs, in
+one process, alternating.
 
 `kernel`  the scan alone at the paper's time axis (both directions: 2 × 496 sequences × 801 frames, 16 heads of
           64, d_state 128, x/B/C bf16 views of one conv output as the model passes them), for each variant of
@@ -11,12 +12,18 @@
 `model`   the paper-size model's inference (batch 8 × 8 s, bf16, timed as bench_gpu.py times it) with the baseline
           scan patched in (when --baseline is given), against this tree's (and this tree's under each of
           `--model-variants`, e.g. tritonband:BSMAMBA2_SSD_GLUON_BAND=0).
+`backward` `ssd_bwd` alone at the training step's two axes (batch 5: time 2 × 310 sequences × 801 frames, band
+          2 × 4005 × 62; x/B/C bf16 views of one conv output, dx/dB/dC views of one gradient, as the mixer's backward
+          passes them) for each of `--bwd-variants` (env settings of this tree's knobs); each variant's six gradients
+          are first checked against the float32 per-head kernel's (relative error, the largest of the six and which).
 
     PYTHONPATH=src python3 tools/ab_scan.py --baseline base_ssd.py kernel model --out ab_scan.json
 
 What it decided: docs/perf-log.md (the scan rows).
 
     PYTHONPATH=src python3 tools/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_BAND=8
+    PYTHONPATH=src python3 tools/ab_scan.py backward --bwd-variants grouped perhead:BSMAMBA2_SSD_BWD_GROUPED=0 \
+        oneloop:BSMAMBA2_SSD_BWD_SPLIT=0 stages2:BSMAMBA2_SSD_STAGES_BWD=2
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import sys
 from pathlib import Path
 
 import torch
-from scan_inputs import band_inputs, scan_inputs  # tools/: the scan's inputs as the model lays them out
+from scan_inputs import backward_buffers, band_inputs, scan_inputs  # tools/: the scan's inputs as the model has them
 
 # The model and its inference timing exactly as the benchmarks measure them (benchmarks/common.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -120,6 +127,45 @@ def bench_band(variants, seqs: int, rounds: int) -> dict:
     return result
 
 
+GRADIENTS = ("dx", "ddt", "dA", "dB", "dC", "dD")
+
+
+def bench_backward(variants, axes: dict[str, tuple[int, int]], rounds: int) -> dict:
+    """`ssd_bwd` (both directions in one call) for each variant of this tree's knobs on each axis (name → (sequences
+    per direction, length)): the relative error of each of the six gradients against the float32 per-head kernel
+    (BSMAMBA2_SSD_BWD_GROUPED=0 on float32 copies of x, B, C, dy), then `rounds` alternating timings (rounds=0: the
+    check alone, as the CPU test runs it)."""
+    import triton.testing
+
+    from bsmamba2.kernels import ssd
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {}
+    for axis, (seqs, length) in axes.items():
+        x, dt, A, B, C, D = scan_inputs(seqs, length, device=device)
+        dy, dx, dB, dC = backward_buffers(x, B)
+
+        def call():
+            return ssd.ssd_bwd(dy, x, dt, A, B, C, D, 2, dx=dx, dB=dB, dC=dC)
+
+        with env({"BSMAMBA2_SSD_BWD_GROUPED": "0"}):
+            ref = ssd.ssd_bwd(dy.float(), x.float(), dt, A, B.float(), C.float(), D, 2)
+        res = {"shape": [*x.shape, B.shape[-1]], "error_vs_fp32_per_head": {}, "ms": {n: [] for n, _ in variants}}
+        for name, settings in variants:
+            with env(settings):
+                got = call()
+            res["error_vs_fp32_per_head"][name] = {k: common.rel_error(a, b) for k, a, b in zip(GRADIENTS, got, ref)}
+            del got
+        del ref
+        for _ in range(rounds):
+            for name, settings in variants:
+                with env(settings):
+                    res["ms"][name].append(triton.testing.do_bench(call, warmup=25, rep=200, return_mode="median"))
+        result[axis] = res
+        del x, dt, B, C, dy, dx, dB, dC
+    return result
+
+
 def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
     """Inference audio-s/s with the baseline scan patched in (when given), with this tree's, and with this tree's
     under each of `variants` (env settings), alternating."""
@@ -144,7 +190,7 @@ def bench_model(base, rounds: int, iters: int, variants=()) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("parts", nargs="+", choices=["kernel", "band", "model"])
+    ap.add_argument("parts", nargs="+", choices=["kernel", "band", "model", "backward"])
     ap.add_argument("--baseline", default=None,
                     help="a copy of kernels/ssd.py to compare against (kernel; model: optional)")
     ap.add_argument("--variants", nargs="*", default=["default", "stages2:BSMAMBA2_SSD_STAGES=2"],
@@ -153,6 +199,12 @@ def main() -> None:
                     help="variants of the `band` part, as --variants (e.g. warps8:BSMAMBA2_SSD_WARPS_FWD_BAND=8)")
     ap.add_argument("--model-variants", nargs="*", default=[],
                     help="variants of this tree in the `model` part, as --variants")
+    ap.add_argument("--bwd-variants", nargs="*",
+                    default=["grouped", "perhead:BSMAMBA2_SSD_BWD_GROUPED=0", "oneloop:BSMAMBA2_SSD_BWD_SPLIT=0"],
+                    help="variants of the `backward` part, as --variants (e.g. w4:BSMAMBA2_SSD_WARPS_BWD_GROUPED=4)")
+    ap.add_argument("--bwd-axes", nargs="*", default=["time:310:801", "band:4005:62"],
+                    help="axes of the `backward` part, name:sequences per direction:length (batch 5: 5 x 62 "
+                         "sequences of 801 frames, 5 x 801 of 62 bands)")
     ap.add_argument("--band-seqs", type=int, default=6408, help="band-axis sequences per direction (8 x 801)")
     ap.add_argument("--seqs", type=int, default=496, help="sequences per direction (batch 8 x 62 bands)")
     ap.add_argument("--length", type=int, default=801)
@@ -172,6 +224,9 @@ def main() -> None:
         results["band"] = bench_band([parse_variant(v) for v in args.band_variants], args.band_seqs, args.rounds)
     if "model" in args.parts:
         results["model"] = bench_model(base, args.rounds, args.iters, [parse_variant(v) for v in args.model_variants])
+    if "backward" in args.parts:
+        axes = {name: (int(seqs), int(length)) for name, seqs, length in (a.split(":") for a in args.bwd_axes)}
+        results["backward"] = bench_backward([parse_variant(v) for v in args.bwd_variants], axes, args.rounds)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
     if "kernel" in results:
@@ -186,6 +241,14 @@ def main() -> None:
         for name, ms in k["ms"].items():
             e = k["error_vs_fp32"][name]
             print(f"{name:<20} {e[0]:>12.2e} {e[1]:>12.2e}   " + " / ".join(f"{t:.3f}" for t in ms))
+    if "backward" in results:
+        for axis, k in results["backward"].items():
+            print(f"backward {axis} {k['shape']}")
+            print(f"{'variant':<20} {'largest rel err vs fp32 per-head':>34} {'ms per call (per round)':>28}")
+            for name, ms in k["ms"].items():
+                errors = k["error_vs_fp32_per_head"][name]
+                worst = max(errors, key=errors.get)
+                print(f"{name:<20} {errors[worst]:>26.2e} ({worst:<3})   " + " / ".join(f"{t:.3f}" for t in ms))
     if "model" in results:
         for name, v in results["model"].items():
             print(f"model {name:<12} audio-s/s " + " / ".join(f"{t:.1f}" for t in v)

@@ -1,6 +1,7 @@
-"""The forward scan's inputs laid out as the model lays them out, for the kernel A/B (`ab_scan.py`) and the sm_90a
-compile statistics (`sm90_loop_stats.py`): views of one conv output (time axis) or of one in-projection (band axis),
-paper size by default (16 heads of 64, d_state 128, bf16)."""
+"""The scan's inputs laid out as the model lays them out, for the kernel A/B (`ab_scan.py`) and the sm_90a compile
+statistics (`sm90_loop_stats.py`): views of one conv output (time axis, and both axes in training) or of one
+in-projection (band axis at inference), paper size by default (16 heads of 64, d_state 128, bf16); and the
+backward's output gradient and gradient buffers as the mixer's backward passes them."""
 
 from __future__ import annotations
 
@@ -43,3 +44,15 @@ def band_inputs(seqs: int, length: int = 62, heads: int = 16, headdim: int = 64,
     options = dict(x_conv=(weight, bias), bc_conv=(weight, bias), dt_bias=dt_bias, z=z.unflatten(-1, (heads, headdim)))
     return (x.unflatten(-1, (heads, headdim)), dt, A, B.unflatten(-1, (1, d_state)), C.unflatten(-1, (1, d_state)),
             D, options)
+
+
+def backward_buffers(x, B, seed: int = 1):
+    """(dy, dx, dB, dC) of a backward call on `scan_inputs` as the mixer's backward makes them: dy contiguous (the
+    gated norm's gradient, random), dx, dB, dC views of one conv-output gradient (2·seqs, length, c) in x's dtype."""
+    s, l, h, p = x.shape
+    g, n = B.shape[2:]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dy = torch.randn(s, l, h, p, generator=gen).to(x.device, x.dtype)
+    dxbc = torch.empty(s, l, h * p + 2 * g * n, device=x.device, dtype=x.dtype)
+    dx, dB, dC = dxbc.split([h * p, g * n, g * n], dim=-1)
+    return dy, dx.unflatten(-1, (h, p)), dB.unflatten(-1, (g, n)), dC.unflatten(-1, (g, n))

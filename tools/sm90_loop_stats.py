@@ -1,15 +1,21 @@
-"""A forward-scan kernel compiled for the H100/H200 (sm_90a) on any machine, no GPU needed: registers, stack
-(spills), shared memory, and what one pass of its main loop (chunks; heads for `--kernel band`) issues (SASS instructions, barriers, warp shuffles,
-async copies, plain global loads, tensor-core instructions, exponentials, local-memory accesses).
+"""A scan kernel compiled for the H100/H200 (sm_90a) on any machine, no GPU needed: registers, stack
+(spills), shared memory, and what one pass of its main loop (chunks; heads for `--kernel band` and the grouped
+backward) issues (SASS instructions, barriers, warp shuffles, async copies, plain global loads, tensor-core
+instructions, exponentials, local-memory accesses; a kernel without a loop, the per-head backward, is counted whole).
 
-The kernel is compiled as the real launch specializes it: `ssd_fwd` is called on CPU tensors laid out as the model
-lays them out (x, B, C views of one conv output, 801 frames) with the launch captured instead of run, and each
-argument is specialized as Triton's JIT does on the GPU (an integer equal to 1 becomes a constant, integers and
+Kernels: the time-axis forward (`triton`, `gluon`), the fused band-axis forward (`band`), and the backward's chunk
+kernel on the time axis (`bwd`) or the band axis (`bwd-band`): the grouped one, or with BSMAMBA2_SSD_BWD_GROUPED=0
+the per-head one; BSMAMBA2_SSD_WARPS_BWD_GROUPED(_BAND), BSMAMBA2_SSD_STAGES_BWD and BSMAMBA2_SSD_BWD_SPLIT apply
+as at a launch.
+
+The kernel is compiled as the real launch specializes it: `ssd_fwd` (`ssd_bwd`) is called on CPU tensors laid out as
+the model lays them out (x, B, C views of one conv output, 801 frames or 62 bands; the backward's dx, dB, dC views of
+one gradient) with the launch captured instead of run, and each argument is specialized as Triton's JIT does on the GPU (an integer equal to 1 becomes a constant, integers and
 pointers divisible by 16 are marked so). Registers and stack come from the cubin Triton builds, read by the
 `cuobjdump` it ships; the loop from its `nvdisasm`. Numbers depend on the Triton version, which is printed with
 them: the device has 3.6 (`pip install --target DIR triton==3.6.0`, then PYTHONPATH=DIR:src).
 
-    PYTHONPATH=src python3 tools/sm90_loop_stats.py [--kernel triton|gluon|band] [--stages 3] [--keep DIR]
+    PYTHONPATH=src python3 tools/sm90_loop_stats.py [--kernel triton|gluon|band|bwd|bwd-band] [--stages 3] [--keep DIR]
 
 What its numbers decided: docs/perf-log.md (the sm_90 scan rows)."""
 
@@ -30,9 +36,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from bsmamba2.kernels import ssd, ssd_time, ssd_time_sm90
+from bsmamba2.kernels import ssd, ssd_backward, ssd_time, ssd_time_sm90
 
-from scan_inputs import band_inputs, scan_inputs  # tools/: the scan's inputs laid out as the model lays them out
+# tools/: the scan's inputs laid out as the model lays them out
+from scan_inputs import backward_buffers, band_inputs, scan_inputs
 
 DTYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
@@ -68,6 +75,14 @@ def captured_launch(seqs: int = 2, length: int = 801, kernel: str = "triton"):
             else:
                 x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
                 ssd_time_sm90.time_fwd_sm90(x, dt, A.float().contiguous(), B, C, D.float().contiguous(), dir_mode=2)
+    elif kernel in ("bwd", "bwd-band"):
+        x, dt, A, B, C, D = scan_inputs(seqs, 62 if kernel == "bwd-band" else length, device="cpu")
+        dy, dx, dB, dC = backward_buffers(x, B)
+        grouped = ssd._bwd_grouped(kernel == "bwd")
+        real = ssd_backward.bwd_chunk_grouped_kernel if grouped else ssd_backward.bwd_chunk_kernel
+        with mock.patch.object(ssd_backward, "bwd_states_kernel", _Capture()), \
+                mock.patch.object(ssd_backward, "bwd_chunk_grouped_kernel" if grouped else "bwd_chunk_kernel", cap):
+            ssd.ssd_bwd(dy, x, dt, A, B, C, D, dir_mode=2, dx=dx, dB=dB, dC=dC)
     else:
         x, dt, A, B, C, D = scan_inputs(seqs, length, device="cpu")
         real = ssd_time.time_fwd_kernel
@@ -86,10 +101,10 @@ def specialize(kernel, args, kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     values = dict(zip(names, args)) | kwargs | options  # a Gluon kernel takes num_warps as a constexpr argument
-    for i, name in enumerate(names):
+    for i, (name, param) in enumerate(zip(names, kernel.params)):
         v = values[name]
         key = (i,)
-        if name in kwargs or name in options:
+        if name in kwargs or name in options or param.is_constexpr:  # a constexpr parameter, by keyword or not
             signature[name], constexprs[key] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[name] = DTYPES[v.dtype]
@@ -114,8 +129,9 @@ def _tool(name: str) -> str:
     return str(path)
 
 
-def loop_stats(sass: str) -> dict:
-    """Counts over the longest backward branch's body (the chunk loop) of an nvdisasm listing."""
+def loop_stats(sass: str, whole: bool = False) -> dict:
+    """Counts over the longest backward branch's body (the chunk loop; the grouped backward's first head loop) of
+    an nvdisasm listing; whole=True: over every instruction when there is no loop (ValueError otherwise)."""
     label_addr, instrs, pending = {}, [], []
     for line in sass.splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)
@@ -135,14 +151,15 @@ def loop_stats(sass: str) -> dict:
             span = (label_addr[m.group(1)], addr)
             if loop is None or span[1] - span[0] > loop[1] - loop[0]:
                 loop = span
-    if loop is None:
+    if loop is None and not whole:
         raise ValueError("no loop found in the listing")
-    body = [t for a, t in instrs if loop[0] <= a <= loop[1]]
+    body = [t for a, t in instrs if loop is None or loop[0] <= a <= loop[1]]
 
     def count(pattern: str) -> int:
         return sum(bool(re.search(pattern, t)) for t in body)
 
-    return {"loop_instructions": len(body), "barriers": count(r"\bBAR\.SYNC"), "shuffles": count(r"\bSHFL\."),
+    return {"loop": loop is not None, "loop_instructions": len(body), "barriers": count(r"\bBAR\.SYNC"),
+            "shuffles": count(r"\bSHFL\."),
             "async_copies": count(r"\bLDGSTS"), "plain_global_loads": count(r"\bLDG\."),
             "tensor_core": count(r"\bHGMMA\."), "exp2": count(r"MUFU\.EX2"),
             "local_memory": count(r"\b(STL|LDL)\b")}
@@ -181,7 +198,8 @@ def compile_stats(stages: int | None = None, warps: int | None = None, keep: str
             "num_stages": options.get("num_stages"), "shared_bytes": compiled.metadata.shared,
             "registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,  # > 0: spills (the kernels hold no local arrays)
-            **loop_stats(sass)}
+            "local_memory_total": len(re.findall(r"\b(?:STL|LDL)\b", sass)),  # in the whole kernel, loops or not
+            **loop_stats(sass, whole=kernel_name.startswith("bwd"))}
 
 
 def main() -> None:
@@ -190,9 +208,10 @@ def main() -> None:
     ap.add_argument("--warps", type=int, default=None, help="num_warps (default: the launch's)")
     ap.add_argument("--keep", default=None, help="write the PTX, TTGIR and SASS to this folder")
     ap.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
-    ap.add_argument("--kernel", choices=["triton", "gluon", "band"], default="triton",
+    ap.add_argument("--kernel", choices=["triton", "gluon", "band", "bwd", "bwd-band"], default="triton",
                     help="the time-axis Triton kernel (`ssd_time.time_fwd_kernel`), its Hopper twin in Gluon (`ssd_time_sm90`), "
-                         "or the fused band-axis Gluon kernel (`ssd_band_sm90`)")
+                         "the fused band-axis Gluon kernel (`ssd_band_sm90`), or the backward's chunk kernel "
+                         "(`ssd_backward`, grouped unless BSMAMBA2_SSD_BWD_GROUPED=0) on the time or band axis")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")

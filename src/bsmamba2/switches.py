@@ -9,8 +9,11 @@ A leaf module: it imports no other bsmamba2 module, so model code and `kernels/`
 | `BSMAMBA2_FUSED` | `1` | `0`: the fast block's fused inference path off (A/B runs) |
 | `BSMAMBA2_SSD_BLOCK` | `64` | chunk length of the Triton scan |
 | `BSMAMBA2_SSD_HEADS_FIRST` | `1` | `0`: sequence-major grid for the per-(sequence, head) scan kernels |
-| `BSMAMBA2_SSD_WARPS_<K>` | tuned | warps of scan kernel K: `FWD`, `FWD_BAND`, `BWD`, `BWD_STATES` |
+| `BSMAMBA2_SSD_WARPS_<K>` | tuned | warps of scan kernel K: `FWD`, `FWD_BAND`, `BWD`, `BWD_GROUPED`, `BWD_GROUPED_BAND`, `BWD_STATES` |
 | `BSMAMBA2_SSD_STAGES` | `3` | software-pipelining stages of the scan kernels for 16-bit inputs |
+| `BSMAMBA2_SSD_STAGES_BWD` | `1` | software-pipelining stages of the grouped backward chunk kernel's head loop (16-bit inputs) |
+| `BSMAMBA2_SSD_BWD_GROUPED` | `1` | `0`: the backward chunk kernel per (sequence, chunk, head), per-head dB/dC buffers summed after it; `time`, `band`: grouped on that axis only |
+| `BSMAMBA2_SSD_BWD_SPLIT` | `1` | `0`: the grouped backward chunk kernel in one head loop (the state-entering terms not in a second one) |
 | `BSMAMBA2_SSD_GLUON` | `1` | `0`: no Gluon (sm_90) scan kernels, the Triton ones instead |
 | `BSMAMBA2_SSD_GLUON_BAND` | `1` | `0`: no Gluon band-axis kernel (the time-axis one stays) |
 | `BSMAMBA2_SSD_BAND_MAXNREG` | `168` | register cap of the Gluon band-axis kernel (`0`: none) |
@@ -120,13 +123,35 @@ def ssd_heads_first() -> bool:
 
 
 def ssd_warps(kernel: str, default: int) -> int:
-    """BSMAMBA2_SSD_WARPS_<kernel>: warps per program of a scan kernel (FWD, FWD_BAND, BWD, BWD_STATES)."""
+    """BSMAMBA2_SSD_WARPS_<kernel>: warps per program of a scan kernel (FWD, FWD_BAND, BWD, BWD_GROUPED,
+    BWD_GROUPED_BAND, BWD_STATES)."""
     return _int(f"BSMAMBA2_SSD_WARPS_{kernel}", default)
 
 
 def ssd_stages() -> int:
     """BSMAMBA2_SSD_STAGES: software-pipelining stages of the scan kernels for 16-bit inputs (default 3)."""
     return _int("BSMAMBA2_SSD_STAGES", 3)
+
+
+def ssd_bwd_stages() -> int:
+    """BSMAMBA2_SSD_STAGES_BWD: software-pipelining stages of the grouped backward chunk kernel's head loop for
+    16-bit inputs (default 1)."""
+    return _int("BSMAMBA2_SSD_STAGES_BWD", 1)
+
+
+def ssd_bwd_split() -> bool:
+    """BSMAMBA2_SSD_BWD_SPLIT: the grouped backward chunk kernel takes the terms of the state entering a chunk in a
+    second loop over the heads (on unless "0"; "0": one loop, which spills more)."""
+    return _flag("BSMAMBA2_SSD_BWD_SPLIT")
+
+
+def ssd_bwd_grouped(axis: str) -> bool:
+    """BSMAMBA2_SSD_BWD_GROUPED: whether the scan backward's chunk kernel on `axis` ("time": several chunks, "band":
+    one) is the grouped one, one program per (sequence, chunk, group) with dB and dC summed over the group's heads
+    inside it: "1" (default) both axes, "time" or "band" that axis only, "0" neither (per (sequence, chunk, head),
+    per-head dB and dC buffers summed after it)."""
+    value = os.environ.get("BSMAMBA2_SSD_BWD_GROUPED", "1")
+    return value == axis or value not in ("", "0", "time", "band")
 
 
 def ssd_gluon() -> bool:

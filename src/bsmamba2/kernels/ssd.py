@@ -44,8 +44,8 @@ def _heads_first(seqs: int) -> bool:
 
 
 def _num_warps(kernel: str, default: int) -> int:
-    """Warps per program: BSMAMBA2_SSD_WARPS_<kernel> (FWD: the time axis, FWD_BAND, BWD for the chunk kernel,
-    BWD_STATES), else the tuned default."""
+    """Warps per program: BSMAMBA2_SSD_WARPS_<kernel> (FWD: the time axis, FWD_BAND, BWD for the per-head chunk
+    kernel, BWD_GROUPED for the grouped one, BWD_STATES), else the tuned default."""
     return switches.ssd_warps(kernel, default)
 
 
@@ -53,6 +53,14 @@ def _num_stages(x: Tensor) -> int:
     """Software-pipelining stages (BSMAMBA2_SSD_STAGES overrides for 16-bit inputs). float32 tiles are twice as
     large: no pipelining, or shared memory runs out on the head loop."""
     return 1 if x.dtype == torch.float32 else switches.ssd_stages()
+
+
+def _bwd_grouped(several_chunks: bool) -> bool:
+    """Which chunk kernel `ssd_bwd` runs on the time axis (several chunks) or the band axis:
+    `bwd_chunk_grouped_kernel` (one program per (sequence, chunk, group), dB and dC summed over the heads inside
+    it) unless BSMAMBA2_SSD_BWD_GROUPED is 0 or names the other axis, else `bwd_chunk_kernel` (one per (sequence,
+    chunk, head), per-head dB and dC buffers summed after it)."""
+    return switches.ssd_bwd_grouped("time" if several_chunks else "band")
 
 
 def _sm90_scan() -> bool:
@@ -217,7 +225,9 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 
     dx has x's dtype (or is written into `dx`, any (s, l, h, p) tensor, if given); ddt, dA, dD are float32; dB and
     dC are float32 `(s, l, g, n)`, summed over each group's heads (or written into `dB`, `dC`, any (s, l, g, n)
-    tensors of any dtype and strides, if given: the head sum goes straight there).
+    tensors of any dtype and strides, if given: the head sum goes straight there). The chunk kernel sums them over
+    the heads itself (`bwd_chunk_grouped_kernel`), or with BSMAMBA2_SSD_BWD_GROUPED=0 writes per-head buffers
+    that are summed after it (`bwd_chunk_kernel`, for A/B runs).
     """
     s, l, h, p = x.shape
     g, n = B.shape[2:]
@@ -243,10 +253,13 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     meta = dict(BLOCK_Q=bq, BLOCK_P=block_size(p), BLOCK_N=block_size(n), DIR_MODE=dir_mode, PREC=dot_precision(x),
                 DOT=dot_dtype(x))
     sizes = (l, h, s // 2 if dir_mode == 2 else s, h // g, p, n)
-    # per-head dB and dC (no atomics), summed over each group's heads below
+    grouped = _bwd_grouped(n_chunks > 1)
     buf_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
-    dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
-    dCh = torch.empty_like(dBh)
+    if grouped:  # dB and dC summed over each group's heads inside the chunk kernel, written once
+        dB, dC = (torch.empty(s, l, g, n, device=dev, dtype=torch.float32) if t is None else t for t in (dB, dC))
+    else:  # per-head dB and dC (no atomics), summed over each group's heads below
+        dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
+        dCh = torch.empty_like(dBh)
     if n_chunks > 1:  # the states entering each chunk and their gradients: (s, h, chunks, p, n)
         states = torch.empty(s, h, n_chunks, p, n, device=dev, dtype=buf_dtype)
         dstates = torch.empty_like(states)
@@ -259,8 +272,16 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                                          num_stages=_num_stages(x), num_warps=_num_warps("BWD_STATES", 4))
         st_strides = states.stride()
     else:
-        states = dstates = cross = dBh  # placeholders: one chunk has no states
+        states = dstates = cross = ddt  # placeholders: one chunk has no states
         st_strides = (0,) * 5
+    if grouped:
+        ssd_backward.bwd_chunk_grouped_kernel[(s * n_chunks * g,)](
+            x, dt, A_, B, C, D_, dy, states, dstates, cross, dx, ddt, dA, dB, dC, dD, *sizes, *x.stride(),
+            *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dB.stride(), *dC.stride(),
+            *st_strides, **meta, HAS_D=D is not None, STATES=n_chunks > 1, SPLIT=switches.ssd_bwd_split(),
+            num_stages=1 if x.dtype == torch.float32 else switches.ssd_bwd_stages(),
+            num_warps=_num_warps("BWD_GROUPED" if n_chunks > 1 else "BWD_GROUPED_BAND", 8))
+        return dx, ddt, dA, dB, dC, (dD if D is not None else None)
     ssd_backward.bwd_chunk_kernel[(s * n_chunks * h,)](
         x, dt, A_, B, C, D_, dy, states, dstates, cross, dx, ddt, dA, dBh, dCh, dD, *sizes, *x.stride(), *dt.stride(),
         *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dBh.stride(), *st_strides, **meta,
