@@ -183,28 +183,6 @@ def test_channels_last_conv_equals_shifted_sum(batch, length, channels):
     torch.testing.assert_close(w_fast.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("batch,length,channels", [(1, 1, 8), (3, 5, 12), (2, 300, 64), (15, 62, 40)])
-def test_conv_with_fused_silu_equals_conv_then_silu(batch, length, channels):
-    """In inference the CPU fuses the SiLU into the one-pass conv; with gradients it runs them apart (the fused op
-    has no backward). Both against silu of the plain shifted sum, on a strided input, fresh inputs each run."""
-    from bsmamba2.functional import causal_depthwise_conv, causal_depthwise_conv_silu_channels_last
-
-    wide = torch.randn(batch, length, channels + 7)
-    weight, bias = torch.randn(channels, 1, 4), torch.randn(channels)
-    x = wide[..., 3:3 + channels]
-    ref = torch.nn.functional.silu(causal_depthwise_conv(x, weight, bias))
-    with torch.no_grad():
-        fast = causal_depthwise_conv_silu_channels_last(x, weight, bias)
-    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    xg = x.detach().requires_grad_()
-    out = causal_depthwise_conv_silu_channels_last(xg, weight, bias)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    ref_x = x.detach().requires_grad_()
-    torch.nn.functional.silu(causal_depthwise_conv(ref_x, weight, bias)).sum().backward()
-    torch.testing.assert_close(xg.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
-
-
 def test_mixer_picks_the_one_pass_conv_on_cpu():
     from bsmamba2.functional import causal_depthwise_conv, causal_depthwise_conv_channels_last
     from bsmamba2.mamba2 import conv_for

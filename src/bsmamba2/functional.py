@@ -57,18 +57,3 @@ def causal_depthwise_conv_channels_last(x: Tensor, weight: Tensor, bias: Tensor 
     x4 = x.contiguous().view(b, 1, l, c).permute(0, 3, 1, 2)  # (b, c, 1, l), channels-last strides
     y = F.conv2d(x4, weight.view(c, 1, 1, k), bias, padding=(0, k - 1), groups=c)  # (b, c, 1, l + K - 1)
     return y[..., :l].permute(0, 2, 3, 1).reshape(b, l, c)
-
-
-def causal_depthwise_conv_silu_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """silu(`causal_depthwise_conv_channels_last`), in inference as one oneDNN conv with the SiLU fused into it
-    (`mkldnn._convolution_pointwise`, the op Inductor's CPU backend emits; it has no backward): the activation is
-    written once instead of being written and then read and written again by the SiLU."""
-    fused = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if fused is None or needs_grad or x.dtype != torch.float32:
-        return F.silu(causal_depthwise_conv_channels_last(x, weight, bias))
-    b, l, c = x.shape
-    k = weight.shape[-1]
-    x4 = x.contiguous().view(b, 1, l, c).permute(0, 3, 1, 2)  # (b, c, 1, l), channels-last strides
-    y = fused(x4, weight.view(c, 1, 1, k), bias, [0, k - 1], [1, 1], [1, 1], c, "swish", [], "")
-    return y[..., :l].permute(0, 2, 3, 1).reshape(b, l, c)

@@ -21,23 +21,14 @@ from torch import Tensor, nn
 
 from bsmamba2 import cpu_compile, ssd, switches
 from bsmamba2.config import Mamba2Config
-from bsmamba2.functional import (causal_depthwise_conv, causal_depthwise_conv_channels_last,
-                                 causal_depthwise_conv_silu_channels_last, compute_dtype, rms_scale)
+from bsmamba2.functional import (causal_depthwise_conv, causal_depthwise_conv_channels_last, compute_dtype,
+                                 rms_scale)
 from bsmamba2.switches import get_backend, set_backend  # noqa: F401  (the backend's home; kept importable here)
 
 log = logging.getLogger(__name__)
 
 TORCH_CHUNK = 64  # chunk length of the plain-PyTorch scan
 CPU_SLICE_ELEMENTS = 500_000  # elements of the widest per-slice activation in CPU inference (~2 MB float32)
-
-
-def conv_silu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """silu(causal depthwise conv(x)) by `conv_for`'s choice; on the CPU with oneDNN, in inference, with the SiLU
-    fused into the conv (`functional.causal_depthwise_conv_silu_channels_last`)."""
-    conv = conv_for(x)
-    if conv is causal_depthwise_conv_channels_last:
-        return causal_depthwise_conv_silu_channels_last(x, weight, bias)
-    return F.silu(conv(x, weight, bias))
 
 
 def conv_for(x: Tensor):
@@ -120,7 +111,7 @@ class Mamba2(nn.Module):
     def forward(self, u: Tensor) -> Tensor:
         b, l, _ = u.shape
         z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)
+        xBC = F.silu(conv_for(xBC)(xBC, self.conv1d.weight, self.conv1d.bias))
         x, B, C = xBC.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         cd = compute_dtype(u)
         dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))  # (b, l, h), at least float32
