@@ -22,6 +22,7 @@ What its numbers decided: docs/perf-log.md (the sm_90 scan rows)."""
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -101,10 +102,12 @@ def specialize(kernel, args, kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     signature, constexprs, attrs = {}, {}, {}
     values = dict(zip(names, args)) | kwargs | options  # a Gluon kernel takes num_warps as a constexpr argument
-    for i, (name, param) in enumerate(zip(names, kernel.params)):
+    fn = getattr(kernel, "fn", kernel)  # a JIT function, or the interpreter's wrapper when a test turned it on
+    constexpr = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+    for i, name in enumerate(names):
         v = values[name]
         key = (i,)
-        if name in kwargs or name in options or param.is_constexpr:  # a constexpr parameter, by keyword or not
+        if name in kwargs or name in options or name in constexpr:  # a constexpr parameter, by keyword or not
             signature[name], constexprs[key] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             signature[name] = DTYPES[v.dtype]
