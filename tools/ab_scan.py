@@ -22,7 +22,7 @@ one process, alternating.
 What it decided: docs/perf-log.md (the scan rows).
 
     PYTHONPATH=src python3 tools/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_BAND=8
-    PYTHONPATH=src python3 tools/ab_scan.py backward --bwd-variants grouped perhead:BSMAMBA2_SSD_BWD_GROUPED=0 \
+    PYTHONPATH=src python3 tools/ab_scan.py backward --bwd-variants grouped:BSMAMBA2_SSD_BWD_GROUPED=1 perhead \
         oneloop:BSMAMBA2_SSD_BWD_SPLIT=0 stages2:BSMAMBA2_SSD_STAGES_BWD=2
 """
 
@@ -200,7 +200,8 @@ def main() -> None:
     ap.add_argument("--model-variants", nargs="*", default=[],
                     help="variants of this tree in the `model` part, as --variants")
     ap.add_argument("--bwd-variants", nargs="*",
-                    default=["grouped", "perhead:BSMAMBA2_SSD_BWD_GROUPED=0", "oneloop:BSMAMBA2_SSD_BWD_SPLIT=0"],
+                    default=["grouped:BSMAMBA2_SSD_BWD_GROUPED=1", "perhead:BSMAMBA2_SSD_BWD_GROUPED=0",
+                             "oneloop:BSMAMBA2_SSD_BWD_GROUPED=1,BSMAMBA2_SSD_BWD_SPLIT=0"],
                     help="variants of the `backward` part, as --variants (e.g. w4:BSMAMBA2_SSD_WARPS_BWD_GROUPED=4)")
     ap.add_argument("--bwd-axes", nargs="*", default=["time:310:801", "band:4005:62"],
                     help="axes of the `backward` part, name:sequences per direction:length (batch 5: 5 x 62 "

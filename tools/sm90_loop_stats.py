@@ -4,8 +4,8 @@ backward) issues (SASS instructions, barriers, warp shuffles, async copies, plai
 instructions, exponentials, local-memory accesses; a kernel without a loop, the per-head backward, is counted whole).
 
 Kernels: the time-axis forward (`triton`, `gluon`), the fused band-axis forward (`band`), and the backward's chunk
-kernel on the time axis (`bwd`) or the band axis (`bwd-band`): the grouped one, or with BSMAMBA2_SSD_BWD_GROUPED=0
-the per-head one; BSMAMBA2_SSD_WARPS_BWD_GROUPED(_BAND), BSMAMBA2_SSD_STAGES_BWD and BSMAMBA2_SSD_BWD_SPLIT apply
+kernel on the time axis (`bwd`) or the band axis (`bwd-band`): the per-head one, or with BSMAMBA2_SSD_BWD_GROUPED=1
+the grouped one; BSMAMBA2_SSD_WARPS_BWD_GROUPED(_BAND), BSMAMBA2_SSD_STAGES_BWD and BSMAMBA2_SSD_BWD_SPLIT apply
 as at a launch.
 
 The kernel is compiled as the real launch specializes it: `ssd_fwd` (`ssd_bwd`) is called on CPU tensors laid out as
@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--kernel", choices=["triton", "gluon", "band", "bwd", "bwd-band"], default="triton",
                     help="the time-axis Triton kernel (`ssd_time.time_fwd_kernel`), its Hopper twin in Gluon (`ssd_time_sm90`), "
                          "the fused band-axis Gluon kernel (`ssd_band_sm90`), or the backward's chunk kernel "
-                         "(`ssd_backward`, grouped unless BSMAMBA2_SSD_BWD_GROUPED=0) on the time or band axis")
+                         "(`ssd_backward`, per head unless BSMAMBA2_SSD_BWD_GROUPED=1) on the time or band axis")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: the interpreter compiles nothing; unset it to compile for sm_90a")
