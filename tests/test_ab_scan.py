@@ -60,7 +60,8 @@ def test_ab_scan_backward_part_checks_each_variant(tool_script):
     """The `backward` part runs `ssd_bwd` on both axes (several chunks; one) with the mixer's layout per variant,
     checks all six gradients against the float32 per-head kernel, and leaks no variant's setting."""
     ab = tool_script("ab_scan")
-    variants = [ab.parse_variant(v) for v in ("grouped:BSMAMBA2_SSD_BWD_GROUPED=1", "perhead",
+    variants = [ab.parse_variant(v) for v in ("grouped:BSMAMBA2_SSD_BWD_GROUPED=1",
+                                              "perhead:BSMAMBA2_SSD_BWD_GROUPED=0",
                                               "oneloop:BSMAMBA2_SSD_BWD_GROUPED=1,BSMAMBA2_SSD_BWD_SPLIT=0")]
     res = ab.bench_backward(variants, {"time": (1, 37), "band": (1, 13)}, rounds=0)
     assert res["time"]["shape"] == [2, 37, 16, 64, 128] and res["band"]["shape"] == [2, 13, 16, 64, 128]

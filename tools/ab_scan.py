@@ -22,8 +22,8 @@ one process, alternating.
 What it decided: docs/perf-log.md (the scan rows).
 
     PYTHONPATH=src python3 tools/ab_scan.py band --band-variants default warps8:BSMAMBA2_SSD_WARPS_FWD_BAND=8
-    PYTHONPATH=src python3 tools/ab_scan.py backward --bwd-variants grouped:BSMAMBA2_SSD_BWD_GROUPED=1 perhead \
-        oneloop:BSMAMBA2_SSD_BWD_SPLIT=0 stages2:BSMAMBA2_SSD_STAGES_BWD=2
+    PYTHONPATH=src python3 tools/ab_scan.py backward --bwd-variants grouped:BSMAMBA2_SSD_BWD_GROUPED=1 \
+        perhead:BSMAMBA2_SSD_BWD_GROUPED=0 oneloop:BSMAMBA2_SSD_BWD_GROUPED=1,BSMAMBA2_SSD_BWD_SPLIT=0
 """
 
 from __future__ import annotations

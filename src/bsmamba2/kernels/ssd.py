@@ -58,8 +58,8 @@ def _num_stages(x: Tensor) -> int:
 def _bwd_grouped(several_chunks: bool) -> bool:
     """Which chunk kernel `ssd_bwd` runs on the time axis (several chunks) or the band axis:
     `bwd_chunk_grouped_kernel` (one program per (sequence, chunk, group), dB and dC summed over the heads inside
-    it) when BSMAMBA2_SSD_BWD_GROUPED is 1 or names this axis, else `bwd_chunk_kernel` (the default: one per
-    (sequence, chunk, head), per-head dB and dC buffers summed after it)."""
+    it) when BSMAMBA2_SSD_BWD_GROUPED is 1 or names this axis (by default the band axis), else `bwd_chunk_kernel`
+    (one per (sequence, chunk, head), per-head dB and dC buffers summed after it; by default the time axis)."""
     return switches.ssd_bwd_grouped("time" if several_chunks else "band")
 
 
@@ -225,9 +225,9 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 
     dx has x's dtype (or is written into `dx`, any (s, l, h, p) tensor, if given); ddt, dA, dD are float32; dB and
     dC are float32 `(s, l, g, n)`, summed over each group's heads (or written into `dB`, `dC`, any (s, l, g, n)
-    tensors of any dtype and strides, if given: the head sum goes straight there). The chunk kernel writes per-head
-    buffers that are summed after it (`bwd_chunk_kernel`), or with BSMAMBA2_SSD_BWD_GROUPED=1 sums them over the
-    heads itself (`bwd_chunk_grouped_kernel`; not yet timed on a GPU).
+    tensors of any dtype and strides, if given: the head sum goes straight there). On the band axis (one chunk) the
+    chunk kernel sums them over the heads itself (`bwd_chunk_grouped_kernel`); on the time axis it writes per-head
+    buffers that are summed after it (`bwd_chunk_kernel`), the faster there (BSMAMBA2_SSD_BWD_GROUPED).
     """
     s, l, h, p = x.shape
     g, n = B.shape[2:]
