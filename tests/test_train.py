@@ -85,6 +85,15 @@ def test_configs_load_and_override():
         apply_overrides({}, ["train.lr"])
     with pytest.raises(FileNotFoundError, match="tiny.yaml"):
         load_run_config("no-such-config")
+    # a value of the wrong kind is refused with the setting's name, before anything runs
+    with pytest.raises(ValueError, match=r"train.silence_weight: expected a number, got 'abc'"):
+        load_run_config("tiny", ["train.silence_weight=abc"])
+    with pytest.raises(ValueError, match=r"train.batch_size: expected a whole number, got 2.5"):
+        load_run_config("tiny", ["train.batch_size=2.5"])
+    with pytest.raises(ValueError, match=r"train.compile: expected true or false, got 'yes please'"):
+        load_run_config("tiny", ["train.compile=yes please"])
+    cfg = load_run_config("tiny", ["train.batch_size=4.0", "train.lr=1", "train.max_steps=null"])
+    assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int) and cfg.train.lr == 1.0
 
 
 def test_accumulation_keeps_effective_batch():

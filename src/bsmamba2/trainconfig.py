@@ -153,8 +153,28 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _checked(value, fields[name].default, f"{where}.{name}")
     return cls(**kwargs)
+
+
+def _checked(value: Any, default: Any, where: str) -> Any:
+    """`value` for a setting whose default is `default`: a number where the default is an int or a float, true/false
+    where it is a bool (other settings, e.g. those that may be null or a word, pass as they are)."""
+    if value is None or default is None or isinstance(default, str) or default is dataclasses.MISSING:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if isinstance(default, int):
+            if value != int(value):
+                raise ValueError(f"{where}: expected a whole number, got {value!r}")
+            return int(value)
+        return float(value)
+    return value
 
 
 def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
