@@ -92,6 +92,10 @@ def test_configs_load_and_override():
         load_run_config("tiny", ["train.batch_size=2.5"])
     with pytest.raises(ValueError, match=r"train.compile: expected true or false, got 'yes please'"):
         load_run_config("tiny", ["train.compile=yes please"])
+    with pytest.raises(ValueError, match=r"model.mamba.d_state: expected a whole number, got 1.5"):
+        load_run_config("tiny", ["model.mamba.d_state=1.5"])
+    with pytest.raises(ValueError, match=r"model.dim: expected a number, got 'wide'"):
+        load_run_config("tiny", ["model.dim=wide"])
     cfg = load_run_config("tiny", ["train.batch_size=4.0", "train.lr=1", "train.max_steps=null"])
     assert cfg.train.batch_size == 4 and isinstance(cfg.train.batch_size, int) and cfg.train.lr == 1.0
 

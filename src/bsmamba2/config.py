@@ -89,6 +89,32 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def checked_setting(value: Any, default: Any, where: str) -> Any:
+    """`value` for a setting whose default is `default`: a number where the default is an int or a float, true/false
+    where it is a bool (other settings, e.g. those that may be null or a word, pass as they are)."""
+    if value is None or default is None or isinstance(default, str) or default is dataclasses.MISSING:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if isinstance(default, int):
+            if value != int(value):
+                raise ValueError(f"{where}: expected a whole number, got {value!r}")
+            return int(value)
+        return float(value)
+    return value
+
+
+def _checked_fields(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` with each plain setting checked against its field's default (`checked_setting`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {k: checked_setting(v, defaults.get(k), f"{where}.{k}") for k, v in data.items()}
+
+
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Inverse of `config_to_dict`; unknown keys are an error so typos surface."""
     data = dict(data)
@@ -100,9 +126,10 @@ def config_from_dict(data: dict[str, Any]) -> ModelConfig:
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+    data = _checked_fields(cls, data, "model")
     for key, sub in _NESTED.items():
         if key in data and isinstance(data[key], dict):
-            data[key] = sub(**data[key])
+            data[key] = sub(**_checked_fields(sub, data[key], f"model.{key}"))
     for key in ("stems", "band_widths"):
         if key in data:
             data[key] = tuple(data[key])

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from bsmamba2.config import ModelConfig, config_from_dict, config_to_dict
+from bsmamba2.config import ModelConfig, checked_setting, config_from_dict, config_to_dict
 
 # The paper's validation split: 14 tracks of the MUSDB18-HQ training set, held out by name.
 PAPER_VALID_TRACKS: tuple[str, ...] = (
@@ -153,28 +153,8 @@ def _build(cls: type, raw: dict[str, Any], where: str) -> Any:
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
-            kwargs[name] = _checked(value, fields[name].default, f"{where}.{name}")
+            kwargs[name] = checked_setting(value, fields[name].default, f"{where}.{name}")
     return cls(**kwargs)
-
-
-def _checked(value: Any, default: Any, where: str) -> Any:
-    """`value` for a setting whose default is `default`: a number where the default is an int or a float, true/false
-    where it is a bool (other settings, e.g. those that may be null or a word, pass as they are)."""
-    if value is None or default is None or isinstance(default, str) or default is dataclasses.MISSING:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if isinstance(default, (int, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        if isinstance(default, int):
-            if value != int(value):
-                raise ValueError(f"{where}: expected a whole number, got {value!r}")
-            return int(value)
-        return float(value)
-    return value
 
 
 def run_config_from_dict(raw: dict[str, Any]) -> RunConfig:
