@@ -239,4 +239,5 @@ def test_auto_on_cpu_is_no_checkpointing():
     model = build_model(BSMamba2Config.tiny())
     d = auto_checkpointing(model, SeparationLoss(), 2, 2205, contextlib.nullcontext, effective_batch=4)
     assert d.plan == CheckpointPlan.none(1) and d.plan.selection() is False
-    assert d.message == "activation checkpointing (auto): none on cpu (memory is not the limit there)"
+    assert d.message == ("activation checkpointing (auto): none on cpu (no memory probe there; if the run runs out of "
+                         "RAM, set train.activation_checkpointing=true or lower train.batch_size)")

@@ -317,7 +317,7 @@ def auto_checkpointing(
 ) -> Decision:
     """Choose `model.activation_checkpointing` for training at `batch_size` × `samples` on the model's device.
 
-    On CPU: no checkpointing (memory is not the limit there). On CUDA: `measure_footprint`, `memory_budget`,
+    On CPU: no checkpointing (there is no peak-memory probe there to size it by; the log line says how to turn it on). On CUDA: `measure_footprint`, `memory_budget`,
     `decide`. The caller sets `model.activation_checkpointing = decision.plan.selection()` or raises
     `ValueError(decision.message)` when `plan` is None.
 
@@ -332,7 +332,8 @@ def auto_checkpointing(
     if device.type != "cuda":
         plan = CheckpointPlan.none(depth)
         return Decision(plan, math.nan, math.inf, None,
-                        f"activation checkpointing (auto): none on {device.type} (memory is not the limit there)")
+                        f"activation checkpointing (auto): none on {device.type} (no memory probe there; if the "
+                        "run runs out of RAM, set train.activation_checkpointing=true or lower train.batch_size)")
     probe = CudaPeak(device)
     probe.release()
     footprint = measure_footprint(model, loss_fn, batch_size, samples, autocast, probe, extra_fixed)
