@@ -317,9 +317,10 @@ def auto_checkpointing(
 ) -> Decision:
     """Choose `model.activation_checkpointing` for training at `batch_size` × `samples` on the model's device.
 
-    On CPU: no checkpointing (there is no peak-memory probe there to size it by; the log line says how to turn it on). On CUDA: `measure_footprint`, `memory_budget`,
-    `decide`. The caller sets `model.activation_checkpointing = decision.plan.selection()` or raises
-    `ValueError(decision.message)` when `plan` is None.
+    On CPU: no checkpointing (there is no peak-memory probe there to size it by; the log line says how to turn it
+    on). On CUDA: `measure_footprint`, `memory_budget`, `decide`. The caller sets
+    `model.activation_checkpointing = decision.plan.selection()` or raises `ValueError(decision.message)` when
+    `plan` is None.
 
     Args:
         extra_fixed: bytes the step will need beyond what is allocated now and what it allocates itself (AdamW's two

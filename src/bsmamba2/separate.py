@@ -584,7 +584,8 @@ class Separator:
                                       parent=path.resolve().parent.name)
             except (KeyError, IndexError, ValueError) as err:
                 raise ValueError(
-                    f"bad output template {template!r} ({err}); use the fields {{track}}, {{filename}}, {{stem}}, {{ext}}, {{parent}}"
+                    f"bad output template {template!r} ({err}); "
+                    "use the fields {track}, {filename}, {stem}, {ext}, {parent}"
                 ) from None
             out[stem] = Path(out_dir) / rel
         return out

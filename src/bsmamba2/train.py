@@ -287,7 +287,8 @@ def train_step(
                 pred = net(mix)  # (b, stems, c, time)
             loss, parts = loss_fn(pred, tgt, mix)
             scaler.scale(loss / accum).backward()
-        sums = sums.to(loss.device) + torch.stack([loss.detach(), parts["time"], parts["stft"], parts["silence"]]) / accum
+        step_parts = [loss.detach(), parts["time"], parts["stft"], parts["silence"]]
+        sums = sums.to(loss.device) + torch.stack(step_parts) / accum
     sums = sums.tolist()
     scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
