@@ -324,6 +324,36 @@ def test_mixer_core_node_matches_chained_functions(length):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_norm_backward_also_writes_the_forward_output(dtype):
+    """The gated norm's backward kernel, asked for it, writes the forward's output too: equal to `gated_norm_fwd`'s
+    bit for bit (MixerCore's W_g gradient takes it in place of the forward's gn); its gradients are those of the
+    plain gated norm (per direction and group: g = y·silu(z), g·rsqrt(mean(g²) + eps)·w) by autograd."""
+    from bsmamba2.kernels.norm import gated_norm_bwd, gated_norm_fwd
+
+    torch.manual_seed(3)
+    s, l, e, gs, eps = 2, 7, 12, 4, 1e-5
+    y = torch.randn(2, s, l, e, device=DEV).to(dtype)
+    z = torch.randn(s, l, 2, e + 3, device=DEV).to(dtype)[..., 1:1 + e]  # a strided view, as of the in-projection
+    w = (1 + 0.1 * torch.randn(2, e, device=DEV)).to(dtype)
+    dout = torch.randn(s, l, 2 * e, device=DEV).to(dtype)
+    out = torch.empty(s, l, 2 * e, device=DEV, dtype=dtype)
+    dy, dz, dw = gated_norm_bwd(dout, y, z, w, eps, gs, out=out)
+    assert torch.equal(out, gated_norm_fwd(y, z, w, eps, gs))
+    plain_dy, plain_dz, plain_dw = gated_norm_bwd(dout, y, z, w, eps, gs)  # without the extra output
+    assert torch.equal(dy, plain_dy) and torch.equal(dz, plain_dz) and torch.equal(dw, plain_dw)
+
+    y64, z64, w64 = (t.detach().double().requires_grad_() for t in (y, z, w))
+    g = y64.permute(1, 2, 0, 3) * F.silu(z64)  # (s, l, 2, e)
+    grouped = g.unflatten(-1, (e // gs, gs))
+    ref = (grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * w64
+    ref = ref.flatten(-2)  # (s, l, 2e): both directions side by side
+    ref_dy, ref_dz, ref_dw = torch.autograd.grad(ref, (y64, z64, w64), dout.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert rel(out.double(), ref) < tol
+    assert rel(dy.double(), ref_dy) < tol and rel(dz.double(), ref_dz) < tol and rel(dw.double(), ref_dw) < tol
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_prenorm_in_node_matches_chain(autocast):
     """The block's pre-norm + in-projection node (xn recomputed in backward) vs rms_scale then F.linear: output and

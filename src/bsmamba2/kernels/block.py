@@ -101,9 +101,10 @@ class MixerCore(torch.autograd.Function):
         output, and those of x, B and C into one buffer shaped like the conv output: autograd's split backward
         would concatenate them instead (one strided copy of each);
       - it keeps for backward only the in-projection's output, dt and the scan's output y (and the weights): the
-        conv output xbc `(2, s, l, c)` and gn are recomputed in backward from them (`conv_silu_fwd`,
-        `gated_norm_fwd`: deterministic kernels, so the same values), where the chain keeps both alive from the
-        forward to the backward of the block.
+        conv output xbc `(2, s, l, c)` and gn are recomputed in backward from them (`conv_silu_fwd`, and gn by
+        the gated norm's backward kernel in the same pass as its gradients: deterministic kernels computing as the
+        forward did, so the same values), where the chain keeps both alive from the forward to the backward of the
+        block.
     w_g is in the products' dtype, cast to gn's for the product, as `acc.addmm_` would take it.
     """
 
@@ -126,15 +127,15 @@ class MixerCore(torch.autograd.Function):
         s, l, d = dout.shape
         z, xbc_raw, _ = zxbcdt.split([e, c, h], dim=-1)
         dout2 = dout.reshape(s * l, d)
-        # the out-product: gn recomputed for W_g's gradient (and freed) before gn's own gradient is formed
-        gn = gated_norm_fwd(y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size).view(s * l, 2 * e)
-        dw_g = gn.t().mm(dout2).t().to(w_g.dtype)  # (d, 2e)
-        del gn
         dgn = dout2.mm(w_g.to(ctx.gn_dtype)).view(s, l, 2 * e)
         dzx = torch.empty_like(zxbcdt)  # (s, l, 2, e + c + h): the in-projection output's gradient
         dz, draw, ddt_raw = dzx.split([e, c, h], dim=-1)
-        dy, _, dnorm_w = gated_norm_bwd(dgn, y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size, dz=dz)
+        # the gated norm's backward also recomputes gn (the forward's values) for W_g's gradient
+        gn = torch.empty(s, l, 2 * e, device=y.device, dtype=ctx.gn_dtype)
+        dy, _, dnorm_w = gated_norm_bwd(dgn, y.view(2, s, l, e), z, norm_w, ctx.eps, ctx.group_size, dz=dz, out=gn)
         del dgn
+        dw_g = gn.view(s * l, 2 * e).t().mm(dout2).t().to(w_g.dtype)  # (d, 2e)
+        del gn
         xbc = conv_silu_fwd(xbc_raw, conv_w, conv_b)  # (2, s, l, c): the forward's conv output, recomputed
         dxbc = torch.empty_like(xbc)
         dxs, dB, dC = _scan_inputs(dxbc, ctx.dims)

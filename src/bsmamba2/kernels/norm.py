@@ -73,10 +73,12 @@ def _gated_norm_fwd_kernel(
 
 @triton.jit
 def _gated_norm_bwd_kernel(
-    y_ptr, z_ptr, w_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, R, E, GS, eps,
+    y_ptr, z_ptr, w_ptr, dout_ptr, dy_ptr, dz_ptr, dw_ptr, out_ptr, R, E, GS, eps,
     sy_d, sy_r, sz_r, sz_d, so_r, sdz_r, sdz_d,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, WRITE_OUT: tl.constexpr,
 ):
+    """The gradients; WRITE_OUT: also the forward's output (out_ptr, laid out as dout), computed as the forward
+    kernel computes it (the same operations in the same order, so the same values)."""
     pid, d, cols, mc, w = _group_setup(w_ptr, E, GS, BLOCK)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(0, ROWS):
@@ -87,9 +89,11 @@ def _gated_norm_bwd_kernel(
             dout = tl.load(dout_ptr + r64 * so_r + d * E + cols, mask=mc, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             silu = z * sig
-            g = y * silu
+            g = y * z * sig
             rstd = tl.rsqrt(tl.sum(g * g, axis=0) / GS + eps)
             n = g * rstd
+            if WRITE_OUT:
+                tl.store(out_ptr + r64 * so_r + d * E + cols, (n * w).to(out_ptr.dtype.element_ty), mask=mc)
             dw += dout * n
             dn = dout * w
             dg = rstd * (dn - n * (tl.sum(dn * n, axis=0) / GS))
@@ -128,11 +132,13 @@ def gated_norm_fwd(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size:
 
 
 def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int,
-                   dz: Tensor | None = None):
+                   dz: Tensor | None = None, out: Tensor | None = None):
     """Gradients (dy (2, s, l, e), dz (s, l, 2, e), dweight (2, e) float32).
 
     `dz`, if given, is where z's gradient is written: an (s, l, 2, e) tensor with unit stride along e whose rows
-    flatten to one stride (e.g. a slice of the in-projection's gradient)."""
+    flatten to one stride (e.g. a slice of the in-projection's gradient). `out`, if given (s, l, 2e), receives the
+    forward's output, equal to `gated_norm_fwd`'s, from the same pass (for a caller that recomputes it in
+    backward)."""
     _, s, l, e = y.shape
     y2, z2, rows, grid = _prepare(y, z, group_size)
     dout = dout.contiguous()
@@ -142,12 +148,16 @@ def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: floa
     if dz.shape != (s, l, 2, e) or dz.stride(-1) != 1:
         raise ValueError(f"dz must be ({s}, {l}, 2, {e}) with unit stride along the last dimension")
     dz2 = dz.view(s * l, 2, e)  # rows (s, l) must flatten to one stride: true of slices of the last dimension
+    if out is not None and (out.shape != (s, l, 2 * e) or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({s}, {l}, {2 * e}) tensor")
     dw = torch.zeros(2, e, device=y.device, dtype=torch.float32)
     if rows:
-        _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz2, dw, rows, e, group_size, eps,
+        _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz2, dw, dout if out is None else out,
+                                     rows, e, group_size, eps,
                                      y2.stride(0), y2.stride(1), z2.stride(0), z2.stride(1), 2 * e,
                                      dz2.stride(0), dz2.stride(1), ROWS=_ROWS,
-                                     BLOCK=triton.next_power_of_2(group_size), num_warps=4)
+                                     BLOCK=triton.next_power_of_2(group_size), WRITE_OUT=out is not None,
+                                     num_warps=4)
     return dy, dz, dw
 
 
