@@ -41,7 +41,7 @@ from bsmamba2.config import BSMamba2Config, RoFormerConfig
 from bsmamba2.losses import SeparationLoss
 from bsmamba2.memory import GiB
 from bsmamba2.build import build_model
-from bsmamba2.train import EMA, Dist, WaveformModel, _choose_checkpointing, train_step
+from bsmamba2.train import EMA, Dist, WaveformModel, _choose_checkpointing, make_optimizer, train_step
 from bsmamba2.trainconfig import load_run_config
 
 CONFIGS = {"bsmamba2": "bsmamba2-paper", "bsroformer": "bsroformer-paper"}
@@ -69,7 +69,7 @@ def bench(arch: str, mode: str, args, device: torch.device, cap_gib: float | Non
     torch.manual_seed(0)
     model = build_model(cfg.model).to(device).train()
     ema = EMA(model, cfg.train.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     tc = cfg.train
     loss_fn = SeparationLoss(tc.time_weight, tc.stft_windows, tc.stft_hop, tc.stft_min_nfft).to(device)
