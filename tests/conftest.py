@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -124,3 +125,32 @@ def tool_script():
         return module
 
     return load
+
+
+class SavedBytes:
+    """CPU stand-in for `CudaPeak`: bytes of the tensors autograd saves for backward during the step (checkpointed
+    modules save none). It runs out of memory above `limit`, as a CUDA device would."""
+
+    def __init__(self, limit: float = math.inf):
+        self.limit, self.calls = limit, []
+
+    def __call__(self, step) -> float:
+        total = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += t.numel() * t.element_size()
+            if total > self.limit:
+                raise torch.cuda.OutOfMemoryError("simulated: out of memory")
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            step()
+        self.calls.append(total)
+        return float(total)
+
+    def allocated(self) -> float:
+        return 1000.0
+
+    def release(self) -> None:
+        pass

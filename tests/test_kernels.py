@@ -5,6 +5,7 @@ imported) at tiny sizes. With CUDA the `gpu` tests run the kernels compiled, at 
 fixture through the fast path.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -410,6 +411,69 @@ def test_block_forward_saves_neither_conv_output_nor_gated_norm_output():
     chained = weights + f32 * sum(acts.values())
     recomputed = f32 * (acts["xbc"] + acts["gn"] + acts["xn"] + acts["rstd"])
     assert sum(saved.values()) <= chained - recomputed, (sum(saved.values()), chained)
+
+
+def test_block_forward_keeps_the_conv_output_on_request():
+    """keep_conv_output: the block saves the conv output xbc (2, s, l, c) for backward instead of recomputing it;
+    the output and every gradient stay bit for bit the same."""
+    from bsmamba2.fused_block import _dims, merged_weights
+    from bsmamba2.kernels.block import block_forward
+
+    cfg = Mamba2Config(expand=2, d_state=16, headdim=8, chunk_size=16)
+    blk = _block(16, cfg, seed=7)
+    s, l, d = 2, 21, 16
+    e, c, h, p, g, n = dims = _dims(blk)
+    f = blk.forward_blocks[0]
+    x0 = torch.randn(s, l, d, device=DEV)
+    results = []
+    for keep in (False, True):
+        x = x0.clone().requires_grad_()
+        merged = [w.detach().requires_grad_() for w in merged_weights(blk)]
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = block_forward(x, tuple(merged), blk.linear.bias, dims, f.norm.eps, f.mixer.norm.eps,
+                              f.mixer.norm.group_size, keep_conv_output=keep)
+        assert ((2, s, l, c) in shapes) == keep, shapes
+        gy = torch.randn(y.shape, device=DEV, generator=torch.Generator(device=DEV).manual_seed(2))
+        results.append((y, *torch.autograd.grad((y * gy).sum(), [x, *merged])))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_auto_keeps_conv_outputs_on_the_fast_path(monkeypatch):
+    """On the fast path the footprint's dry runs measure what a kept conv output adds (the conv output's bytes per
+    time-axis / band-axis module), and the cost model predicts the bytes saved for backward by a plan that keeps
+    them."""
+    from conftest import SavedBytes
+
+    from bsmamba2.build import build_model
+    from bsmamba2.config import STFTConfig
+    from bsmamba2.losses import SeparationLoss
+    from bsmamba2.memory import CheckpointPlan, measure_footprint
+
+    if DEV == "cpu":  # the kernels through the interpreter
+        monkeypatch.setattr(switches, "resolve_backend", lambda device: "triton")
+    torch.manual_seed(8)
+    # few frames and bands: the interpreter runs every program of every launch one after another
+    config = BSMamba2Config.tiny(depth=1, stft=STFTConfig(n_fft=64, hop_length=32), band_widths=(4, 4, 8, 8, 9))
+    model = build_model(config).to(DEV)
+    loss_fn = SeparationLoss(10.0, (128,), 32, 128).to(DEV)  # one resolution: fast
+    batch, samples = 1, 480
+    fp = measure_footprint(model, loss_fn, batch, samples, contextlib.nullcontext, SavedBytes())
+    mixer = model.layers[0][0].forward_blocks[0].mixer
+    frames, bands = samples // model.config.stft.hop_length + 1, len(model.config.band_widths)
+    xbc_bytes = 2 * batch * frames * bands * mixer.conv_dim * 4  # (2, s, l, c) float32, s·l tokens on either axis
+    assert fp.conv_output == (xbc_bytes, xbc_bytes)
+    assert model.kept_conv_outputs == frozenset()  # restored
+    plan = CheckpointPlan(1, 0, 0, keep=2)  # both modules keep theirs (the values: the test above)
+    model.kept_conv_outputs = plan.kept()
+    wave = 0.1 * torch.randn(batch, 2, samples, device=DEV)
+    tgt = 0.05 * torch.randn(batch, 1, 2, samples, device=DEV)
+
+    def step():
+        loss_fn(model.forward_waveform(wave), tgt)[0].backward()
+
+    assert SavedBytes()(step) + fp.fixed == pytest.approx(fp.peak(plan), rel=1e-9)
 
 
 def test_block_q_for_lengths():

@@ -14,6 +14,7 @@ from bsmamba2.losses import SeparationLoss
 from bsmamba2.memory import (GiB, CheckpointPlan, Footprint, agree_over_processes, auto_checkpointing, batch_advice,
                              choose_plan, decide, measure_footprint, memory_budget, plans_by_speed)
 from bsmamba2.build import build_model
+from conftest import SavedBytes
 
 # The paper's BSMamba2 at batch 5 on a GPU, roughly: 20 GiB with all 12 axis modules checkpointed, ~4.6 GiB more for
 # each one that keeps its activations (75 GiB with none checkpointed); band-axis modules slightly larger here.
@@ -47,6 +48,40 @@ def test_plans_are_ordered_fastest_first():
     assert [p.checkpointed for p in plans] == sorted(p.checkpointed for p in plans)
     # one module checkpointed: the band-axis one (larger) frees more, so it comes first
     assert plans[1] == CheckpointPlan(6, 0, 1) and plans[2] == CheckpointPlan(6, 1, 0)
+
+
+# The same with the conv outputs keepable: 1.27 GiB per axis module (2 · c = 2560 bf16 values per token at batch 5).
+KEEPING = Footprint(depth=6, batch=5, fixed=0.6 * GiB, full=19.6 * GiB, per_module=(4.5 * GiB, 4.7 * GiB),
+                    conv_output=(1.27 * GiB, 1.27 * GiB))
+
+
+def test_plans_keeping_conv_outputs():
+    plan = CheckpointPlan(6, 0, 0, keep=3)  # the first three axis modules in forward order
+    assert plan.kept() == {(0, 0), (0, 1), (1, 0)} and plan.selection() is False
+    assert plan.describe() == "none, and the conv outputs kept in the first 3 of 12 axis modules"
+    assert CheckpointPlan(6, 0, 0, 12).describe() == "none, and the conv outputs kept in all 12 axis modules"
+    assert CheckpointPlan.none(6).kept() == frozenset() == CheckpointPlan.full(6).kept()
+    for bad in (dict(time=1, band=0, keep=2), dict(time=0, band=0, keep=13)):
+        with pytest.raises(ValueError, match="keeps conv outputs only with nothing checkpointed"):
+            CheckpointPlan(6, **bad)
+    none = KEEPING.peak(CheckpointPlan.none(6))
+    assert KEEPING.peak(plan) == pytest.approx(none + 3 * 1.27 * GiB)
+    assert KEEPING.peak(CheckpointPlan(6, 0, 0, 12), batch=1) == pytest.approx(0.6 * GiB + (none - 0.6 * GiB
+                                                                                           + 12 * 1.27 * GiB) / 5)
+    # fastest first: all twelve kept, then fewer, then none, then the checkpointing plans as before
+    plans = plans_by_speed(KEEPING)
+    assert [p.keep for p in plans[:13]] == list(range(12, -1, -1)) and len(plans) == 49 + 12
+    assert plans[13:] == plans_by_speed(PAPER)[1:]
+    assert all(p.keep == 0 for p in plans_by_speed(PAPER))  # a model that cannot keep them gets no such plan
+
+
+@pytest.mark.parametrize("budget_gib, keep", [(200.0, 12), (75.4 + 12 * 1.27 + 0.01, 12), (75.4 + 5.1, 4),
+                                              (75.45, 0)])
+def test_choose_plan_keeps_conv_outputs_where_they_fit(budget_gib, keep):
+    plan = choose_plan(budget_gib * GiB, KEEPING, plans_by_speed(KEEPING))
+    assert plan == CheckpointPlan(6, 0, 0, keep)
+    d = decide(budget_gib * GiB, KEEPING, batch_size=5, effective_batch=60)
+    assert d.plan == plan and d.message.endswith("module kept, +1.27 / +1.27 GiB per conv output kept)")
 
 
 @pytest.mark.parametrize("budget_gib, expected", [
@@ -91,16 +126,20 @@ def test_batch_advice_keeps_the_effective_batch():
 
 
 def test_processes_agree_on_the_largest_footprint_and_the_smallest_budget():
-    other = Footprint(6, 5, 0.7 * GiB, 19.0 * GiB, (4.8 * GiB, 4.6 * GiB))  # another rank's measurement
+    other = Footprint(6, 5, 0.7 * GiB, 19.0 * GiB, (4.8 * GiB, 4.6 * GiB), (1.3 * GiB, 1.2 * GiB))  # another rank
     other_budget = 70.0 * GiB
 
     def agree(values):  # what Dist.max gives with two processes
-        mine = [-other_budget, other.fixed, other.full / 5, other.per_module[0] / 5, other.per_module[1] / 5, 0.0]
+        mine = [-other_budget, other.fixed, other.full / 5, other.per_module[0] / 5, other.per_module[1] / 5,
+                other.conv_output[0] / 5, other.conv_output[1] / 5, 0.0]
         return [max(a, b) for a, b in zip(values, mine)]
 
     fp, budget = agree_over_processes(PAPER, 74.0 * GiB, 5, agree)
     assert budget == other_budget and fp.batch == 5
     assert (fp.fixed, fp.full) == (0.7 * GiB, 19.6 * GiB) and fp.per_module == pytest.approx((4.8 * GiB, 4.7 * GiB))
+    assert fp.conv_output == (math.inf, math.inf)  # this rank's model cannot keep them: no rank does
+    fp, _ = agree_over_processes(KEEPING, 74.0 * GiB, 5, agree)
+    assert fp.conv_output == pytest.approx((1.3 * GiB, 1.27 * GiB))
     # one rank could not run batch 5 at all: everyone gets the advice from its batch-1 footprint
     at_one = Footprint(6, 1, 0.6 * GiB, 3.92 * GiB, (math.inf, math.inf))
     fp, _ = agree_over_processes(at_one, 10.0 * GiB, 5, agree)
@@ -164,35 +203,6 @@ def test_partial_checkpointing_gives_the_same_gradients(arch):
 # ---------------------------------------------------------------- measuring (CPU, with a probe)
 
 
-class SavedBytes:
-    """CPU stand-in for `CudaPeak`: bytes of the tensors autograd saves for backward during the step (checkpointed
-    modules save none). It runs out of memory above `limit`, as a CUDA device would."""
-
-    def __init__(self, limit: float = math.inf):
-        self.limit, self.calls = limit, []
-
-    def __call__(self, step) -> float:
-        total = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal total
-            total += t.numel() * t.element_size()
-            if total > self.limit:
-                raise torch.cuda.OutOfMemoryError("simulated: out of memory")
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            step()
-        self.calls.append(total)
-        return float(total)
-
-    def allocated(self) -> float:
-        return 1000.0
-
-    def release(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("arch", ["bsmamba2", "bsroformer"])
 def test_measured_footprint_predicts_every_plan(arch):
     """The cost model from three dry runs predicts the bytes saved with no checkpointing and with a partial plan."""
@@ -202,6 +212,9 @@ def test_measured_footprint_predicts_every_plan(arch):
     rng_before = torch.get_rng_state()
     fp = measure_footprint(model, loss_fn, 2, 2205, contextlib.nullcontext, SavedBytes(), extra_fixed=24.0)
     assert fp.batch == 2 and fp.fixed == 1024.0 and all(a > 0 for a in fp.per_module)
+    # the plain path recomputes nothing (BSMamba2 keeps nothing more), and BS-RoFormer has no conv: not offered
+    assert fp.conv_output == (math.inf, math.inf) and model.kept_conv_outputs == frozenset()
+    assert model.can_keep_conv_outputs == (arch == "bsmamba2")
     # the model is left as it was: setting, training mode, no gradients, same random stream
     assert model.activation_checkpointing is False and model.training
     assert all(p.grad is None for p in model.parameters())
@@ -233,6 +246,19 @@ def test_measurement_that_runs_out_of_memory_falls_back():
     d = decide(fp.fixed + fp.full * 1.01, fp, batch_size=2, effective_batch=4)
     assert d.plan is None and "use --set train.batch_size=1 " in d.message and "accumulation 4" in d.message
     assert all(p.grad is None for p in model.parameters()) and model.activation_checkpointing is False
+
+
+def test_kept_conv_outputs_setting():
+    model = build_model(BSMamba2Config.tiny(depth=2))
+    model.kept_conv_outputs = CheckpointPlan(2, 0, 0, keep=3).kept()
+    assert model.kept_conv_outputs == {(0, 0), (0, 1), (1, 0)}
+    assert [m.keep_conv_output for layer in model.layers for m in layer] == [True, True, True, False]
+    model.kept_conv_outputs = frozenset()
+    assert not any(m.keep_conv_output for layer in model.layers for m in layer)
+    roformer = build_model(RoFormerConfig.tiny(depth=2))
+    roformer.kept_conv_outputs = frozenset()  # nothing to keep: accepted
+    with pytest.raises(ValueError, match="no conv output to keep"):
+        roformer.kept_conv_outputs = frozenset({(0, 0)})
 
 
 def test_auto_on_cpu_is_no_checkpointing():

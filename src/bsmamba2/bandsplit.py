@@ -57,6 +57,28 @@ class BandSplitModel(nn.Module):
         chosen = self.activation_checkpointing
         return chosen if isinstance(chosen, bool) else (layer, axis) in chosen
 
+    @property
+    def can_keep_conv_outputs(self) -> bool:
+        """Whether the axis modules can keep their conv output for backward (BSMamba2's blocks)."""
+        return all(hasattr(m, "keep_conv_output") for layer in self.layers for m in layer)
+
+    @property
+    def kept_conv_outputs(self) -> frozenset[tuple[int, int]]:
+        """The (layer, axis) pairs whose axis module keeps its conv output for backward instead of recomputing it
+        there (BSMamba2 training on the fast path: faster, more memory; `bsmamba2.memory` chooses them). Never
+        changes a value."""
+        return frozenset((i, axis) for i, layer in enumerate(self.layers) for axis, m in enumerate(layer)
+                         if getattr(m, "keep_conv_output", False))
+
+    @kept_conv_outputs.setter
+    def kept_conv_outputs(self, chosen: frozenset[tuple[int, int]]) -> None:
+        if chosen and not self.can_keep_conv_outputs:
+            raise ValueError(f"{type(self).__name__}'s axis modules have no conv output to keep")
+        for i, layer in enumerate(self.layers):
+            for axis, m in enumerate(layer):
+                if hasattr(m, "keep_conv_output"):
+                    m.keep_conv_output = (i, axis) in chosen
+
     def _run(self, fn, x: Tensor, module: nn.Module, checkpointed: bool) -> Tensor:
         # Activation checkpointing per axis module: only one module's intermediates are alive at a time.
         if checkpointed and self.training and torch.is_grad_enabled():

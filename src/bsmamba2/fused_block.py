@@ -78,4 +78,4 @@ def bimamba2_block_forward(block, x: Tensor, out: Tensor | None = None, x_scaled
                                       x_scaled, scaled)
     w = in_autocast_dtype(block, "fast", params, merged[:3], x.device.type)  # the products' dtype
     return kblock.block_forward(x, (*w, *merged[3:]), block.linear.bias, dims, f.norm.eps, mf.norm.eps,
-                                mf.norm.group_size, out)
+                                mf.norm.group_size, out, block.keep_conv_output)

@@ -151,6 +151,9 @@ class BiMamba2Block(nn.Module):
     tensor: shaped `(*lead, length, dim)` with the sequences split over its leading dimensions, any strides (e.g.
     `(b, k, t, d)` as a transposed view of the next pass's `(b, t, k, d)` input). The final residual add writes it,
     so a change of layout between the time and band passes costs no separate copy.
+
+    `keep_conv_output` (training on the fast path only; never changes a value): keep the conv output for backward
+    instead of recomputing it there, which is faster and costs memory (`memory.py` sets it where it fits).
     """
 
     def __init__(self, dim: int, cfg: Mamba2Config):
@@ -158,6 +161,7 @@ class BiMamba2Block(nn.Module):
         self.forward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
         self.backward_blocks = nn.ModuleList([PreNormMamba2(dim, cfg)])
         self.linear = nn.ConvTranspose1d(2 * dim, dim, kernel_size=1)
+        self.keep_conv_output = False
 
     @property
     def prenorm_eps(self) -> float:

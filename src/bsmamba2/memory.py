@@ -5,7 +5,10 @@
 1. `measure_footprint`: a warm-up and three dry-run steps (forward, loss, backward; no optimiser step) at the real
    shapes, reading the peak memory: every axis module checkpointed; then layer 0's time-axis module not; then its
    band-axis module not. This gives `Footprint`, a cost model: peak = fixed + (full + Σ extra of each module kept
-   un-checkpointed), the part in parentheses proportional to the batch.
+   un-checkpointed), the part in parentheses proportional to the batch. For a model whose axis modules can also
+   keep their conv output for backward instead of recomputing it (BSMamba2 on the fast path:
+   `BandSplitModel.kept_conv_outputs`), two more dry runs measure what that adds per time-axis / band-axis module:
+   the plans faster than no checkpointing at all.
 2. `memory_budget`: what this process may allocate: free device memory plus what its allocator already holds,
    capped by `torch.cuda.set_per_process_memory_fraction`, divided by the fragmentation measured in the dry runs
    (the caching allocator's reserved / allocated bytes at the peak; at least 1 + margin), less a fixed reserve. The
@@ -22,7 +25,8 @@ the first layers' activations and checkpoints the last layers', which are measur
 module is not recomputed either, the true peak is lower than the sum.
 
 Letters as elsewhere; a plan's "time"/"band" counts are how many of the `depth` time-axis / band-axis modules are
-checkpointed (always the last ones).
+checkpointed (always the last ones); its "keep" count, with nothing checkpointed, how many keep their conv output
+(the first ones, in the order the forward pass runs them: layer 0's time-axis module, its band-axis module, ...).
 """
 
 from __future__ import annotations
@@ -46,11 +50,18 @@ RESERVE_BYTES = 0.5 * GiB  # and a fixed reserve for the CUDA libraries' workspa
 @dataclass(frozen=True)
 class CheckpointPlan:
     """Which axis modules recompute their activations in backward: the last `time` time-axis modules and the last
-    `band` band-axis modules of a `depth`-layer model."""
+    `band` band-axis modules of a `depth`-layer model. With none recomputed, the first `keep` axis modules (in
+    forward order) also keep their conv output instead of recomputing it in backward (faster still)."""
 
     depth: int
     time: int
     band: int
+    keep: int = 0
+
+    def __post_init__(self):
+        if self.keep and (self.checkpointed or self.keep > 2 * self.depth):
+            raise ValueError(f"a plan keeps conv outputs only with nothing checkpointed, in at most {2 * self.depth} "
+                             f"modules: {self}")
 
     @classmethod
     def none(cls, depth: int) -> "CheckpointPlan":
@@ -74,7 +85,14 @@ class CheckpointPlan:
         return frozenset([(i, 0) for i in range(self.depth - self.time, self.depth)]
                          + [(i, 1) for i in range(self.depth - self.band, self.depth)])
 
+    def kept(self) -> frozenset[tuple[int, int]]:
+        """The value for `BandSplitModel.kept_conv_outputs`: the (layer, axis) pairs that keep their conv output."""
+        return frozenset(divmod(i, 2) for i in range(self.keep))
+
     def describe(self) -> str:
+        if self.keep:
+            where = "all" if self.keep == 2 * self.depth else f"the first {self.keep} of"
+            return f"none, and the conv outputs kept in {where} {2 * self.depth} axis modules"
         if self.checkpointed == 0:
             return "none"
         if self.checkpointed == 2 * self.depth:
@@ -92,28 +110,37 @@ class CheckpointPlan:
 class Footprint:
     """Peak memory of one training step, measured at `batch`: `fixed` + `full` with every axis module checkpointed,
     plus `per_module` = (time-axis, band-axis) for each module that keeps its activations instead. Bytes;
-    `per_module` is inf where the measurement itself did not fit (no plan then keeps such a module)."""
+    `per_module` is inf where the measurement itself did not fit (no plan then keeps such a module); `conv_output`
+    = (time-axis, band-axis), what a module not checkpointed adds when it also keeps its conv output (inf: the model
+    cannot, or the measurement did not fit)."""
 
     depth: int
     batch: int
     fixed: float  # independent of the batch: weights, EMA, optimiser state, gradients
     full: float
     per_module: tuple[float, float]
+    conv_output: tuple[float, float] = (math.inf, math.inf)
 
     def peak(self, plan: CheckpointPlan, batch: int | None = None) -> float:
         """Predicted peak bytes of a step with `plan` at `batch` (default: the measured one)."""
         kept_t, kept_b = plan.depth - plan.time, plan.depth - plan.band
-        extra = sum(n * a for n, a in ((kept_t, self.per_module[0]), (kept_b, self.per_module[1])) if n)
+        conv_t, conv_b = (plan.keep + 1) // 2, plan.keep // 2  # the first `keep` modules: time, band, time, ...
+        terms = ((kept_t, self.per_module[0]), (kept_b, self.per_module[1]), (conv_t, self.conv_output[0]),
+                 (conv_b, self.conv_output[1]))
+        extra = sum(n * a for n, a in terms if n)
         return self.fixed + (self.full + extra) * (batch or self.batch) / self.batch
 
 
 def plans_by_speed(footprint: Footprint) -> list[CheckpointPlan]:
     """Every plan, fastest first: by the number of checkpointed modules (each costs one more forward of a module;
     the time-axis and band-axis modules run the same projections on the same tokens, so they count alike), then by
-    predicted peak (among equally fast plans the one with more room)."""
+    the number keeping their conv output (each saves that output's recomputation), then by predicted peak (among
+    equally fast plans the one with more room). Plans that keep conv outputs come only where the model can."""
     d = footprint.depth
     plans = [CheckpointPlan(d, t, b) for t in range(d + 1) for b in range(d + 1)]
-    return sorted(plans, key=lambda p: (p.checkpointed, footprint.peak(p)))
+    if all(math.isfinite(a) for a in footprint.conv_output):
+        plans += [CheckpointPlan(d, 0, 0, k) for k in range(1, 2 * d + 1)]
+    return sorted(plans, key=lambda p: (p.checkpointed, -p.keep, footprint.peak(p)))
 
 
 def choose_plan(budget: float, footprint: Footprint, candidates: list[CheckpointPlan]) -> CheckpointPlan | None:
@@ -186,8 +213,9 @@ def measure_footprint(
 ) -> Footprint:
     """Dry-run training steps of `model` (a `BandSplitModel`) at `batch` × `samples` random samples and read their
     peak memory with `probe` (`CudaPeak`): a warm-up (kernel autotuning, library workspaces that then stay), then
-    every axis module checkpointed, then layer 0's time-axis module kept, then its band-axis module kept. The
-    model's weights, its checkpointing setting and training mode, its gradients (cleared) and the random number
+    every axis module checkpointed, then layer 0's time-axis module kept, then its band-axis module kept; where the
+    model's modules can keep their conv output, each of those two again with it kept. The model's weights, its
+    checkpointing and conv-output settings and training mode, its gradients (cleared) and the random number
     generators are as before.
 
     Args:
@@ -200,16 +228,18 @@ def measure_footprint(
             (AdamW's moments before the first step, DDP's gradient buckets).
     Returns:
         The footprint at `batch`; when even full checkpointing runs out of memory there, the footprint at batch 1
-        (`per_module` inf) for `batch_advice`.
+        (`per_module` inf) for `batch_advice`. `conv_output` is inf where a kept conv output adds nothing (the model
+        cannot keep it, or does not on this device's path) or its dry run ran out of memory.
     """
     device = next(model.parameters()).device
     depth, channels, stems = len(model.layers), model.audio_channels, len(model.stems)
-    saved, was_training = model.activation_checkpointing, model.training
+    saved, saved_kept, was_training = model.activation_checkpointing, model.kept_conv_outputs, model.training
     every = frozenset((i, axis) for i in range(depth) for axis in (0, 1))
 
-    def dry_run(selection, b: int) -> float:
+    def dry_run(selection, b: int, kept: frozenset = frozenset()) -> float:
         """Peak bytes of one forward + backward at batch b, inf when it runs out of memory."""
         model.activation_checkpointing = selection
+        model.kept_conv_outputs = kept
         gen = torch.Generator(device=device).manual_seed(0)
 
         def step() -> None:
@@ -244,10 +274,16 @@ def measure_footprint(
                 return Footprint(depth, b, fixed, full, (math.inf, math.inf))
             keep_time = dry_run(every - {(0, 0)}, batch)
             keep_band = dry_run(every - {(0, 1)}, batch)
+            conv_output = (math.inf, math.inf)
+            if model.can_keep_conv_outputs and math.isfinite(keep_time) and math.isfinite(keep_band):
+                conv_output = tuple(dry_run(every - {m}, batch, frozenset([m])) - base for m, base in
+                                    (((0, 0), keep_time), ((0, 1), keep_band)))
+                conv_output = tuple(a if a > 0 else math.inf for a in conv_output)  # nothing kept: not offered
     finally:
-        model.activation_checkpointing = saved
+        model.activation_checkpointing, model.kept_conv_outputs = saved, saved_kept
         model.train(was_training)
-    return Footprint(depth, batch, fixed, full, (max(0.0, keep_time - full), max(0.0, keep_band - full)))
+    return Footprint(depth, batch, fixed, full, (max(0.0, keep_time - full), max(0.0, keep_band - full)),
+                     conv_output)
 
 
 def memory_budget(device: torch.device, margin: float = MARGIN, fragmentation: float = 1.0,
@@ -284,10 +320,13 @@ def decide(budget: float, footprint: Footprint, batch_size: int, effective_batch
         return Decision(None, math.inf, budget, footprint,
                         batch_advice(budget, footprint, batch_size, effective_batch, world))
     a_t, a_b = (f"{a / GiB:.2f}" if math.isfinite(a) else "over budget" for a in footprint.per_module)
+    conv = ""
+    if all(math.isfinite(a) for a in footprint.conv_output):
+        conv = ", +{:.2f} / +{:.2f} GiB per conv output kept".format(*(a / GiB for a in footprint.conv_output))
     message = (f"activation checkpointing (auto): {plan.describe()}; predicted peak "
                f"{footprint.peak(plan) / GiB:.1f} GiB of a {budget / GiB:.1f} GiB budget{budget_note} (measured "
                f"{footprint.peak(CheckpointPlan.full(footprint.depth)) / GiB:.1f} GiB with all checkpointed, "
-               f"+{a_t} / +{a_b} GiB per time-axis / band-axis module kept)")
+               f"+{a_t} / +{a_b} GiB per time-axis / band-axis module kept{conv})")
     return Decision(plan, footprint.peak(plan), budget, footprint, message)
 
 
@@ -297,10 +336,11 @@ def agree_over_processes(footprint: Footprint, budget: float, batch_size: int,
     (element-wise maximum over processes), so that every process makes the same choice. A process whose dry run at
     `batch_size` ran out of memory (measured at batch 1) makes every process take that footprint at batch 1."""
     fp = footprint
-    per_sample = [fp.full / fp.batch, fp.per_module[0] / fp.batch, fp.per_module[1] / fp.batch]
-    neg_budget, fixed, full, a_t, a_b, short = agree([-budget, fp.fixed, *per_sample, float(fp.batch != batch_size)])
+    per_sample = [a / fp.batch for a in (fp.full, *fp.per_module, *fp.conv_output)]
+    neg_budget, fixed, full, a_t, a_b, c_t, c_b, short = agree([-budget, fp.fixed, *per_sample,
+                                                                float(fp.batch != batch_size)])
     b = 1 if short else batch_size
-    return Footprint(fp.depth, b, fixed, full * b, (a_t * b, a_b * b)), -neg_budget
+    return Footprint(fp.depth, b, fixed, full * b, (a_t * b, a_b * b), (c_t * b, c_b * b)), -neg_budget
 
 
 def auto_checkpointing(

@@ -9,7 +9,8 @@ Recipe: AdamW (lr 5e-4; constant unless `train.warmup_steps` / `train.decay_step
 gradient clipping at 3, gradient accumulation so that batch × processes × accumulation = `train.effective_batch`, an
 EMA of the weights (decay 0.999) that is what validation scores and export writes, validation uSDR at every epoch end.
 Activation checkpointing (`train.activation_checkpointing: auto`) is chosen before the first step from a measured
-footprint: the fastest selection of axis modules to recompute that fits the GPU's free memory (`bsmamba2.memory`).
+footprint: the fastest selection of axis modules to recompute that fits the GPU's free memory, or, with room to spare,
+of conv outputs to keep (`bsmamba2.memory`).
 
 Resumability: RUN_DIR/last.pt (and best.pt, by validation uSDR) hold the model, EMA, optimiser, grad scaler, step,
 epoch, RNG states and the data position; the training data are a pure function of (seed, sample index) (see
@@ -356,8 +357,9 @@ def validate(
 
 def _choose_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, config: RunConfig,
                           ddp: Dist, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
-    """`train.activation_checkpointing: auto`: set `model.activation_checkpointing` to the fastest selection of axis
-    modules that fits the GPU (`bsmamba2.memory`), the same on every process; stop with what would fit if none."""
+    """`train.activation_checkpointing: auto`: set `model.activation_checkpointing` (and `kept_conv_outputs`) to the
+    fastest selection of axis modules that fits the GPU (`bsmamba2.memory`), the same on every process; stop with
+    what would fit if none."""
     tc = config.train
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     # not yet allocated: AdamW's two moments (created by the first step unless resumed), DDP's gradient buckets
@@ -368,6 +370,7 @@ def _choose_checkpointing(model: nn.Module, optimizer: torch.optim.Optimizer, lo
     if decision.plan is None:
         raise ValueError(decision.message)
     model.activation_checkpointing = decision.plan.selection()
+    model.kept_conv_outputs = decision.plan.kept()
     if ddp.main:
         log.info("%s", decision.message)
 

@@ -101,7 +101,8 @@ class MixerCore(torch.autograd.Function):
         output, and those of x, B and C into one buffer shaped like the conv output: autograd's split backward
         would concatenate them instead (one strided copy of each);
       - it keeps for backward only the in-projection's output, dt and the scan's output y (and the weights): the
-        conv output xbc `(2, s, l, c)` and gn are recomputed in backward from them (`conv_silu_fwd`, and gn by
+        conv output xbc `(2, s, l, c)` (unless `keep_conv_output`: kept, when memory allows, to save that pass) and
+        gn are recomputed in backward from them (`conv_silu_fwd`, and gn by
         the gated norm's backward kernel in the same pass as its gradients: deterministic kernels computing as the
         forward did, so the same values), where the chain keeps both alive from the forward to the backward of the
         block.
@@ -109,20 +110,22 @@ class MixerCore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, acc, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, eps, group_size):
+    def forward(ctx, acc, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, eps, group_size,
+                keep_conv_output=False):
         e = dims[0]
         s, l, d = acc.shape
-        dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)[1:]  # the conv output is dropped here
+        xbc, dt, y = conv_scan(zxbcdt, conv_w, conv_b, dt_bias, A, D, dims)
         gn = gated_norm_fwd(y.view(2, s, l, e), zxbcdt[..., :e], norm_w, eps, group_size)  # (s, l, 2e)
         acc.view(s * l, d).addmm_(gn.view(s * l, 2 * e), w_g.t().to(gn.dtype))  # + gn W_gᵀ, summed in the epilogue
         ctx.mark_dirty(acc)
-        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dt, y)
+        kept = (xbc,) if keep_conv_output else ()  # else dropped here, recomputed in backward
+        ctx.save_for_backward(zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dt, y, *kept)
         ctx.dims, ctx.eps, ctx.group_size, ctx.gn_dtype = dims, eps, group_size, gn.dtype
         return acc
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dt, y = ctx.saved_tensors
+        zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dt, y, *kept = ctx.saved_tensors
         e, c, h, p, g, n = ctx.dims
         s, l, d = dout.shape
         z, xbc_raw, _ = zxbcdt.split([e, c, h], dim=-1)
@@ -136,7 +139,8 @@ class MixerCore(torch.autograd.Function):
         del dgn
         dw_g = gn.view(s * l, 2 * e).t().mm(dout2).t().to(w_g.dtype)  # (d, 2e)
         del gn
-        xbc = conv_silu_fwd(xbc_raw, conv_w, conv_b)  # (2, s, l, c): the forward's conv output, recomputed
+        # (2, s, l, c): the forward's conv output, kept or recomputed
+        xbc = kept[0] if kept else conv_silu_fwd(xbc_raw, conv_w, conv_b)
         dxbc = torch.empty_like(xbc)
         dxs, dB, dC = _scan_inputs(dxbc, ctx.dims)
         xs, B, C = _scan_inputs(xbc, ctx.dims)
@@ -148,7 +152,7 @@ class MixerCore(torch.autograd.Function):
         du = ddt.view(2, s, l, h) * -torch.expm1(-dt)  # (2, s, l, h) float32
         ddt_raw.copy_(du.permute(1, 2, 0, 3))
         return (dout, dzx, dconv_w.to(conv_w.dtype), dconv_b.to(conv_b.dtype), du.sum((1, 2)).to(dt_bias.dtype),
-                dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), dw_g, None, None, None)
+                dA.to(A.dtype), dD.to(D.dtype), dnorm_w.to(norm_w.dtype), dw_g, None, None, None, None)
 
 
 def conv_scan(zxbcdt: Tensor, conv_w, conv_b, dt_bias, A, D, dims) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,10 +200,12 @@ def fused_weights(merged: tuple[Tensor, ...], e: int, d: int) -> tuple[Tensor, .
 
 
 def block_forward(x: Tensor, merged: tuple[Tensor, ...], bias: Tensor | None, dims, prenorm_eps: float,
-                  norm_eps: float, group_size: int, out: Tensor | None = None) -> Tensor:
+                  norm_eps: float, group_size: int, out: Tensor | None = None,
+                  keep_conv_output: bool = False) -> Tensor:
     """The block with autograd (items 1-4 of the module docstring): x `(s, l, d)` → `(s, l, d)`, or written into
     `out` (`(*lead, l, d)`, any strides, as `residual.add_into`). merged = (w_in, w_g, w_x, conv_w, conv_b, dt_bias,
-    A, D, norm_w) with w_in, w_g, w_x in the products' dtype; bias: the merge's."""
+    A, D, norm_w) with w_in, w_g, w_x in the products' dtype; bias: the merge's. keep_conv_output: the conv output
+    is kept for backward instead of recomputed there (faster, 2·c values per token more memory; same values)."""
     w_in, w_g, w_x, conv_w, conv_b, dt_bias, A, D, norm_w = merged
     e, c, h = dims[:3]
     s, l = x.shape[:2]
@@ -208,7 +214,7 @@ def block_forward(x: Tensor, merged: tuple[Tensor, ...], bias: Tensor | None, di
     merged_x = F.linear(x, w_x, bias)  # (s, l, d): the merge's x-terms and bias
     # + gn W_gᵀ (gn: both directions' gated-norm outputs side by side), summed into merged_x in the epilogue
     merged_x = MixerCore.apply(merged_x, zxbcdt, conv_w, conv_b, dt_bias, A, D, norm_w, w_g, dims, norm_eps,
-                               group_size)
+                               group_size, keep_conv_output)
     return merged_x + x if out is None else add_into(merged_x, x, out)
 
 
