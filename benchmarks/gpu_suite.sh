@@ -8,13 +8,16 @@
 #
 # Settings (environment):
 #   OUT              where logs and JSON go (default ./device_out)
-#   STEPS            any of: tests bench separate sweep memory catalog base (default "tests bench separate")
+#   STEPS            any of: tests bench separate sweep memory catalog base basetrain basestep
+#                    (default "tests bench separate")
 #                    memory: training peak and step time, checkpointing off/auto/full and a simulated 24 GB card;
 #                    catalog: 64 songs through `torchrun ... separate` against the model alone;
 #                    base: inference throughput of this tree and of the tree in $BASE (a `git archive` of an
 #                    earlier commit's src/ and benchmarks/bench_gpu.py), alternated in separate processes;
 #                    basetrain: the same for the training step without checkpointing (peak memory and s/step; a
 #                    $BASE from before the recomputing backward, e.g. 25ec704, needs an H200's memory)
+#                    basestep: the same for the shipped config's full step (paper loss, AdamW, EMA; bench_memory.py),
+#                    checkpointing off and auto
 #   BSMAMBA2_SHARED  the shared test material (official-format fixture); default ../shared beside the checkout.
 #                    Without it the official-fixture parity tests fail with a message saying so.
 #   WHEELS           optional: a folder of wheels (soundfile, soxr, tqdm, pyyaml) to install first on a machine
@@ -67,10 +70,20 @@ for step in $STEPS; do
           --runs mamba:triton --checkpointing off --iters 1 --steps 5 --out "$OUT/bench_train_base_$round.json" 2>&1 \
           | tail -3 | tee -a "$OUT/basetrain.log")
       done ;;
+    basestep)
+      # the shipped config's full step (paper loss, AdamW, EMA) without checkpointing and with `auto`, this tree
+      # against $BASE (a `git archive` of an earlier commit's src/ and benchmarks/), alternated in separate processes
+      for round in 1 2; do
+        python3 benchmarks/bench_memory.py --archs bsmamba2 --modes off,auto --steps 4 --warmup 1 \
+          --out "$OUT/step_head_$round.json" 2>&1 | tail -4 | tee -a "$OUT/basestep.log"
+        (cd "${BASE:?set BASE to an earlier tree}" && PYTHONPATH=$PWD/src python3 benchmarks/bench_memory.py \
+          --archs bsmamba2 --modes off,auto --steps 4 --warmup 1 --out "$OUT/step_base_$round.json" 2>&1 \
+          | tail -4 | tee -a "$OUT/basestep.log")
+      done ;;
     sweep)
       python3 benchmarks/bench_gpu.py --runs mamba:triton --no-train --scan-sweep --iters 5 2>&1 | tail -40 ;;
     *)
-      echo "unknown step $step (tests, bench, separate, sweep, memory, catalog, base, basetrain)" >&2
+      echo "unknown step $step (tests, bench, separate, sweep, memory, catalog, base, basetrain, basestep)" >&2
       exit 2 ;;
   esac
 done
