@@ -22,7 +22,8 @@ Why the sum is safe: layer 0's modules are the first in the forward pass and the
 activations they keep are alive at every moment of the step, on top of the peak with full checkpointing (at the
 start of the backward pass, when all checkpoint inputs are alive and the last module is recomputed). A plan keeps
 the first layers' activations and checkpoints the last layers', which are measured the same way; when the last
-module is not recomputed either, the true peak is lower than the sum.
+module is not recomputed either, the true peak is lower than the sum. A kept conv output lives from its module's
+forward to its backward as well, so it adds in the same way.
 
 Letters as elsewhere; a plan's "time"/"band" counts are how many of the `depth` time-axis / band-axis modules are
 checkpointed (always the last ones); its "keep" count, with nothing checkpointed, how many keep their conv output
