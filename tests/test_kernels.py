@@ -455,10 +455,10 @@ def test_auto_keeps_conv_outputs_on_the_fast_path(monkeypatch):
         monkeypatch.setattr(switches, "resolve_backend", lambda device: "triton")
     torch.manual_seed(8)
     # few frames and bands: the interpreter runs every program of every launch one after another
-    config = BSMamba2Config.tiny(depth=1, stft=STFTConfig(n_fft=64, hop_length=32), band_widths=(4, 4, 8, 8, 9))
+    config = BSMamba2Config.tiny(depth=1, dim=8, stft=STFTConfig(n_fft=32, hop_length=16), band_widths=(4, 4, 4, 5))
     model = build_model(config).to(DEV)
-    loss_fn = SeparationLoss(10.0, (128,), 32, 128).to(DEV)  # one resolution: fast
-    batch, samples = 1, 480
+    loss_fn = SeparationLoss(10.0, (64,), 32, 64).to(DEV)  # one resolution: fast
+    batch, samples = 1, 160
     fp = measure_footprint(model, loss_fn, batch, samples, contextlib.nullcontext, SavedBytes())
     mixer = model.layers[0][0].forward_blocks[0].mixer
     frames, bands = samples // model.config.stft.hop_length + 1, len(model.config.band_widths)
