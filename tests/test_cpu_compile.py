@@ -47,6 +47,19 @@ def test_compiler_found_follows_cxx(monkeypatch, tmp_path):
     assert cpu_compile.compiler_found()
 
 
+def test_compiled_block_is_one_graph():
+    """Dynamo traces the whole plain block as one graph: a graph break (e.g. a call it cannot trace, such as
+    `torch.backends.mkldnn.is_available` in the conv's choice) would split every mixer into separately compiled
+    pieces, each with its guard checks, and stop Inductor fusing across the split."""
+    torch._dynamo.reset()
+    cfg = Mamba2Config(d_state=16, headdim=8, expand=2, chunk_size=16)
+    block = BiMamba2Block(16, cfg).eval()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(cpu_compile._plain_block)(block, torch.randn(2, 37, 16))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.skipif(not cpu_compile.compiler_found(), reason="needs a C++ compiler for Inductor")
 def test_compiled_block_matches_eager_block(fresh_compile_state):
     cfg = Mamba2Config(d_state=16, headdim=8, expand=2, chunk_size=16)

@@ -35,8 +35,9 @@ def conv_for(x: Tensor):
     """The causal depthwise conv for x's device: on a CPU with oneDNN the channels-last conv2d (one pass), elsewhere
     the shifted sum (`functional.causal_depthwise_conv`, the plain form; the GPU's fast path has its own kernels).
     Under `torch.compile` the shifted sum too: Inductor fuses it with its neighbours, which an opaque oneDNN call
-    would prevent (docs/perf-log.md, row 100)."""
-    if x.device.type == "cpu" and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling():
+    would prevent (docs/perf-log.md, row 100). `is_compiling` is asked first: `torch.compile` cannot trace
+    `mkldnn.is_available`, and a call to it would break the compiled block's graph in two at each mixer."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available():
         return causal_depthwise_conv_channels_last
     return causal_depthwise_conv
 
