@@ -151,7 +151,7 @@ def gated_norm_bwd(dout: Tensor, y: Tensor, z: Tensor, weight: Tensor, eps: floa
     if out is not None and (out.shape != (s, l, 2 * e) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous ({s}, {l}, {2 * e}) tensor")
     dw = torch.zeros(2, e, device=y.device, dtype=torch.float32)
-    if rows:
+    if rows:  # without `out`, dout stands in for its pointer: WRITE_OUT=False never stores through it
         _gated_norm_bwd_kernel[grid](y2, z2, weight.contiguous(), dout, dy, dz2, dw, dout if out is None else out,
                                      rows, e, group_size, eps,
                                      y2.stride(0), y2.stride(1), z2.stride(0), z2.stride(1), 2 * e,
