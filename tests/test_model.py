@@ -69,6 +69,29 @@ def test_every_parameter_gets_a_gradient(arch):
     assert all(p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("arch", ["bsmamba2", "bsroformer"])
+def test_identity_layer_passes_its_input_through_and_still_learns(arch):
+    """`make_identity`: a layer with its residual branches' last projections zeroed adds nothing, so a model grown by
+    such layers computes what the shallower one did (in training and at inference); every parameter of the new
+    layer that can move at once (its zeroed projections) gets a gradient."""
+    config = (BSMamba2Config if arch == "bsmamba2" else RoFormerConfig).tiny
+    torch.manual_seed(3)
+    shallow = build_model(config(depth=1)).eval()
+    deep = build_model(config(depth=2)).eval()
+    state = {k: v for k, v in deep.state_dict().items() if k.startswith("layers.1.")}
+    deep.load_state_dict({**state, **shallow.state_dict()})
+    deep.make_identity(1)
+    projections = deep.branch_outputs(deep.layers[1])
+    assert projections and all(not p.weight.any() for p in projections)
+    spec = torch.randn(2, 2, 1025, 9, dtype=torch.complex64)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(spec), shallow(spec), rtol=0, atol=0)
+    deep.train()
+    deep(spec).abs().pow(2).mean().backward()
+    torch.testing.assert_close(deep(spec).detach(), shallow.train()(spec).detach(), rtol=0, atol=0)
+    assert all(p.weight.grad.abs().sum() > 0 for p in projections)
+
+
 def test_activation_checkpointing_gives_same_gradients():
     torch.manual_seed(1)
     model = BSMamba2(BSMamba2Config.tiny(depth=2))

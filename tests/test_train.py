@@ -332,6 +332,37 @@ def test_init_from_starts_a_new_run_from_those_weights(tiny_musdb, tmp_path, cap
         train(_config(tiny_musdb, "train.init_from=1.5"), tmp_path / "run3")
 
 
+def test_grow_depth_starts_a_deeper_run_from_the_checkpoints_function(tiny_musdb, tmp_path, caplog):
+    """`train.grow_depth`: a run with more layers than its `init_from` checkpoint takes the checkpoint's layers as its
+    first ones and starts each extra layer as the identity, so at lr 0 it computes exactly what the checkpoint does;
+    with a learning rate the new layers train. Without the setting the deeper run is refused with a pointer to it;
+    a shallower run, or the setting without init_from, is refused too."""
+    torch.manual_seed(5)
+    source = build_model(_config(tiny_musdb).model)
+    start = save_model(source, tmp_path / "one_layer.safetensors")
+    deeper = ("model.depth=3", f"train.init_from={start}", "train.max_steps=1")
+    with caplog.at_level("INFO", logger="bsmamba2.train"):
+        result = train(_config(tiny_musdb, *deeper, "train.grow_depth=true", "train.lr=0"), tmp_path / "run")
+    assert "layers 1-2 added as identity (train.grow_depth)" in caplog.text
+    assert "these model settings differ" not in caplog.text
+    grown = result.model.eval()
+    for key, value in source.state_dict().items():
+        assert torch.equal(grown.state_dict()[key], value), key
+    spec = torch.randn(1, 2, 1025, 20, dtype=torch.complex64)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(spec), source.eval()(spec), rtol=0, atol=0)
+    trained = train(_config(tiny_musdb, *deeper, "train.grow_depth=true", "train.lr=1e-3"), tmp_path / "run2").model
+    assert all(p.weight.abs().sum() > 0 for i in (1, 2) for p in trained.branch_outputs(trained.layers[i]))
+
+    with pytest.raises(ValueError, match="do not fit the run's model .*depth: 3 vs 1.*train.grow_depth=true"):
+        train(_config(tiny_musdb, *deeper), tmp_path / "run3")
+    two = save_model(build_model(_config(tiny_musdb, "model.depth=2").model), tmp_path / "two_layers.safetensors")
+    with pytest.raises(ValueError, match="has 1 layers, fewer than the 2"):
+        train(_config(tiny_musdb, f"train.init_from={two}", "train.grow_depth=true"), tmp_path / "run4")
+    with pytest.raises(ValueError, match="train.grow_depth=true needs train.init_from"):
+        train(_config(tiny_musdb, "train.grow_depth=true"), tmp_path / "run5")
+
+
 def test_silence_term_trains_and_is_logged(tiny_musdb, tmp_path, caplog):
     """train.silence_weight > 0 adds the silent-region leakage to the loss: the trainer hands the loss the mixture,
     and validation logs the leakage in dB beside uSDR (history and log line)."""

@@ -40,6 +40,20 @@ class BandSplitModel(nn.Module):
     def make_layer(self) -> nn.ModuleList:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def branch_outputs(self, layer: nn.ModuleList) -> list[nn.Module]:  # pragma: no cover - abstract
+        """The last projection of every residual branch in `layer` (each module adds its branches to its input)."""
+        raise NotImplementedError
+
+    def make_identity(self, index: int) -> None:
+        """Make layer `index` pass its input through unchanged: zero the weights and biases of its residual branches'
+        last projections. Growing a trained model deeper (`train.grow_depth`): the deeper model starts computing what
+        the trained one did, and training moves the new layers from there (their projections get gradients at once)."""
+        with torch.no_grad():
+            for proj in self.branch_outputs(self.layers[index]):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+
     @staticmethod
     def _along_time(x: Tensor, module: nn.Module) -> Tensor:
         b, t, k, d = x.shape

@@ -28,6 +28,10 @@ class BSMamba2(BandSplitModel):
         d, m = self.config.dim, self.config.mamba
         return nn.ModuleList([BiMamba2Block(d, m), BiMamba2Block(d, m)])
 
+    def branch_outputs(self, layer: nn.ModuleList) -> list[nn.Module]:
+        """Each block's 2D → D merge of its two directions (`BiMamba2Block.linear`), added to the block's input."""
+        return [block.linear for block in layer]
+
     def _writes_into_layouts(self) -> bool:
         """Whether `run_layers` takes `_layers_without_copies`: at inference (every BiMamba2Block takes `out=`)."""
         return not torch.is_grad_enabled()

@@ -95,3 +95,8 @@ class BSRoFormer(BandSplitModel):
             self.time_rotary = RotaryEmbedding(self.config.dim_head)
             self.band_rotary = RotaryEmbedding(self.config.dim_head)
         return nn.ModuleList([Transformer(self.config, self.time_rotary), Transformer(self.config, self.band_rotary)])
+
+    def branch_outputs(self, layer: nn.ModuleList) -> list[nn.Module]:
+        """Each transformer's attention output projection and feed-forward output projection."""
+        return [proj for transformer in layer for attn, ff in transformer.layers
+                for proj in (attn.to_out[0], ff.net[4])]

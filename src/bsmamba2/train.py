@@ -387,11 +387,13 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
     return out
 
 
-def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist) -> None:
+def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist, grow_depth: bool = False) -> None:
     """Fine-tuning: load the weights of `spec` (name, path, URL, hf:// id) into the new run's `model`.
 
     The main process fetches a published model first (one download), then every process loads the same file. The
-    weights must fit the run's model exactly; other config differences (say the STFT hop) are logged."""
+    weights must fit the run's model exactly; other config differences (say the STFT hop) are logged. With
+    `grow_depth` the run's model may have more layers than the checkpoint's: those fill its first layers, and each
+    extra layer starts as the identity (`make_identity`), so the grown model computes what the checkpoint did."""
     from bsmamba2 import pretrained  # noqa: PLC0415 - the download machinery only when fine-tuning
 
     if ddp.main:
@@ -401,19 +403,41 @@ def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist) -
         path = pretrained.resolve(spec, progress=False)
     source = pretrained.model_from_file(path)
     differences = _config_differences(config_to_dict(config), config_to_dict(source.config))
+    state = source.state_dict()
+    new_layers = range(0)
+    if grow_depth and config.depth != source.config.depth:
+        if config.depth < source.config.depth:
+            raise ValueError(f"train.grow_depth: the run's model has {config.depth} layers, fewer than the "
+                             f"{source.config.depth} of {spec}; set model.depth to {source.config.depth} or more")
+        new_layers = range(source.config.depth, config.depth)
+        differences = [d for d in differences if not d.startswith("depth:")]
+        fresh = model.state_dict()  # the run's seeded weights for the new layers (their branch outputs zeroed below)
+        state = {**{k: v for k, v in fresh.items() if _layer_of(k) in new_layers}, **state}
     try:
-        model.load_state_dict(source.state_dict())  # strict: every key, every shape; into the run's dtype and device
+        model.load_state_dict(state)  # strict: every key, every shape; into the run's dtype and device
     except RuntimeError as err:
         shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        hint = (" (a deeper run can start from it with --set train.grow_depth=true)"
+                if not grow_depth and config.depth > source.config.depth else "")
         raise ValueError(f"train.init_from={spec}: its weights do not fit the run's model (run vs checkpoint: "
-                         f"{shown or 'same config, other weights'}); train with the checkpoint's model settings, "
-                         "e.g. --config bsmamba2-paper for bsmamba2-musdb, or --set model.KEY=VALUE") from err
+                         f"{shown or 'same config, other weights'}){hint}; train with the checkpoint's model "
+                         "settings, e.g. --config bsmamba2-paper for bsmamba2-musdb, or --set model.KEY=VALUE") from err
+    for index in new_layers:
+        model.make_identity(index)
     if differences:
         log.warning("train.init_from=%s: the weights fit, but these model settings differ (run vs checkpoint): %s",
                     spec, "; ".join(differences))
     if ddp.main:
-        log.info("initialized the model from %s (%s; %s parameters); the optimizer starts fresh", spec, path,
-                 f"{sum(p.numel() for p in model.parameters()):,}")
+        grown = (f"; layers {new_layers.start}-{new_layers.stop - 1} added as identity (train.grow_depth)"
+                 if new_layers else "")
+        log.info("initialized the model from %s (%s; %s parameters)%s; the optimizer starts fresh", spec, path,
+                 f"{sum(p.numel() for p in model.parameters()):,}", grown)
+
+
+def _layer_of(key: str) -> int | None:
+    """The layer index of a state-dict key `layers.{i}.…`, else None."""
+    parts = key.split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def _summary_writer(path: Path):
@@ -469,6 +493,8 @@ def train(
     if tc.init_from is not None and not isinstance(tc.init_from, str):
         raise ValueError(f"train.init_from={tc.init_from!r}; expected a model name, checkpoint path, URL or hf:// id "
                          "(quote it in YAML)")
+    if tc.grow_depth and tc.init_from is None:
+        raise ValueError("train.grow_depth=true needs train.init_from: the checkpoint whose layers the run starts from")
     if not 0.0 <= tc.memory_margin < 1.0:
         raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
     if dc.sample_rate != config.model.stft.sample_rate:
@@ -490,7 +516,7 @@ def train(
         torch.set_float32_matmul_precision("high")
     model = build_model(config.model).to(ddp.device)
     if tc.init_from is not None and not resume:  # before the EMA, which starts as a copy of these weights
-        _init_weights(model, config.model, tc.init_from, ddp)
+        _init_weights(model, config.model, tc.init_from, ddp, tc.grow_depth)
     model.activation_checkpointing = tc.activation_checkpointing is True  # auto: decided before the first step
     ema = EMA(model, tc.ema_decay)
     optimizer = make_optimizer(model, tc)

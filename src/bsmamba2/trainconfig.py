@@ -88,6 +88,10 @@ class TrainConfig:
     # demo, a checkpoint path, URL or hf:// id; its model config must be the run's); the optimiser and the schedule
     # start fresh; a resumed run takes its weights from last.pt and ignores this
     init_from: str | None = None
+    # with init_from: the run's model may be deeper than the checkpoint's (all else equal): the checkpoint fills the
+    # first layers and each extra layer starts as the identity (`BandSplitModel.make_identity`), so the run starts
+    # from the checkpoint's function
+    grow_depth: bool = False
     lr: float = 5e-4
     # learning rate by optimiser step (the paper: constant): linear warm-up from 0 over warmup_steps, then, when
     # decay_steps > 0, a half cosine from lr down to lr * final_lr_fraction over the next decay_steps, held after
