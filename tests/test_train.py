@@ -353,6 +353,10 @@ def test_grow_depth_starts_a_deeper_run_from_the_checkpoints_function(tiny_musdb
         torch.testing.assert_close(grown(spec), source.eval()(spec), rtol=0, atol=0)
     trained = train(_config(tiny_musdb, *deeper, "train.grow_depth=true", "train.lr=1e-3"), tmp_path / "run2").model
     assert all(p.weight.abs().sum() > 0 for i in (1, 2) for p in trained.branch_outputs(trained.layers[i]))
+    # resumed with the same settings but without init_from (as a chained call passes them): from last.pt
+    resumed = train(_config(tiny_musdb, "model.depth=3", "train.grow_depth=true", "train.lr=1e-3", "train.max_steps=2"),
+                    tmp_path / "run2", resume=True)
+    assert resumed.step == 2
 
     with pytest.raises(ValueError, match="do not fit the run's model .*depth: 3 vs 1.*train.grow_depth=true"):
         train(_config(tiny_musdb, *deeper), tmp_path / "run3")

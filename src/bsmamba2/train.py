@@ -493,7 +493,7 @@ def train(
     if tc.init_from is not None and not isinstance(tc.init_from, str):
         raise ValueError(f"train.init_from={tc.init_from!r}; expected a model name, checkpoint path, URL or hf:// id "
                          "(quote it in YAML)")
-    if tc.grow_depth and tc.init_from is None:
+    if tc.grow_depth and tc.init_from is None and not resume:  # a resumed run takes its weights from last.pt
         raise ValueError("train.grow_depth=true needs train.init_from: the checkpoint whose layers the run starts from")
     if not 0.0 <= tc.memory_margin < 1.0:
         raise ValueError(f"train.memory_margin={tc.memory_margin}; expected a fraction in [0, 1), e.g. 0.1")
