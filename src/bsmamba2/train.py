@@ -428,8 +428,9 @@ def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist, g
         log.warning("train.init_from=%s: the weights fit, but these model settings differ (run vs checkpoint): %s",
                     spec, "; ".join(differences))
     if ddp.main:
-        grown = (f"; layers {new_layers.start}-{new_layers.stop - 1} added as identity (train.grow_depth)"
-                 if new_layers else "")
+        which = (f"layer {new_layers.start}" if len(new_layers) == 1 else
+                 f"layers {new_layers.start}-{new_layers.stop - 1}")
+        grown = f"; {which} added as identity (train.grow_depth)" if new_layers else ""
         log.info("initialized the model from %s (%s; %s parameters)%s; the optimizer starts fresh", spec, path,
                  f"{sum(p.numel() for p in model.parameters()):,}", grown)
 
