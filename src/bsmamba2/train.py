@@ -411,8 +411,9 @@ def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist, g
                              f"{source.config.depth} of {spec}; set model.depth to {source.config.depth} or more")
         new_layers = range(source.config.depth, config.depth)
         differences = [d for d in differences if not d.startswith("depth:")]
-        fresh = model.state_dict()  # the run's seeded weights for the new layers (their branch outputs zeroed below)
-        state = {**{k: v for k, v in fresh.items() if _layer_of(k) in new_layers}, **state}
+        # the new layers take the run's seeded weights (their branch outputs zeroed below)
+        prefixes = tuple(f"layers.{i}." for i in new_layers)
+        state = {**{k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}, **state}
     try:
         model.load_state_dict(state)  # strict: every key, every shape; into the run's dtype and device
     except RuntimeError as err:
@@ -433,12 +434,6 @@ def _init_weights(model: nn.Module, config: ModelConfig, spec: str, ddp: Dist, g
         grown = f"; {which} added as identity (train.grow_depth)" if new_layers else ""
         log.info("initialized the model from %s (%s; %s parameters)%s; the optimizer starts fresh", spec, path,
                  f"{sum(p.numel() for p in model.parameters()):,}", grown)
-
-
-def _layer_of(key: str) -> int | None:
-    """The layer index of a state-dict key `layers.{i}.…`, else None."""
-    parts = key.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
 def _summary_writer(path: Path):

@@ -102,10 +102,9 @@ class MixerCore(torch.autograd.Function):
         would concatenate them instead (one strided copy of each);
       - it keeps for backward only the in-projection's output, dt and the scan's output y (and the weights): the
         conv output xbc `(2, s, l, c)` (unless `keep_conv_output`: kept, when memory allows, to save that pass) and
-        gn are recomputed in backward from them (`conv_silu_fwd`, and gn by
-        the gated norm's backward kernel in the same pass as its gradients: deterministic kernels computing as the
-        forward did, so the same values), where the chain keeps both alive from the forward to the backward of the
-        block.
+        gn are recomputed in backward from them (`conv_silu_fwd`; gn by the gated norm's backward kernel, in the
+        same pass as its gradients: deterministic kernels computing as the forward did, so the same values), where
+        the chain keeps both alive from the forward to the backward of the block.
     w_g is in the products' dtype, cast to gn's for the product, as `acc.addmm_` would take it.
     """
 
