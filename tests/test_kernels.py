@@ -190,33 +190,6 @@ def test_grouped_and_per_head_backward_agree(dir_mode, length, dtype, split, mon
         assert rel(a, b) < (1e-2 if loose else 1e-5), (name, rel(a, b))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_block", ["1", "2"])
-def test_grouped_backward_in_head_blocks_agrees(head_block, dtype, monkeypatch):
-    """BSMAMBA2_SSD_BWD_TIME_HEAD_BLOCK: the grouped chunk kernel with each group's four heads in blocks of one or two
-    (one program per block, dB/dC summed over the blocks after it) gives the per-head kernel's gradients on the time
-    axis (several chunks), and leaves the band axis (one chunk) as it was; a block that does not divide the group's
-    heads is refused."""
-    monkeypatch.setenv("BSMAMBA2_SSD_BWD_TIME_HEAD_BLOCK", head_block)
-    for length in (45, 13):
-        x, dt, A, B, C, D = random_scan_inputs(2, length, 8, 8, 2, 16, 2, seed=length + 1)
-        x, B, C = (t.to(dtype) for t in (x, B, C))
-        dy = torch.randn_like(x)
-        got = {}
-        for grouped in ("1", "0"):
-            monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", grouped)
-            got[grouped] = ssd_bwd(dy, x, dt, A, B, C, D, 2)
-        for name, a, b in zip("dx ddt dA dB dC dD".split(), got["1"], got["0"]):
-            assert a.shape == b.shape and a.dtype == b.dtype, name
-            loose = dtype == torch.bfloat16 and (name in ("dB", "dC") or DEV == "cuda")
-            assert rel(a, b) < (1e-2 if loose else 1e-5), (length, name, rel(a, b))
-    x, dt, A, B, C, D = random_scan_inputs(2, 45, 8, 8, 2, 16, 2, seed=3)
-    monkeypatch.setenv("BSMAMBA2_SSD_BWD_GROUPED", "1")
-    monkeypatch.setenv("BSMAMBA2_SSD_BWD_TIME_HEAD_BLOCK", "3")
-    with pytest.raises(ValueError, match="must divide the 4 heads per group"):
-        ssd_bwd(torch.randn_like(x), x, dt, A, B, C, D, 2)
-
-
 def test_ssd_scan_entry_point_matches_sequential():
     x, dt, A, B, C, D = random_scan_inputs(2, 30, 2, 8, 1, 16, 1, seed=11)
     for reverse in (False, True):

@@ -155,19 +155,6 @@ def ssd_bwd_grouped(axis: str) -> bool:
     return value == axis or value not in ("", "0", "time", "band")
 
 
-def ssd_bwd_time_head_block(heads_per_group: int) -> int:
-    """BSMAMBA2_SSD_BWD_TIME_HEAD_BLOCK: on the time axis, where the grouped backward chunk kernel runs there
-    (BSMAMBA2_SSD_BWD_GROUPED=time or 1), heads per program: each group's heads in blocks of this many (a divisor of
-    `heads_per_group`), one program per block, dB and dC summed over each block inside it and over the blocks after
-    it (more programs in flight than one per group, a smaller head sum than per head). Unset or 0: the whole group."""
-    block = int(os.environ.get("BSMAMBA2_SSD_BWD_TIME_HEAD_BLOCK", "0") or 0)
-    if not block:
-        return heads_per_group
-    if block < 0 or heads_per_group % block:
-        raise ValueError(f"BSMAMBA2_SSD_BWD_TIME_HEAD_BLOCK={block} must divide the {heads_per_group} heads per group")
-    return block
-
-
 def ssd_gluon() -> bool:
     """BSMAMBA2_SSD_GLUON: the Gluon (sm_90) scan kernels where they apply (on unless "0")."""
     return _flag("BSMAMBA2_SSD_GLUON")

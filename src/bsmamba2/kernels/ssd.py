@@ -63,12 +63,6 @@ def _bwd_grouped(several_chunks: bool) -> bool:
     return switches.ssd_bwd_grouped("time" if several_chunks else "band")
 
 
-def _bwd_head_block(heads_per_group: int, several_chunks: bool) -> int:
-    """Heads per program of the grouped backward chunk kernel: the whole group, or on the time axis (several chunks)
-    the block `switches.ssd_bwd_time_head_block` sets."""
-    return switches.ssd_bwd_time_head_block(heads_per_group) if several_chunks else heads_per_group
-
-
 def _sm90_scan() -> bool:
     """Whether forward scans on Hopper GPUs take the Gluon kernels (`ssd_time_sm90`, `ssd_band_sm90`, where they
     apply): yes unless BSMAMBA2_SSD_GLUON=0 (for A/B runs)."""
@@ -261,13 +255,8 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
     sizes = (l, h, s // 2 if dir_mode == 2 else s, h // g, p, n)
     grouped = _bwd_grouped(n_chunks > 1)
     buf_dtype = torch.float32 if x.dtype == torch.float32 else x.dtype
-    head_block = _bwd_head_block(h // g, n_chunks > 1) if grouped else h // g
-    blocks = (h // g) // head_block
-    if grouped and blocks == 1:  # dB and dC summed over each group's heads inside the chunk kernel, written once
+    if grouped:  # dB and dC summed over each group's heads inside the chunk kernel, written once
         dB, dC = (torch.empty(s, l, g, n, device=dev, dtype=torch.float32) if t is None else t for t in (dB, dC))
-    elif grouped:  # summed over each block of a group's heads inside the kernel, over the blocks below
-        dBh = torch.empty(s, l, g * blocks, n, device=dev, dtype=buf_dtype)
-        dCh = torch.empty_like(dBh)
     else:  # per-head dB and dC (no atomics), summed over each group's heads below
         dBh = torch.empty(s, l, h, n, device=dev, dtype=buf_dtype)
         dCh = torch.empty_like(dBh)
@@ -286,15 +275,12 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
         states = dstates = cross = ddt  # placeholders: one chunk has no states
         st_strides = (0,) * 5
     if grouped:
-        dB_out, dC_out = (dB, dC) if blocks == 1 else (dBh, dCh)
-        ssd_backward.bwd_chunk_grouped_kernel[(s * n_chunks * g * blocks,)](
-            x, dt, A_, B, C, D_, dy, states, dstates, cross, dx, ddt, dA, dB_out, dC_out, dD, *sizes[:4], head_block,
-            *sizes[4:], *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(),
-            *dB_out.stride(), *dC_out.stride(), *st_strides, **meta, HAS_D=D is not None, STATES=n_chunks > 1,
-            SPLIT=switches.ssd_bwd_split(), num_stages=1 if x.dtype == torch.float32 else switches.ssd_bwd_stages(),
+        ssd_backward.bwd_chunk_grouped_kernel[(s * n_chunks * g,)](
+            x, dt, A_, B, C, D_, dy, states, dstates, cross, dx, ddt, dA, dB, dC, dD, *sizes, *x.stride(),
+            *dt.stride(), *B.stride(), *C.stride(), *dy.stride(), *dx.stride(), *dB.stride(), *dC.stride(),
+            *st_strides, **meta, HAS_D=D is not None, STATES=n_chunks > 1, SPLIT=switches.ssd_bwd_split(),
+            num_stages=1 if x.dtype == torch.float32 else switches.ssd_bwd_stages(),
             num_warps=_num_warps("BWD_GROUPED" if n_chunks > 1 else "BWD_GROUPED_BAND", 8))
-        if blocks > 1:
-            dB, dC = (_sum_heads(per_block, g, out) for per_block, out in ((dBh, dB), (dCh, dC)))
         return dx, ddt, dA, dB, dC, (dD if D is not None else None)
     ssd_backward.bwd_chunk_kernel[(s * n_chunks * h,)](
         x, dt, A_, B, C, D_, dy, states, dstates, cross, dx, ddt, dA, dBh, dCh, dD, *sizes, *x.stride(), *dt.stride(),
@@ -305,8 +291,8 @@ def ssd_bwd(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 
 
 def _sum_heads(per_head: Tensor, g: int, out: Tensor | None) -> Tensor:
-    """(s, l, h, n) per-head (or per head-block) gradients summed over each group's heads (or blocks; float32
-    accumulation) → (s, l, g, n): into `out` in its dtype if given, else a new float32 tensor."""
+    """(s, l, h, n) per-head gradients summed over each group's heads (float32 accumulation) → (s, l, g, n): into
+    `out` in its dtype if given, else a new float32 tensor."""
     s, l, h, n = per_head.shape
     groups = per_head.view(s, l, g, h // g, n)
     if out is None:

@@ -227,25 +227,22 @@ def state_in_terms(dy, acum, S, Cm, dC, cross, PREC: tl.constexpr, DOT: tl.const
 def bwd_chunk_grouped_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, dy_ptr, st_ptr, dst_ptr, cross_ptr,
     dx_ptr, ddt_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr,
-    L, nheads, seqs_per_dir, heads_per_group, heads_per_program, P: tl.constexpr, N: tl.constexpr,
+    L, nheads, seqs_per_dir, heads_per_group, P: tl.constexpr, N: tl.constexpr,
     sx_s, sx_l, sx_h, sx_p,
     sdt_s, sdt_l, sdt_h,
     sb_s, sb_l, sb_g, sb_n,
     sc_s, sc_l, sc_g, sc_n,
     sdy_s, sdy_l, sdy_h, sdy_p,
     sdx_s, sdx_l, sdx_h, sdx_p,
-    sdb_s, sdb_l, sdb_g, sdb_n,  # the dB output (s, l, g · blocks, n): one slot per (group, head block)
-    sdc_s, sdc_l, sdc_g, sdc_n,  # the dC output, likewise
+    sdb_s, sdb_l, sdb_g, sdb_n,  # the dB output (s, l, g, n)
+    sdc_s, sdc_l, sdc_g, sdc_n,  # the dC output (s, l, g, n)
     sst_s, sst_h, sst_c, sst_p, sst_n,  # states and state gradients (s, h, chunks, p, n) share one layout
     BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     DIR_MODE: tl.constexpr, HAS_D: tl.constexpr, PREC: tl.constexpr, DOT: tl.constexpr, STATES: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """All gradients of one chunk of one (sequence, group): one program each, looping over the group's heads, with
-    dB and dC summed over those heads in float32 and stored once, straight into the (s, l, g, n) outputs. With
-    `heads_per_program` below `heads_per_group` each group's heads are split into blocks of that many, one program
-    per (sequence, chunk, group, block): more programs in flight, and dB, dC summed over the block's heads into slot
-    g · blocks + block of the outputs, for the caller to sum over the blocks.
+    dB and dC summed over those heads in float32 and stored once, straight into the (s, l, g, n) outputs.
 
     C·Bᵀ does not depend on the head (only the decay exp(acum_i − acum_j) does, through dt and A): it is formed
     once. Per head the program computes dx, ddt and the head's da as `bwd_chunk_kernel` does, by the same pair sets
@@ -260,12 +257,9 @@ def bwd_chunk_grouped_kernel(
     local-memory instructions; the per-head kernel: 360 bytes, 196 instructions for each head;
     `tools/sm90_loop_stats.py --kernel bwd`)."""
     pid = tl.program_id(0)
-    blocks = heads_per_group // heads_per_program
-    slots = (nheads // heads_per_group) * blocks  # (group, head block) pairs
-    slot = pid % slots
-    g = slot // blocks
-    h0 = g * heads_per_group + (slot % blocks) * heads_per_program  # the block's first head
-    sc = pid // slots
+    ngroups = nheads // heads_per_group
+    g = pid % ngroups
+    sc = pid // ngroups
     n_chunks = tl.cdiv(L, BLOCK_Q)
     c = sc % n_chunks
     s = sc // n_chunks
@@ -294,8 +288,8 @@ def bwd_chunk_grouped_kernel(
         m_dS = tile_mask((offs_p < P) & (c_p < n_chunks - 1), offs_n, N, BLOCK_N)  # dS_{c+1}: zero leaving the last
         dB = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
         dC = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for i in range(0, heads_per_program):
-        h = h0 + i
+    for i in range(0, heads_per_group):
+        h = g * heads_per_group + i
         causal = (offs_q + i)[:, None] >= (offs_q + i)[None, :]  # i ≥ j (the head in it keeps it in the loop)
         x = tl.load(x_seq + (h * sx_h + t * sx_l)[:, None] + offs_p[None, :] * sx_p, mask=mqp, other=0.0).to(DOT)
         dy = tl.load(dy_seq + (h * sdy_h + t * sdy_l)[:, None] + offs_p[None, :] * sdy_p, mask=mqp,
@@ -343,8 +337,8 @@ def bwd_chunk_grouped_kernel(
         tl.store(ddt_ptr + s64 * sdt_s + h * sdt_h + t * sdt_l, dvx + da * A, mask=mq)
     if STATES and SPLIT:  # the terms of S_c: dC's accumulator, and the da of pairs j before the chunk
         tl.debug_barrier()  # the first loop's ddt stores are seen by every thread of the program (read back below)
-        for i in range(0, heads_per_program):
-            h = h0 + i
+        for i in range(0, heads_per_group):
+            h = g * heads_per_group + i
             dy = tl.load(dy_seq + (h * sdy_h + t * sdy_l)[:, None] + offs_p[None, :] * sdy_p, mask=mqp,
                          other=0.0).to(DOT)
             dt = tl.load(dt_seq + h * sdt_h + t * sdt_l, mask=mq, other=0.0).to(tl.float32)
@@ -364,7 +358,7 @@ def bwd_chunk_grouped_kernel(
     else:
         dB = tl.dot(tl.trans(Gd), Cm, input_precision=PREC)
         dC = tl.dot(Gd, Bm, input_precision=PREC)
-    tl.store(dB_ptr + s64 * sdb_s + slot * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
+    tl.store(dB_ptr + s64 * sdb_s + g * sdb_g + t[:, None] * sdb_l + offs_n[None, :] * sdb_n,
              dB.to(dB_ptr.dtype.element_ty), mask=mqn)
-    tl.store(dC_ptr + s64 * sdc_s + slot * sdc_g + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
+    tl.store(dC_ptr + s64 * sdc_s + g * sdc_g + t[:, None] * sdc_l + offs_n[None, :] * sdc_n,
              dC.to(dC_ptr.dtype.element_ty), mask=mqn)
