@@ -275,6 +275,18 @@ def test_quiet_and_progress(tiny_ckpt, short, tmp_path, capsys, log):
     assert settings["mode"] == "paper" and settings["overlap"] == 0.0
 
 
+def test_progress_into_a_log_has_one_numbered_bar_per_file(tiny_ckpt, short, tmp_path, capsys, log):
+    second = tmp_path / "in" / "second.wav"
+    second.parent.mkdir()
+    second.write_bytes(short.read_bytes())
+    assert main(["separate", str(short), str(second), "-o", str(tmp_path / "out"), "--checkpoint", str(tiny_ckpt),
+                 "--segment", "0", "--template", "{filename}/{stem}.{ext}"]) == 0  # fmt: skip
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\x1b[" not in err  # no cursor movement between stacked bars
+    assert "[1/2] short.wav" in err and "[2/2] second.wav" in err
+    assert "files:" not in err
+
+
 def test_only_missing_inputs_stop_before_loading_a_model(tmp_path, log):
     out = tmp_path / "out"
     rc = main(["separate", str(tmp_path / "nosuch.wav"), "-o", str(out)])

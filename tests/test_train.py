@@ -295,6 +295,14 @@ def test_cli_train_resume_and_export(tiny_musdb, tmp_path, caplog):
     assert cli.main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 1
 
 
+def test_bar_into_a_log_is_redrawn_rarely(tiny_musdb, tmp_path, capsys):
+    """With stderr not a terminal (a batch job's log) the step bar is redrawn at most every 30 s, not per step."""
+    args = ["train", "--config", "tiny", "--data", str(tiny_musdb), "--out", str(tmp_path / "run")]
+    assert cli.main([*args, *[x for o in TEST_OVERRIDES for x in ("--set", o)], "--set", "train.max_steps=12"]) == 0
+    draws = capsys.readouterr().err.count("train:")
+    assert 1 <= draws <= 3, draws  # the first draw, the last, and at most one between
+
+
 def test_init_from_starts_a_new_run_from_those_weights(tiny_musdb, tmp_path, caplog):
     """Fine-tuning: with train.init_from a new run starts from the file's weights instead of its seed's (at lr 0 the
     model and its EMA stay exactly those through a step), the run's config records the source, and a model of

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -221,8 +222,12 @@ def _run(args: argparse.Namespace) -> int:
 
     done = skipped = 0
     failed = len(failures)
+    # On a terminal: a bar over the files, the current file's bar below it. Into a log (stderr not a terminal) a
+    # second bar would move the cursor with escape codes; there each file gets one bar, numbered "[i/n]".
+    nested = sys.stderr.isatty()
     with logging_redirect_tqdm():
-        for path in tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2, position=0):
+        files_bar = tqdm(files, desc="files", unit="file", disable=quiet or len(files) < 2 or not nested, position=0)
+        for index, path in enumerate(files_bar, 1):
             try:
                 outputs = planned[path]
                 input_sha256 = manifest.input_sha256(path)
@@ -240,7 +245,8 @@ def _run(args: argparse.Namespace) -> int:
                     checkpoint=str(separator.checkpoint_path) if separator.checkpoint_path else None,
                     settings=settings, error=None,
                 )  # fmt: skip
-                with tqdm(total=round(info.duration, 2), desc=path.name[:40], unit="s", leave=False, position=1,
+                desc = path.name[:40] if nested or len(files) < 2 else f"[{index}/{len(files)}] {path.name[:32]}"
+                with tqdm(total=round(info.duration, 2), desc=desc, unit="s", leave=False, position=int(nested),
                           disable=quiet, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
                     result = separator.separate_file_result(
                         path, out_dir, template=args.template, format=args.format, subtype=subtype,
