@@ -11,7 +11,7 @@ from scipy import signal
 
 from bsmamba2.cli import main
 from bsmamba2.data.musdb import load_musdb
-from bsmamba2.data.synth import (ACTIVITIES, HARD_LEAD_KINDS, MODES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS,
+from bsmamba2.data.synth import (ACTIVITIES, BASS_KINDS, HARD_LEAD_KINDS, MODES, REGIONS_FILENAME, STEMS, VOICE_TYPES, VOWELS,
                                  Song, SynthDataset, _sing_segment, generate_song)
 
 SR = 44100
@@ -249,11 +249,28 @@ def test_vocal_free_and_varied_songs():
         SynthDataset(SR, vocal_activity="loud")
 
 
+def test_forced_bass_kind_changes_only_the_bass():
+    """`bass_kind` swaps the bass timbre and nothing else: the same notes, the same other stems up to their level."""
+    drawn = generate_song(3, 4.0, "sparse")  # a finger bass, playing
+    kinds = [k for k in BASS_KINDS if k != drawn.info["bass"]]
+    forced = generate_song(3, 4.0, "sparse", bass_kind=kinds[0])
+    assert forced.info["bass"] == kinds[0] and forced.vocal_regions == drawn.vocal_regions
+    assert {k: v for k, v in forced.info.items() if k != "bass"} == {k: v for k, v in drawn.info.items() if k != "bass"}
+    for name in ("vocals", "drums", "other"):  # the same signal, scaled by the level set against the new bass
+        a, b = drawn.stems[name].astype(np.float64), forced.stems[name].astype(np.float64)
+        np.testing.assert_allclose(b, a * (np.dot(a.ravel(), b.ravel()) / np.dot(a.ravel(), a.ravel())), atol=1e-6)
+    assert not np.allclose(forced.stems["bass"], drawn.stems["bass"], atol=1e-3)
+    same = generate_song(3, 4.0, "sparse", bass_kind=drawn.info["bass"])
+    np.testing.assert_array_equal(same.mixture, drawn.mixture)
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="vocal_activity"):
         generate_song(0, 2.0, "loud")
     with pytest.raises(ValueError, match="seconds"):
         generate_song(0, 0.5)
+    with pytest.raises(ValueError, match="bass_kind must be one of finger, synth, sub"):
+        generate_song(0, 2.0, bass_kind="tuba")
 
 
 def test_cli_writes_a_valid_musdb_layout(tmp_path):

@@ -68,6 +68,7 @@ VARIED = {
     "hard_lead_db": (-6.0, 4.0),  # its level against the rest of "other"
     "hard_lead_answer_prob": 0.7,  # how often it plays in the vocal gaps (else anywhere)
 }
+BASS_KINDS: tuple[str, ...] = ("finger", "synth", "sub")  # "synth": a saw-like tone, harmonics up to 0.4-1.2 kHz
 REGIONS_FILENAME = "vocal_regions.json"
 SAMPLE_RATE = 44100
 
@@ -798,9 +799,10 @@ def _note(sr: int, f0: float | np.ndarray, dur: float, timbre: dict, rng: np.ran
     return x * env
 
 
-def _render_bass(rng: np.random.Generator, plan: _Plan, sr: int, n: int, playing: list[bool]) -> tuple[
-        np.ndarray, str]:
-    kind = str(rng.choice(["finger", "synth", "sub"]))
+def _render_bass(rng: np.random.Generator, plan: _Plan, sr: int, n: int, playing: list[bool],
+                 kind: str | None = None) -> tuple[np.ndarray, str]:
+    drawn = str(rng.choice(BASS_KINDS))  # drawn even when `kind` is given, so the draws after it stay the same
+    kind = kind or drawn
     timbre = {
         "finger": dict(slope=1.2, cutoff=rng.uniform(700, 1500), dull_cutoff=300, bright_tau=0.08, attack=0.005,
                        decay=0.4, sustain=0.5, release=0.05),
@@ -1068,7 +1070,7 @@ def _rng(seed: int | Sequence[int], part: int) -> np.random.Generator:
 
 
 def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activity: str = "mixed",
-                  sample_rate: int = SAMPLE_RATE) -> Song:
+                  sample_rate: int = SAMPLE_RATE, bass_kind: str | None = None) -> Song:
     """Synthesize one song from a seed.
 
     Args:
@@ -1076,9 +1078,13 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
         seconds: length of the song (>= 1).
         vocal_activity: "sparse", "mixed" or "dense"; "none" (no vocals); "varied" (drawn per song, see VARIED).
         sample_rate: Hz (>= 16000).
+        bass_kind: one of BASS_KINDS instead of the drawn bass timbre, for controlled comparisons: the bass plays
+            the same notes and every other draw of the song stays the same (the stems' levels follow the new bass).
     Returns:
         Song with stereo float32 stems that sum to the mixture.
     """
+    if bass_kind is not None and bass_kind not in BASS_KINDS:
+        raise ValueError(f"bass_kind must be one of {', '.join(BASS_KINDS)}, not {bass_kind!r}")
     if vocal_activity not in MODES:
         raise ValueError(f"vocal_activity must be one of {', '.join(MODES)}, not {vocal_activity!r}")
     if not seconds >= 1.0:
@@ -1102,7 +1108,7 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
     else:
         vocal, regions, vinfo = _render_vocals(_rng(seed, 2), plan, activity, sr, n)
     drums = _render_drums(_rng(seed, 3), plan, sr, n, drums_on)
-    bass, bass_kind = _render_bass(_rng(seed, 4), plan, sr, n, bass_on)
+    bass, bass_kind = _render_bass(_rng(seed, 4), plan, sr, n, bass_on, bass_kind)
     other, instruments = _render_other(_rng(seed, 5), plan, sr, n, n_sec, regions)
     if variety and variety["hard_lead"]:
         lead_rng = _rng(seed, 8)
