@@ -249,18 +249,23 @@ def test_vocal_free_and_varied_songs():
         SynthDataset(SR, vocal_activity="loud")
 
 
-def test_forced_bass_kind_changes_only_the_bass():
-    """`bass_kind` swaps the bass timbre and nothing else: the same notes, the same other stems up to their level."""
-    drawn = generate_song(3, 4.0, "sparse")  # a finger bass, playing
-    kinds = [k for k in BASS_KINDS if k != drawn.info["bass"]]
-    forced = generate_song(3, 4.0, "sparse", bass_kind=kinds[0])
-    assert forced.info["bass"] == kinds[0] and forced.vocal_regions == drawn.vocal_regions
-    assert {k: v for k, v in forced.info.items() if k != "bass"} == {k: v for k, v in drawn.info.items() if k != "bass"}
-    for name in ("vocals", "drums", "other"):  # the same signal, scaled by the level set against the new bass
+@pytest.mark.parametrize(("setting", "key", "stem", "choices"),
+                         [("bass_kind", "bass", "bass", BASS_KINDS), ("voice", "voice", "vocals", VOICE_TYPES)])
+def test_a_forced_choice_changes_only_its_stem(setting, key, stem, choices):
+    """`bass_kind` swaps the bass timbre (the same notes), `voice` the singer (the same phrases); every other stem is
+    the same signal, scaled by the levels set against the changed one."""
+    drawn = generate_song(3, 4.0, "sparse")  # a finger bass, playing; a soprano
+    choice = next(c for c in choices if c != drawn.info[key])
+    forced = generate_song(3, 4.0, "sparse", **{setting: choice})
+    assert forced.info[key] == choice and forced.vocal_regions == drawn.vocal_regions
+    assert forced.info["key"] == drawn.info["key"] and forced.info["other"] == drawn.info["other"]
+    for name in STEMS:
         a, b = drawn.stems[name].astype(np.float64), forced.stems[name].astype(np.float64)
-        np.testing.assert_allclose(b, a * (np.dot(a.ravel(), b.ravel()) / np.dot(a.ravel(), a.ravel())), atol=1e-6)
-    assert not np.allclose(forced.stems["bass"], drawn.stems["bass"], atol=1e-3)
-    same = generate_song(3, 4.0, "sparse", bass_kind=drawn.info["bass"])
+        if name == stem:
+            assert not np.allclose(a, b, atol=1e-3)
+        else:
+            np.testing.assert_allclose(b, a * (np.dot(a.ravel(), b.ravel()) / np.dot(a.ravel(), a.ravel())), atol=1e-6)
+    same = generate_song(3, 4.0, "sparse", **{setting: drawn.info[key]})
     np.testing.assert_array_equal(same.mixture, drawn.mixture)
 
 
@@ -271,6 +276,8 @@ def test_bad_arguments_are_rejected():
         generate_song(0, 0.5)
     with pytest.raises(ValueError, match="bass_kind must be one of finger, synth, sub"):
         generate_song(0, 2.0, bass_kind="tuba")
+    with pytest.raises(ValueError, match="voice must be one of"):
+        generate_song(0, 2.0, voice="countertenor")
 
 
 def test_cli_writes_a_valid_musdb_layout(tmp_path):

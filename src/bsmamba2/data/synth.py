@@ -637,10 +637,12 @@ def _harmony(plan: _Plan, phrases: list[_Phrase], rng: np.random.Generator, low:
     return out
 
 
-def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int, n: int) -> tuple[
-        np.ndarray, list[tuple[float, float]], dict]:
-    """Dry stereo vocals (2, n): a lead singer, sometimes with a backing harmony; the sung phrases; a description."""
-    voice = str(rng.choice(list(VOICE_TYPES)))
+def _render_vocals(rng: np.random.Generator, plan: _Plan, activity: str, sr: int, n: int,
+                   voice: str | None = None) -> tuple[np.ndarray, list[tuple[float, float]], dict]:
+    """Dry stereo vocals (2, n): a lead singer (of type `voice`, else drawn), sometimes with a backing harmony; the
+    sung phrases; a description."""
+    drawn = str(rng.choice(list(VOICE_TYPES)))  # drawn even when `voice` is given: the phrases stay the same
+    voice = voice or drawn
     low, high, _ = VOICE_TYPES[voice]
     spans = _plan_phrases(rng, plan, activity)
     phrases = _plan_melody(rng, plan, spans, low, high)
@@ -1070,7 +1072,7 @@ def _rng(seed: int | Sequence[int], part: int) -> np.random.Generator:
 
 
 def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activity: str = "mixed",
-                  sample_rate: int = SAMPLE_RATE, bass_kind: str | None = None) -> Song:
+                  sample_rate: int = SAMPLE_RATE, bass_kind: str | None = None, voice: str | None = None) -> Song:
     """Synthesize one song from a seed.
 
     Args:
@@ -1080,11 +1082,15 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
         sample_rate: Hz (>= 16000).
         bass_kind: one of BASS_KINDS instead of the drawn bass timbre, for controlled comparisons: the bass plays
             the same notes and every other draw of the song stays the same (the stems' levels follow the new bass).
+        voice: one of VOICE_TYPES instead of the drawn voice type, for controlled comparisons: the same phrases
+            (`vocal_regions`) sung by another singer, on a melody in that voice's range; the other stems stay.
     Returns:
         Song with stereo float32 stems that sum to the mixture.
     """
     if bass_kind is not None and bass_kind not in BASS_KINDS:
         raise ValueError(f"bass_kind must be one of {', '.join(BASS_KINDS)}, not {bass_kind!r}")
+    if voice is not None and voice not in VOICE_TYPES:
+        raise ValueError(f"voice must be one of {', '.join(VOICE_TYPES)}, not {voice!r}")
     if vocal_activity not in MODES:
         raise ValueError(f"vocal_activity must be one of {', '.join(MODES)}, not {vocal_activity!r}")
     if not seconds >= 1.0:
@@ -1106,7 +1112,7 @@ def generate_song(seed: int | Sequence[int], seconds: float = 30.0, vocal_activi
     if activity == "none":
         vocal, regions, vinfo = np.zeros((2, n)), [], {"voice": None, "harmony": False}
     else:
-        vocal, regions, vinfo = _render_vocals(_rng(seed, 2), plan, activity, sr, n)
+        vocal, regions, vinfo = _render_vocals(_rng(seed, 2), plan, activity, sr, n, voice)
     drums = _render_drums(_rng(seed, 3), plan, sr, n, drums_on)
     bass, bass_kind = _render_bass(_rng(seed, 4), plan, sr, n, bass_on, bass_kind)
     other, instruments = _render_other(_rng(seed, 5), plan, sr, n, n_sec, regions)
