@@ -322,6 +322,26 @@ def test_cli_writes_a_valid_musdb_layout(tmp_path):
     assert main(["synth", "--out", str(root), "--tracks", "0"]) == 1
 
 
+def test_cli_forced_voice_and_bass_give_the_same_songs_otherwise(tmp_path):
+    """`--voice` / `--bass-kind`: a test set that differs from the drawn one only in the singer and the bass."""
+    common = ["--tracks", "0", "--test-tracks", "2", "--seconds", "3", "--seed", "4", "--vocal-activity", "sparse"]
+    assert main(["synth", "--out", str(tmp_path / "drawn"), *common]) == 0
+    assert main(["synth", "--out", str(tmp_path / "forced"), *common, "--voice", "tenor", "--bass-kind", "synth"]) == 0
+    for index in range(2):
+        name = f"test/synth-4-{index:04d}"
+        drawn = json.loads((tmp_path / "drawn" / name / REGIONS_FILENAME).read_text())
+        forced = json.loads((tmp_path / "forced" / name / REGIONS_FILENAME).read_text())
+        assert forced["voice"] == "tenor" and forced["bass"] == "synth"
+        assert forced["vocal_regions"] == drawn["vocal_regions"] and forced["key"] == drawn["key"]
+        song = generate_song(forced["seed"], 3.0, "sparse", voice="tenor", bass_kind="synth")
+        vocals, _ = sf.read(str(tmp_path / "forced" / name / "vocals.wav"), dtype="float32")
+        np.testing.assert_allclose(vocals.T, song.stems["vocals"], atol=1 / 32768)
+    # the same folder asked for another voice, or for drawn ones, is not mixed in: refused without --overwrite
+    assert main(["synth", "--out", str(tmp_path / "forced"), *common, "--voice", "alto"]) == 1
+    assert main(["synth", "--out", str(tmp_path / "forced"), *common]) == 1
+    assert main(["synth", "--out", str(tmp_path / "drawn"), *common]) == 0  # kept as it is
+
+
 def test_synth_dataset_streams_deterministic_excerpts():
     import torch
 

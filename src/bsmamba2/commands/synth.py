@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from bsmamba2.data.synth import MODES, REGIONS_FILENAME, SAMPLE_RATE, STEMS, generate_song
+from bsmamba2.data.synth import BASS_KINDS, MODES, REGIONS_FILENAME, SAMPLE_RATE, STEMS, VOICE_TYPES, generate_song
 
 HELP = "synthesize songs with controllable vocal density in the MUSDB18-HQ layout"
 SPLITS = {"train": 0, "test": 1, "valid": 2}
@@ -47,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vocal activity of the test split (default: as --vocal-activity)")
     parser.add_argument("--valid-activity", choices=MODES, default=None,
                         help="vocal activity of the validation split (default: as --vocal-activity)")
+    parser.add_argument("--voice", choices=tuple(VOICE_TYPES), default=None,
+                        help="every song sung by this voice type instead of a drawn one; the same seed keeps its "
+                        "phrases and accompaniment, so test sets that differ only in the voice can be compared")
+    parser.add_argument("--bass-kind", choices=BASS_KINDS, default=None,
+                        help="every song's bass in this timbre instead of a drawn one (same notes, the rest kept)")
     parser.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help="Hz (default 44100)")
     parser.add_argument("--subtype", choices=SUBTYPES, default="PCM_16", help="WAV sample format (default PCM_16)")
     parser.add_argument("--workers", type=int, default=1, help="processes generating in parallel (default 1)")
@@ -60,8 +65,13 @@ def track_name(seed: int, index: int) -> str:
 def _job_settings(args: argparse.Namespace, split: str) -> dict:
     activity = {"test": args.test_activity, "valid": getattr(args, "valid_activity", None)}.get(split)
     activity = activity or args.vocal_activity
-    return {"seconds": float(args.seconds), "vocal_activity": activity, "sample_rate": int(args.sample_rate),
-            "subtype": args.subtype}
+    settings = {"seconds": float(args.seconds), "vocal_activity": activity, "sample_rate": int(args.sample_rate),
+                "subtype": args.subtype}
+    # a forced choice is recorded under the song's own key (vocal_regions.json's "voice", "bass"), and its name in
+    # "forced", so that a track made with one is not kept for a request without it (or the other way round)
+    forced = {k: v for k, v in {"voice": getattr(args, "voice", None), "bass": getattr(args, "bass_kind", None)}.items()
+              if v is not None}
+    return settings | forced | {"forced": sorted(forced)}
 
 
 def _existing_matches(folder: Path, song_seed: list[int], settings: dict) -> bool:
@@ -70,12 +80,15 @@ def _existing_matches(folder: Path, song_seed: list[int], settings: dict) -> boo
         return False
     with open(meta_path) as fh:
         meta = json.load(fh)
-    return meta.get("seed") == song_seed and all(meta.get(k) == v for k, v in settings.items())
+    # tracks written before "forced" existed had nothing forced
+    return meta.get("seed") == song_seed and all(meta.get(k, [] if k == "forced" else None) == v
+                                                 for k, v in settings.items())
 
 
 def write_track(folder: Path, song_seed: list[int], settings: dict) -> dict:
     """Generate one song and write it to `folder` atomically (temp folder, then rename). Returns its metadata."""
-    song = generate_song(song_seed, settings["seconds"], settings["vocal_activity"], settings["sample_rate"])
+    song = generate_song(song_seed, settings["seconds"], settings["vocal_activity"], settings["sample_rate"],
+                         bass_kind=settings.get("bass"), voice=settings.get("voice"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         if settings["subtype"] == "PCM_16":
