@@ -65,13 +65,11 @@ def track_name(seed: int, index: int) -> str:
 def _job_settings(args: argparse.Namespace, split: str) -> dict:
     activity = {"test": args.test_activity, "valid": getattr(args, "valid_activity", None)}.get(split)
     activity = activity or args.vocal_activity
-    settings = {"seconds": float(args.seconds), "vocal_activity": activity, "sample_rate": int(args.sample_rate),
-                "subtype": args.subtype}
-    # a forced choice is recorded under the song's own key (vocal_regions.json's "voice", "bass"), and its name in
-    # "forced", so that a track made with one is not kept for a request without it (or the other way round)
-    forced = {k: v for k, v in {"voice": getattr(args, "voice", None), "bass": getattr(args, "bass_kind", None)}.items()
-              if v is not None}
-    return settings | forced | {"forced": sorted(forced)}
+    # forced_*: None when drawn (also for tracks written before these settings existed, which lack the keys), so a
+    # track made with a forced choice is not kept for a request without it, nor the other way round
+    return {"seconds": float(args.seconds), "vocal_activity": activity, "sample_rate": int(args.sample_rate),
+            "subtype": args.subtype, "forced_voice": getattr(args, "voice", None),
+            "forced_bass": getattr(args, "bass_kind", None)}
 
 
 def _existing_matches(folder: Path, song_seed: list[int], settings: dict) -> bool:
@@ -80,15 +78,13 @@ def _existing_matches(folder: Path, song_seed: list[int], settings: dict) -> boo
         return False
     with open(meta_path) as fh:
         meta = json.load(fh)
-    # tracks written before "forced" existed had nothing forced
-    return meta.get("seed") == song_seed and all(meta.get(k, [] if k == "forced" else None) == v
-                                                 for k, v in settings.items())
+    return meta.get("seed") == song_seed and all(meta.get(k) == v for k, v in settings.items())
 
 
 def write_track(folder: Path, song_seed: list[int], settings: dict) -> dict:
     """Generate one song and write it to `folder` atomically (temp folder, then rename). Returns its metadata."""
     song = generate_song(song_seed, settings["seconds"], settings["vocal_activity"], settings["sample_rate"],
-                         bass_kind=settings.get("bass"), voice=settings.get("voice"))
+                         bass_kind=settings["forced_bass"], voice=settings["forced_voice"])
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         if settings["subtype"] == "PCM_16":
