@@ -2,13 +2,15 @@
 several variants in alternating rounds (so that the machine's drifting speed hits every variant alike).
 
 Usage:
-    python benchmarks/bench_demo.py [--rounds 2] [--variant NAME=[SRC:]CHECKPOINT ...] [--out demo.json]
+    python benchmarks/bench_demo.py [--rounds 2] [--variant "NAME=[SRC:]CHECKPOINT [DEMO ARGS]" ...] [--out demo.json]
 
-A variant is a checkpoint (`bundled` for the model in the package) and, optionally, the `src` folder of another
-tree to run it with (e.g. a `git archive` of an older commit), to compare a change with what came before in one run:
+A variant is a checkpoint (`bundled` for the model in the package), optionally the `src` folder of another tree to
+run it with (e.g. a `git archive` of an older commit), and optionally more arguments for `bsmamba2 demo`, to compare
+a change with what came before in one run:
 
     git archive 383f255 src | tar -x -C /tmp/old
-    python benchmarks/bench_demo.py --variant before=/tmp/old/src:bundled --variant now=bundled
+    python benchmarks/bench_demo.py --variant before=/tmp/old/src:bundled --variant now=bundled \
+        --variant "now-fp32=bundled --precision fp32"
 
 Each run is a fresh process (`python -m bsmamba2 demo`), as the README's first command is: imports, model load,
 synthesis, separation, scores and figure. The separation time is the one the command prints ("separated ... in X s").
@@ -31,18 +33,20 @@ from common import ROOT, format_table, out_path, print_stamp, write_json
 SEPARATED = re.compile(r"separated [\d.]+ s in ([\d.]+) s")
 
 
-def parse_variant(text: str) -> tuple[str, Path, str]:
-    """NAME=[SRC:]CHECKPOINT -> (name, src folder, checkpoint or "bundled")."""
+def parse_variant(text: str) -> tuple[str, Path, str, list[str]]:
+    """"NAME=[SRC:]CHECKPOINT [DEMO ARGS]" -> (name, src folder, checkpoint or "bundled", extra demo arguments)."""
     name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=CHECKPOINT or NAME=SRC:CHECKPOINT")
-    src, colon, checkpoint = rest.rpartition(":")
-    return name, Path(src) if colon else ROOT / "src", checkpoint
+    words = rest.split()
+    if not sep or not name or not words:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=CHECKPOINT or NAME=SRC:CHECKPOINT, then any demo "
+                                         "arguments")
+    src, colon, checkpoint = words[0].rpartition(":")
+    return name, Path(src) if colon else ROOT / "src", checkpoint, words[1:]
 
 
-def run_demo(src: Path, checkpoint: str, workdir: Path) -> dict:
+def run_demo(src: Path, checkpoint: str, extra: list[str], workdir: Path) -> dict:
     """One `bsmamba2 demo` in a fresh process; its wall time and the separation time it prints."""
-    cmd = [sys.executable, "-m", "bsmamba2", "demo", "-o", str(workdir)]
+    cmd = [sys.executable, "-m", "bsmamba2", "demo", "-o", str(workdir), *extra]
     if checkpoint != "bundled":
         cmd += ["--checkpoint", checkpoint]
     env = {**os.environ, "PYTHONPATH": str(src)}
@@ -58,26 +62,26 @@ def run_demo(src: Path, checkpoint: str, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", action="append", type=parse_variant, default=None,
-                        help="NAME=[SRC:]CHECKPOINT (repeatable; default: now=bundled)")
+                        help="\"NAME=[SRC:]CHECKPOINT [DEMO ARGS]\" (repeatable; default: now=bundled)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=None, help="JSON file (default: $OUT/bench_demo.json when $OUT is set)")
     args = parser.parse_args()
     variants = args.variant or [parse_variant("now=bundled")]
 
     info = print_stamp("cpu")
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for name, src, checkpoint in variants:
-                result = run_demo(src, checkpoint, Path(tmp) / f"{name}-{r}")
+            for name, src, checkpoint, extra in variants:
+                result = run_demo(src, checkpoint, extra, Path(tmp) / f"{name}-{r}")
                 runs[name].append(result)
                 print(f"round {r + 1} {name}: {result['total_s']:.1f} s in all, separation {result['separate_s']} s",
                       flush=True)
     rows = []
-    for name, src, checkpoint in variants:
+    for name, src, checkpoint, extra in variants:
         total = [x["total_s"] for x in runs[name]]
         sep = [x["separate_s"] for x in runs[name] if x["separate_s"] is not None]
-        rows.append({"variant": name, "checkpoint": checkpoint, "src": str(src),
+        rows.append({"variant": name, "checkpoint": checkpoint, "src": str(src), "demo_args": extra,
                      "total_median_s": statistics.median(total), "total_min_s": min(total),
                      "separate_median_s": statistics.median(sep) if sep else None,
                      "separate_min_s": min(sep) if sep else None})

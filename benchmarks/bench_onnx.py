@@ -1,6 +1,7 @@
 """The CPU candidates side by side: PyTorch eager, PyTorch compiled (`torch.compile`), ONNX Runtime and OpenVINO, fp32
-and int8, for the bundled model and the paper-size model, with the matmul floor measured in the same process; and the
-SDR cost of int8 on the shared real track and on synthetic sparse songs.
+and int8 (PyTorch also bf16 projections, `bsmamba2.quantize.linear_bf16`), for the bundled model and the paper-size
+model, with the fp32 matmul floor measured in the same process; and the SDR cost of int8 and bf16 on the shared real
+track and on synthetic sparse songs.
 
 Speed: one 8-s stereo chunk (batch 1) through `forward_waveform` (STFT + network + iSTFT) per measurement. The floor
 is the network's matmul FLOPs at the rate of a 2048³ fp32 matmul timed in the same process right before each
@@ -12,8 +13,8 @@ ONNX runtimes run the same files; the reported set-up time is the export (first 
 machine the paper-size model does not fit onnxruntime and OpenVINO (fp32 and int8 each) in one process: pass
 `--backends` with one of them.
 
-Quality: `Separator` with its defaults (8-s segments, overlap 0.5) at fp32 and int8, torch and the ONNX runtimes in
-`--backends`, bundled model;
+Quality: `Separator` with its defaults (8-s segments, overlap 0.5) at fp32 and int8 (torch also bf16), torch and the
+ONNX runtimes in `--backends`, bundled model;
 uSDR of the vocals against the reference on "Music Delta - 80s Rock" (shared/, 6.8 s) and on `--songs` synthetic
 sparse-vocal songs (`generate_song((7, 1, i), vocal_activity="sparse")`, as `bsmamba2 synth --seed 7`).
 
@@ -38,7 +39,7 @@ from bsmamba2 import cpu_compile
 from bsmamba2 import onnx_backend as ob
 from bsmamba2.config import BSMamba2Config
 from bsmamba2.model import BSMamba2
-from bsmamba2.quantize import quantize_linear_int8
+from bsmamba2.quantize import linear_bf16, quantize_linear_int8
 from bsmamba2.pretrained import load_model
 from bsmamba2.separate import Separator, _module_sha256
 
@@ -105,13 +106,16 @@ def speed(args) -> list[dict]:
         tflop = PAPER_TFLOP_PER_CHUNK if name == "paper" else network_tflop(model, wave)
         floor = tflop * 1e3 / gflops
         nets, export_s = {}, {}
-        runners = {("torch", "fp32"): model.forward_waveform,
+        bf16 = linear_bf16(model)
+        runners = {("torch", "fp32"): model.forward_waveform, ("torch", "bf16"): bf16.forward_waveform,
                    ("torch", "int8"): quantize_linear_int8(model).forward_waveform}
         if "compiled" in args.backends:
-            runners["compiled", "fp32"] = compiled_forward(model)
-            with torch.inference_mode():
-                export_s["compiled"] = _timed(lambda: runners["compiled", "fp32"](wave))  # compiles
-            print(f"{name}: torch.compile and a first chunk took {export_s['compiled']:.1f} s", flush=True)
+            for precision, m in (("fp32", model), ("bf16", bf16)):
+                runners["compiled", precision] = compiled_forward(m)
+                with torch.inference_mode():
+                    export_s["compiled", precision] = _timed(lambda: runners["compiled", precision](wave))  # compiles
+                print(f"{name}: torch.compile and a first chunk ({precision}) took "
+                      f"{export_s['compiled', precision]:.1f} s", flush=True)
         for runtime in (r for r in ob.RUNTIMES if r in args.backends):
             for precision in ("fp32", "int8"):
                 nets[runtime, precision], export_s[runtime, precision] = onnx_net(model, precision, args.threads,
@@ -121,8 +125,9 @@ def speed(args) -> list[dict]:
             with torch.inference_mode():
                 for run in runners.values():
                     run(wave)
-        # the fp32 candidates back to back `--pairs` times, then the int8 ones once
+        # the fp32 and bf16 candidates back to back `--pairs` times, then the int8 ones once
         fp32 = [(b, "fp32") for b in ("torch", "compiled", *ob.RUNTIMES) if b in args.backends]
+        fp32 += [(b, "bf16") for b in ("torch", "compiled") if b in args.backends]
         order = fp32 * args.pairs + [(b, "int8") for b in ("torch", *ob.RUNTIMES) if b in args.backends]
         for backend, precision in order:
             # the CPU is shared: the floor's rate is taken again right before each timing, so both see one load
@@ -132,7 +137,7 @@ def speed(args) -> list[dict]:
                 s = _timed(lambda: runners[backend, precision](wave))
             row = {"model": name, "backend": backend, "precision": precision, "s_per_chunk": s, "rtf": s / 8,
                    "floor_s": floor, "x_floor": s / floor, "tflop": tflop, "matmul_gflops": gflops,
-                   "export_s": export_s.get((backend, precision) if backend in ob.RUNTIMES else backend)}
+                   "export_s": export_s.get((backend, precision))}
             rows.append(row)
             print(f"{name:<6}{backend:<12}{precision:<6}{s:8.2f} s/chunk  RTF {s / 8:5.2f}  {s / floor:5.2f}x floor "
                   f"({floor:.1f} s: {tflop:.3f} TFLOP at {gflops:.0f} GFLOP/s)", flush=True)
@@ -154,7 +159,7 @@ def sdr(args) -> list[dict]:
     rows = []
     backends = ["torch", *(r for r in ob.RUNTIMES if r in args.backends)]
     for backend in backends:
-        for precision in ("fp32", "int8"):
+        for precision in ("fp32", "bf16", "int8") if backend == "torch" else ("fp32", "int8"):
             sep = Separator("demo", device="cpu", precision=precision, backend=backend)
             for name, (mix, ref) in songs.items():
                 t0 = time.perf_counter()
@@ -170,10 +175,11 @@ def sdr(args) -> list[dict]:
         r["rel_to_torch_fp32"] = float((r["vocals"] - b["vocals"]).abs().max() / b["vocals"].abs().max())
         print(f"{r['song']:<22}{r['backend']:<12}{r['precision']:<6}{r['usdr']:8.3f}{r['delta_db']:17.3f}"
               f"{r['rel_to_torch_fp32']:21.2e}{r['s']:7.1f}")
-    for backend in backends:
-        deltas = [r["delta_db"] for r in rows if r["backend"] == backend and r["precision"] == "int8"]
-        print(f"int8 on {backend}: mean Δ uSDR {np.mean(deltas):+.3f} dB, worst {min(deltas):+.3f} dB "
-              f"(default only if the cost is <= 0.05 dB)")
+    for backend, precision in [(b, p) for b in backends for p in ("bf16", "int8")]:
+        deltas = [r["delta_db"] for r in rows if r["backend"] == backend and r["precision"] == precision]
+        if deltas:
+            print(f"{precision} on {backend}: mean Δ uSDR {np.mean(deltas):+.3f} dB, worst {min(deltas):+.3f} dB "
+                  f"(a default only if the cost is <= 0.05 dB)")
     for r in rows:
         del r["vocals"]
     return rows

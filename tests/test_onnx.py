@@ -112,7 +112,7 @@ def test_separator_backends_agree_on_real_track(exported, official_ckpt, sample_
     mix, sr = read_audio(sample_track / "mixture.wav")
     mix = mix[:, sr : sr * 5 // 2]  # 1.5 s: with overlap 0.5, a batch of 3 segments and one of 1
     kw = dict(device="cpu", segment=SEGMENT, overlap=0.5, batch_size=3)
-    ref = Separator(official_ckpt, **kw).separate(mix, sr)
+    ref = Separator(official_ckpt, precision="fp32", **kw).separate(mix, sr)  # fp32 where the CPU's default is bf16
     onnx_sep = Separator(official_ckpt, backend="onnxruntime", onnx=exported, **kw)
     assert onnx_sep.settings()["backend"] == "onnxruntime"
     out = onnx_sep.separate(mix, sr)
@@ -128,7 +128,7 @@ def test_cli_onnx_runtimes_equal_torch_on_real_track(tmp_path, cache, official_c
         pytest.importorskip("openvino")
     common = [str(sample_track / "mixture.wav"), "--checkpoint", str(official_ckpt), "--segment", str(SEGMENT),
               "--format", "wav", "--subtype", "FLOAT", "-q", "--device", "cpu", "--paper"]
-    assert cli.main(["separate", *common, "-o", str(tmp_path / "torch")]) == 0
+    assert cli.main(["separate", *common, "-o", str(tmp_path / "torch"), "--precision", "fp32"]) == 0
     assert cli.main(["separate", *common, "-o", str(tmp_path / runtime), "--backend", runtime]) == 0
     assert sorted(p.name for p in cache.parent.iterdir()) == [cache.name]  # found in the cache, nothing exported
     for stem in ("vocals", "instrumental"):
@@ -225,8 +225,7 @@ def test_evaluate_onnxruntime_equals_torch(tmp_path, tiny_musdb, exported, offic
         out = tmp_path / backend
         argv = ["evaluate", "--checkpoint", str(official_ckpt), "--data", str(tiny_musdb), "-o", str(out),
                 "--segment", str(SEGMENT), "--no-progress", "--no-plots", "--device", "cpu", "--backend", backend]
-        if backend == "onnxruntime":
-            argv += ["--onnx", str(exported)]
+        argv += ["--onnx", str(exported)] if backend == "onnxruntime" else ["--precision", "fp32"]
         assert cli.main(argv) == 0
         scores[backend] = json.loads((out / "results.json").read_text())["tracks"]
     assert [r["track"] for r in scores["torch"]] == [r["track"] for r in scores["onnxruntime"]] == ["Cut D"]

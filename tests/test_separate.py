@@ -322,6 +322,37 @@ def test_official_checkpoint_loads(official_ckpt):
     assert len(sep.checkpoint_sha256) == 64
 
 
+# -- precision on the CPU ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_default_precision_follows_the_cpus_bf16(monkeypatch, native):
+    from bsmamba2.quantize import Bf16Linear  # noqa: PLC0415
+
+    monkeypatch.setattr(separate_module, "cpu_bf16_native", lambda: native)
+    sep = Separator("demo", device="cpu")
+    assert sep.precision_name == ("bf16 projections" if native else "fp32")
+    assert sep.settings()["precision"] == ("bfloat16" if native else "float32")  # manifests tell the two apart
+    assert any(isinstance(m, Bf16Linear) for m in sep.model.modules()) == native
+    # an explicit choice wins either way
+    assert Separator("demo", device="cpu", precision="fp32").precision_name == "fp32"
+    assert Separator("demo", device="cpu", precision="bf16").precision_name == "bf16 projections"
+    # a caller's own module is run as given unless a precision is asked for
+    own = build_model(BSMamba2Config.tiny())
+    assert Separator(own, device="cpu").precision_name == "fp32"
+    assert any(type(m) is nn.Linear for m in own.modules())  # and is never changed in place
+
+
+def test_cpu_bf16_costs_under_five_hundredths_of_a_db_on_real_music(sample_track):
+    from bsmamba2.metrics import usdr  # noqa: PLC0415
+
+    mix, sr = read_audio(sample_track / "mixture.wav")
+    ref, _ = read_audio(sample_track / "vocals.wav")
+    est = {p: Separator("demo", device="cpu", precision=p, segment=0).separate(mix, sr)["vocals"]
+           for p in ("fp32", "bf16")}
+    rel = float((est["bf16"] - est["fp32"]).norm() / est["fp32"].norm())
+    assert 1e-4 < rel < 2e-2  # really the bf16 path, and close
+    assert abs(usdr(est["bf16"], ref) - usdr(est["fp32"], ref)) < 0.05
+
+
 # -- manifest ------------------------------------------------------------------------------------------------------
 def test_manifest_round_trip(tmp_path):
     song = tmp_path / "song.wav"

@@ -43,8 +43,9 @@ from bsmamba2.audio import (
     resampled_length,
     resolve_format,
 )
-from bsmamba2.device import autocast, resolve_device, resolve_precision
+from bsmamba2.device import autocast, cpu_bf16_native, cpu_bf16_speedup, resolve_device, resolve_precision
 from bsmamba2.pretrained import model_from_file, resolve, sha256_file
+from bsmamba2.quantize import linear_bf16, quantize_linear_int8
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,11 @@ class Separator:
             `forward_waveform` or a forward taking (batch, channels, time) waveforms to (batch, stems, channels,
             time)). See `bsmamba2.pretrained.resolve`.
         device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
-        precision: None/"fp32", "bf16" or "fp16" (autocast; fp16 needs a GPU).
+        precision: None (the device's default), "fp32", "bf16", "fp16" (a GPU's autocast; fp16 needs a GPU) or
+            "int8" (CPU). On a CPU, "bf16" runs the Linear projections in bfloat16 and everything else in float32
+            (`bsmamba2.quantize`), and it is the default (None) for a model loaded by name, path or URL where the
+            CPU multiplies bf16 natively (`bsmamba2.device.cpu_bf16_native`; uSDR within 0.01 dB of fp32,
+            benchmarks/RESULTS.md "cpu-bf16"); elsewhere the default is fp32.
         segment: seconds per model call (the training length is 8 s); 0 = the whole input at once.
         overlap: fraction of a segment shared with the next one, 0 <= overlap < 1 (overlap-add mode).
         batch_size: segments per model call; None picks 1 on a CPU (lowest memory; larger batches gain little there)
@@ -322,9 +327,16 @@ class Separator:
 
         int8 = str(precision).lower() == "int8"
         self.device = resolve_device("cpu" if int8 and device == "auto" else device)  # int8 kernels are CPU ones
-        self.dtype = resolve_precision(None if int8 else precision, self.device)
         is_onnx = isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx"
         self.backend = "onnxruntime" if is_onnx and backend == "torch" else backend
+        cpu_torch = self.device.type == "cpu" and self.backend == "torch"
+        if precision is None and cpu_torch and not isinstance(model, nn.Module) and cpu_bf16_native():
+            precision = "bf16"
+            log.info("CPU: Linear projections in bf16 (this CPU multiplies bf16 %.1fx faster than fp32); "
+                     "--precision fp32 for float32 throughout", cpu_bf16_speedup())
+        self.dtype = resolve_precision(None if int8 else precision, self.device)
+        # a CPU's bf16: reduced-precision projections in a copy of the model, no autocast
+        self._autocast_dtype = torch.float32 if cpu_torch and self.dtype == torch.bfloat16 else self.dtype
         if self.backend != "torch":  # the network callable is an ONNX runtime's (bsmamba2.onnx_backend)
             from bsmamba2.onnx_backend import onnx_model  # noqa: PLC0415
 
@@ -343,11 +355,12 @@ class Separator:
                 log.info("model: the bundled demo model, trained on synthetic songs only; for real music use the "
                          "default, bsmamba2-musdb (the paper's weights)")
         if int8 and self.backend == "torch":
-            from bsmamba2.quantize import quantize_linear_int8  # noqa: PLC0415
 
             if self.device.type != "cpu":
                 raise ValueError("--precision int8 runs on the CPU; pass --device cpu")
             self.model = quantize_linear_int8(self.model)
+        elif cpu_torch and self.dtype == torch.bfloat16:
+            self.model = linear_bf16(self.model)
         self.int8 = int8
         self.model = self.model.to(self.device).eval()
         self.stems: tuple[str, ...] = tuple(getattr(self.model, "stems", ("vocals",)))
@@ -385,6 +398,15 @@ class Separator:
                 self._checkpoint_sha256 = _module_sha256(self.model)
         return self._checkpoint_sha256
 
+    @property
+    def precision_name(self) -> str:
+        """The precision in words, for messages: "fp32", "int8 projections", "bf16 projections" (a CPU's bf16), or
+        "bf16"/"fp16" (autocast)."""
+        if self.int8:
+            return "int8 projections"
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return f"{name} projections" if self._autocast_dtype != self.dtype else name
+
     def settings(self) -> dict:
         """The settings that change the output, as recorded in a manifest."""
         settings = {
@@ -419,7 +441,7 @@ class Separator:
         else:
             raise ValueError(f"a {m}-channel model cannot separate {channels}-channel audio")
         forward = getattr(self.model, "forward_waveform", None) or self.model
-        with torch.inference_mode(), autocast(self.device, self.dtype), cpu_compile.enabled(self._compiling):
+        with torch.inference_mode(), autocast(self.device, self._autocast_dtype), cpu_compile.enabled(self._compiling):
             y = forward(inp)
         y = y.float()
         if channels == m:

@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=float, default=0.0,
                    help="overlap fraction of consecutive segments (default 0: one call per segment)")
     p.add_argument("--device", "-d", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
+                   help="model precision (default: bf16 projections on a CPU that multiplies bf16 natively, else fp32)")
     p.add_argument("--quiet", "-q", action="store_true")
 
 
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     # A song no longer than a segment goes through in one call, unpadded.
     segment = 0.0 if args.segment == 0 or args.segment >= args.seconds else args.segment
     # the bundled model unless one is given
-    separator = Separator(args.checkpoint or "demo", device=args.device, segment=segment, overlap=args.overlap)
+    separator = Separator(args.checkpoint or "demo", device=args.device, precision=args.precision, segment=segment,
+                          overlap=args.overlap)
     timings["load_model"] = time.perf_counter() - clock
 
     log.info("synthesizing a %.0f-s song with %s vocals (seed %d)", args.seconds, args.vocal_activity, args.seed)
@@ -112,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("time: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
     if not args.quiet:
-        print(f"separated {song.seconds:.1f} s in {elapsed:.1f} s on {separator.device} -> {out}/")
+        print(f"separated {song.seconds:.1f} s in {elapsed:.1f} s on {separator.device} "
+              f"({separator.precision_name}) -> {out}/")
         print(f"{'vocals estimate':<22}{'uSDR dB':>9}{'cSDR dB':>9}{'leakage dB':>12}")
         for name in ("model", "mixture as estimate", "silence as estimate"):
             s = scores[name]
