@@ -114,9 +114,11 @@ def test_failed_compile_falls_back_to_eager_once(fresh_compile_state, monkeypatc
     assert not cpu_compile.active()
 
 
-@pytest.mark.parametrize("mode, seconds, compiled", [("auto", 61.0, True), ("auto", 5.0, False),
-                                                     ("off", 61.0, False), ("on", 5.0, True)])
-def test_separator_compiles_by_mode_and_length(fresh_compile_state, monkeypatch, mode, seconds, compiled):
+@pytest.mark.parametrize("mode, seconds, precision, compiled", [
+    ("auto", 61.0, None, True), ("auto", 5.0, None, False), ("off", 61.0, None, False), ("on", 5.0, None, True),
+    ("auto", 61.0, "bf16", False), ("on", 5.0, "bf16", True),  # bf16 projections run faster eager, unless asked
+])
+def test_separator_compiles_by_mode_and_length(fresh_compile_state, monkeypatch, mode, seconds, precision, compiled):
     seen = []
 
     def spy(block, x):  # records the compiled route, runs the eager block (the compiled one is tested above)
@@ -126,7 +128,7 @@ def test_separator_compiles_by_mode_and_length(fresh_compile_state, monkeypatch,
     monkeypatch.setattr(cpu_compile, "compiler_found", lambda: True)
     monkeypatch.setattr(cpu_compile, "run_block", spy)
     model = build_model(BSMamba2Config.tiny()).eval()
-    sep = Separator(model, device="cpu", compile=mode, segment=4.0)
+    sep = Separator(model, device="cpu", compile=mode, segment=4.0, precision=precision)
     wave = 0.1 * torch.randn(2, int(seconds * 44100))
     out = sep.separate(wave, 44100)
     assert out["vocals"].shape == wave.shape

@@ -455,7 +455,10 @@ class Separator:
     def plan_compile(self, seconds: float | None) -> bool:
         """Decide whether the next model calls run compiled, for `seconds` of input to come (see `compile`; None:
         unknown). `stream` decides per input; `bsmamba2.catalog` once for its whole library."""
-        self._compiling = (self.backend == "torch" and not self.int8
+        # with bf16 projections the compiled block is slower than the eager one (RESULTS.md "cpu-bf16"): "auto"
+        # leaves them eager, "on" still compiles
+        eager_bf16 = self.compile == "auto" and self.precision_name == "bf16 projections"
+        self._compiling = (self.backend == "torch" and not self.int8 and not eager_bf16
                            and cpu_compile.wanted(self.compile, self.device, seconds))
         return self._compiling
 
