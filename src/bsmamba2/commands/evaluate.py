@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="segments per model call (default: 1 on a CPU, 8 on a GPU)")
     sep.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     sep.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"),
-                     help="autocast precision; int8: dynamically quantized projections on the CPU (default fp32)")
+                     help="default fp32. GPU: bf16/fp16 autocast. CPU: bf16 or int8 projections, the rest fp32")
     add_backend_arguments(sep)
     ana = parser.add_argument_group("analyses")
     ana.add_argument("--segment-sweep", nargs="+", type=float, metavar="SECONDS",

@@ -56,8 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("device")
     g.add_argument("--device", "-d", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default=None,
-                   help="model precision (autocast); fp16 needs a GPU; int8: dynamically quantized projections on "
-                        "the CPU (default fp32)")
+                   help="model precision. GPU: bf16/fp16 autocast. CPU: bf16 or int8 projections, the rest fp32. "
+                        "Default: bf16 projections on a CPU that multiplies bf16 natively, else fp32")
     add_backend_arguments(g)
     g = p.add_argument_group("output")
     g.add_argument("--format", "-f", choices=sorted(WRITE_FORMATS), default="wav", help="output format (default wav)")
@@ -107,7 +107,7 @@ def add_backend_arguments(g) -> None:
                         "(`bsmamba2 export --onnx`)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default=None,
                    help="CPU inference through torch.compile (needs a C++ compiler; the first segment compiles, tens of "
-                        "seconds, then cached): auto (default; inputs of a minute or more), on, off "
+                        "seconds, then cached): auto (default; fp32 inputs of a minute or more), on, off "
                         "(default also from BSMAMBA2_CPU_COMPILE)")
 
 
