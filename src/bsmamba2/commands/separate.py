@@ -107,8 +107,8 @@ def add_backend_arguments(g) -> None:
                         "(`bsmamba2 export --onnx`)")
     g.add_argument("--compile", choices=("auto", "on", "off"), default=None,
                    help="CPU inference through torch.compile (needs a C++ compiler; the first segment compiles, tens of "
-                        "seconds, then cached): auto (default; fp32 inputs of a minute or more), on, off "
-                        "(default also from BSMAMBA2_CPU_COMPILE)")
+                        "seconds, then cached): auto (default; fp32 inputs of a minute or more), on, off (default "
+                        "also from BSMAMBA2_CPU_COMPILE)")
 
 
 def find_inputs(inputs: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
