@@ -54,3 +54,30 @@ def test_bf16_copy_replaces_every_linear_and_stays_close():
         ref, out = model.forward_waveform(wave), fast.forward_waveform(wave)
     snr = float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
     assert 25 < snr < 200  # close to fp32, and not fp32 itself
+
+
+@pytest.mark.parametrize("machine, flags, speedup, native", [
+    ("x86_64", {"avx512f", "avx512_bf16"}, 0.5, True),  # Linux x86: the flags decide, not the timing
+    ("x86_64", {"amx_bf16", "amx_tile"}, 0.5, True),
+    ("x86_64", {"avx512f", "avx2"}, 9.0, False),
+    ("aarch64", {"fp", "asimd", "bf16"}, 3.0, True),  # elsewhere the timing
+    ("aarch64", {"fp", "asimd"}, 0.8, False),
+    ("arm64", None, 2.5, True),  # no /proc/cpuinfo (macOS, Windows)
+    ("AMD64", None, 1.2, False),
+])
+def test_cpu_bf16_native_by_flags_on_linux_x86_else_by_timing(monkeypatch, machine, flags, speedup, native):
+    from bsmamba2 import device  # noqa: PLC0415
+
+    monkeypatch.setattr(device.platform, "machine", lambda: machine)
+    monkeypatch.setattr(device, "cpu_flags", lambda: None if flags is None else frozenset(flags))
+    monkeypatch.setattr(device, "cpu_bf16_speedup", lambda: speedup)
+    assert device.cpu_bf16_native() is native
+
+
+def test_cpu_bf16_probe_and_flags_on_this_machine():
+    from bsmamba2 import device  # noqa: PLC0415
+
+    speedup = device.cpu_bf16_speedup()
+    assert speedup > 0 and device.cpu_bf16_speedup() == speedup  # timed once per process
+    flags = device.cpu_flags()
+    assert flags is None or "fpu" in flags or "fp" in flags  # read from /proc/cpuinfo where it exists

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import platform
 import time
 
 import torch
@@ -70,8 +71,26 @@ def cpu_bf16_speedup() -> float:
     return best(a, b) / max(best(ab, bb), 1e-9)
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags on Linux (the `flags` line of /proc/cpuinfo), None where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
 def cpu_bf16_native(threshold: float = 1.5) -> bool:
-    """Whether bf16 projections pay on this CPU (`cpu_bf16_speedup() >= threshold`): the CPU's default precision."""
+    """Whether bf16 projections pay on this CPU: the CPU's default precision. On Linux x86 the CPU's flags decide
+    (AVX512-BF16 or AMX-BF16, what oneDNN's bf16 products run on), so every process of a job decides alike; elsewhere
+    a timing (`cpu_bf16_speedup() >= threshold`)."""
+    flags = cpu_flags()
+    if flags is not None and platform.machine().lower() in ("x86_64", "amd64"):
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
     return cpu_bf16_speedup() >= threshold
 
 
