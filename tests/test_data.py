@@ -168,6 +168,36 @@ def test_random_mix_is_paper_recipe(activity):
     assert not torch.equal(ds[5][0], ds2[5][0])
 
 
+def test_polarity_and_channel_swap_change_only_sign_and_side(activity):
+    """The two augmentations beyond the paper: with probability 1 every stem is inverted (or its channels swapped),
+    with every pick, silence and gain as without them; at 0.5 about half the stems are; 0 is the paper's stream."""
+    split, starts = activity
+    kw = dict(silence_prob=0.1, seed=3)
+    plain = RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, **kw)
+    zero = RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, polarity_prob=0.0, channel_swap_prob=0.0, **kw)
+    inverted = RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, polarity_prob=1.0, **kw)
+    swapped = RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, channel_swap_prob=1.0, **kw)
+    half = RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, polarity_prob=0.5, channel_swap_prob=0.5,
+                            **kw)
+    seen = {"same": 0, "inverted": 0, "swapped": 0, "both": 0}
+    for index in range(40):
+        mix, tgt = plain[index]
+        for a, b in zip(zero[index], (mix, tgt)):
+            assert torch.equal(a, b)
+        inv_mix, inv_tgt = inverted[index]
+        assert torch.equal(inv_mix, -mix) and torch.equal(inv_tgt, -tgt)
+        sw_mix, sw_tgt = swapped[index]
+        assert torch.equal(sw_mix, mix.flip(0)) and torch.equal(sw_tgt, tgt.flip(1))
+        h = half[index][1][0]  # the vocal target: one of the four forms of the plain one
+        if not tgt.abs().sum():
+            continue  # a silenced vocal looks the same in every form
+        forms = {"same": tgt[0], "inverted": -tgt[0], "swapped": tgt[0].flip(0), "both": -tgt[0].flip(0)}
+        seen[next(name for name, form in forms.items() if torch.equal(h, form))] += 1
+    assert all(count >= 3 for count in seen.values()), seen
+    with pytest.raises(ValueError, match="polarity_prob must be a probability"):
+        RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, polarity_prob=1.5)
+
+
 def test_random_mix_draws_stems_independently_and_silences_at_rate(activity):
     split, starts = activity
     ds = RandomMixDataset(split.train, starts, STEMS, ("vocals",), SR, silence_prob=0.1, seed=0)

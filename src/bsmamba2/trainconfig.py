@@ -71,6 +71,8 @@ class DataConfig:
     silence_prob: float = 0.1
     gain_min: float = 0.5
     gain_max: float = 1.5
+    polarity_prob: float = 0.0  # per stem: invert its polarity (not in the paper; 0 keeps its recipe)
+    channel_swap_prob: float = 0.0  # per stem: swap left and right (not in the paper; 0 keeps its recipe)
     # None: the paper's 14 tracks (or every track of ROOT/valid/ when that folder exists).
     valid_tracks: tuple[str, ...] | None = None
     valid_max_excerpts: int | None = None  # cap on aligned validation excerpts (evenly spaced); None: all

@@ -2,7 +2,8 @@
 
 Random mixing (training): each stem is drawn independently, from a random salient window of a random track; each
 stem is silenced with probability 0.1 and scaled by a gain uniform in [0.5, 1.5]; the targets are the changed
-stems; the mixture is their sum.
+stems; the mixture is their sum. Beyond the paper (off by default): each stem's polarity inverted, or its left and
+right channels swapped, with a given probability, so that the model cannot tell a sound by its sign or its side.
 
 Sample `i` of the training stream is a pure function of (seed, i): its random numbers come from a generator seeded
 with both. Resuming a run, changing the number of worker processes, or changing the number of GPUs therefore does
@@ -58,6 +59,8 @@ class RandomMixDataset(_StemExcerpts):
         channels: audio channels of the excerpts.
         silence_prob: probability of silencing each stem.
         gain_range: (low, high) of the per-stem uniform gain.
+        polarity_prob: probability of inverting each stem's polarity (0: the paper's recipe).
+        channel_swap_prob: probability of swapping each stereo stem's two channels (0: the paper's recipe).
         seed: base seed of the stream.
     Item:
         mixture (channels, segment) float32, targets (len(targets), channels, segment) float32.
@@ -74,10 +77,16 @@ class RandomMixDataset(_StemExcerpts):
         silence_prob: float = 0.1,
         gain_range: tuple[float, float] = (0.5, 1.5),
         seed: int = 0,
+        polarity_prob: float = 0.0,
+        channel_swap_prob: float = 0.0,
     ):
         super().__init__(stems, targets, segment, channels)
+        for name, p in (("polarity_prob", polarity_prob), ("channel_swap_prob", channel_swap_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"data.{name} must be a probability in [0, 1], got {p}")
         self.silence_prob = float(silence_prob)
         self.gain_range = (float(gain_range[0]), float(gain_range[1]))
+        self.polarity_prob, self.channel_swap_prob = float(polarity_prob), float(channel_swap_prob)
         self.seed = int(seed)
         # Per stem, every (track, salient start) pair: drawing uniformly from it draws a random track
         # (weighted by how much usable audio it has) and a random excerpt of it.
@@ -104,12 +113,16 @@ class RandomMixDataset(_StemExcerpts):
         picks = [int(rng.integers(len(pool))) for pool in self.pool]
         silent = rng.random(n) < self.silence_prob
         gains = rng.uniform(self.gain_range[0], self.gain_range[1], size=n).astype(np.float32)
+        # drawn after the paper's numbers, so that turning them on leaves every pick, silence and gain as it was
+        gains[rng.random(n) < self.polarity_prob] *= -1
+        swapped = (rng.random(n) < self.channel_swap_prob) & (self.channels == 2)
         sources = np.zeros((n, self.channels, self.segment), dtype=np.float32)  # (stems, channels, time)
         for k in range(n):
             if silent[k]:
                 continue
             ex = self.pool[k][picks[k]]
-            sources[k] = gains[k] * read_excerpt(ex.track.path(self.stems[k]), ex.start, self.segment, self.channels)
+            audio = read_excerpt(ex.track.path(self.stems[k]), ex.start, self.segment, self.channels)
+            sources[k] = gains[k] * (audio[::-1] if swapped[k] else audio)
         mixture = sources.sum(axis=0)  # (channels, time)
         return torch.from_numpy(mixture), torch.from_numpy(sources[self.target_index].copy())
 
@@ -212,6 +225,8 @@ def build_datasets(split, data_cfg, targets: tuple[str, ...], channels: int, see
         silence_prob=data_cfg.silence_prob,
         gain_range=(data_cfg.gain_min, data_cfg.gain_max),
         seed=seed,
+        polarity_prob=data_cfg.polarity_prob,
+        channel_swap_prob=data_cfg.channel_swap_prob,
     )
     valid = None
     if split.valid:
