@@ -61,10 +61,14 @@ def test_compiled_block_is_one_graph():
 
 
 @pytest.mark.skipif(not cpu_compile.compiler_found(), reason="needs a C++ compiler for Inductor")
-def test_compiled_block_matches_eager_block(fresh_compile_state):
+@pytest.mark.parametrize("bf16, tol", [(False, 1e-5), (True, 1e-3)])  # bf16: the CPU's bf16 projections
+def test_compiled_block_matches_eager_block(fresh_compile_state, bf16, tol):
+    from bsmamba2.quantize import linear_bf16  # noqa: PLC0415
+
     cfg = Mamba2Config(d_state=16, headdim=8, expand=2, chunk_size=16)
-    block = BiMamba2Block(16, cfg).eval()
-    other = BiMamba2Block(16, cfg).eval()  # a second block reuses the compiled function with its own weights
+    precision = linear_bf16 if bf16 else (lambda blk: blk)
+    block = precision(BiMamba2Block(16, cfg).eval())
+    other = precision(BiMamba2Block(16, cfg).eval())  # a second block reuses the compiled function with its weights
     with torch.inference_mode():
         for blk in (block, other):
             x = torch.randn(3, 37, 16)
@@ -72,23 +76,7 @@ def test_compiled_block_matches_eager_block(fresh_compile_state):
             with cpu_compile.enabled():
                 y = blk(x)
             assert not cpu_compile._failed
-            assert ((y - ref).norm() / ref.norm()).item() < 1e-5
-
-
-@pytest.mark.skipif(not cpu_compile.compiler_found(), reason="needs a C++ compiler for Inductor")
-def test_compiled_block_with_bf16_projections_matches_eager(fresh_compile_state):
-    """The CPU's bf16 precision (`quantize.linear_bf16`) under compile: the same function as eager bf16."""
-    from bsmamba2.quantize import linear_bf16  # noqa: PLC0415
-
-    cfg = Mamba2Config(d_state=16, headdim=8, expand=2, chunk_size=16)
-    block = linear_bf16(BiMamba2Block(16, cfg))
-    with torch.inference_mode():
-        x = torch.randn(3, 37, 16)
-        ref = block._plain(x)
-        with cpu_compile.enabled():
-            y = block(x)
-    assert not cpu_compile._failed
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-3
+            assert ((y - ref).norm() / ref.norm()).item() < tol
 
 
 def test_failed_compile_falls_back_to_eager_once(fresh_compile_state, monkeypatch, caplog):
