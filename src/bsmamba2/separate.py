@@ -271,8 +271,8 @@ class Separator:
         precision: None (the device's default), "fp32", "bf16", "fp16" (a GPU's autocast; fp16 needs a GPU) or
             "int8" (CPU). On a CPU, "bf16" runs the Linear projections in bfloat16 and everything else in float32
             (`bsmamba2.quantize`), and it is the default (None) for a model loaded by name, path or URL where the
-            CPU multiplies bf16 natively (`bsmamba2.device.cpu_bf16_native`; uSDR within 0.01 dB of fp32,
-            benchmarks/RESULTS.md "cpu-bf16"); elsewhere the default is fp32.
+            CPU multiplies bf16 natively (`bsmamba2.device.cpu_bf16_native`; uSDR within 0.03 dB of fp32 for the
+            bundled model, benchmarks/RESULTS.md "cpu-precision-sdr"); elsewhere the default is fp32.
         segment: seconds per model call (the training length is 8 s); 0 = the whole input at once.
         overlap: fraction of a segment shared with the next one, 0 <= overlap < 1 (overlap-add mode).
         batch_size: segments per model call; None picks 1 on a CPU (lowest memory; larger batches gain little there)
@@ -355,7 +355,6 @@ class Separator:
                 log.info("model: the bundled demo model, trained on synthetic songs only; for real music use the "
                          "default, bsmamba2-musdb (the paper's weights)")
         if int8 and self.backend == "torch":
-
             if self.device.type != "cpu":
                 raise ValueError("--precision int8 runs on the CPU; pass --device cpu")
             self.model = quantize_linear_int8(self.model)
