@@ -81,6 +81,7 @@ def test_sample_track_default_settings(tiny_ckpt, sample_track, tmp_path, log):
     (entry,) = manifest["files"].values()
     assert entry["status"] == "done" and len(entry["input_sha256"]) == 64 and len(entry["checkpoint_sha256"]) == 64
     assert entry["settings"]["segment"] == 8.0 and entry["settings"]["overlap"] == 0.5 and entry["rtf"] > 0
+    assert entry["settings"]["subtype"] == "INPUT"  # the stems follow the input's depth (16-bit here)
 
 
 def test_resampled_mono_input(tiny_ckpt, excerpt, tmp_path, log):

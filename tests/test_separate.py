@@ -238,6 +238,28 @@ def test_separate_file_result_reports_timing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "o" / "a").iterdir()) == ["instrumental.wav", "vocals.wav"]
 
 
+@pytest.mark.parametrize("input_ext, input_subtype, out_format, subtype, expect", [
+    ("wav", "PCM_24", "wav", None, "PCM_24"),  # the default follows the input's depth
+    ("wav", "FLOAT", "wav", None, "FLOAT"),
+    ("wav", "PCM_16", "wav", None, "PCM_16"),
+    ("flac", "PCM_24", "aiff", None, "PCM_24"),
+    ("wav", "FLOAT", "flac", None, "PCM_24"),  # FLAC holds no float: the deepest it can
+    ("mp3", "MPEG_LAYER_III", "wav", None, "PCM_16"),  # a lossy input
+    ("wav", "FLOAT", "wav", "INPUT", "FLOAT"),  # the default by its name (manifests, catalogs)
+    ("wav", "PCM_24", "wav", "PCM_16", "PCM_16"),  # an explicit choice wins
+    ("wav", "PCM_24", "mp3", None, "MPEG_LAYER_III"),  # lossy outputs have their own
+])
+def test_stems_keep_the_inputs_bit_depth_by_default(tmp_path, input_ext, input_subtype, out_format, subtype, expect):
+    import soundfile as sf  # noqa: PLC0415
+
+    song = tmp_path / f"song.{input_ext}"
+    write_audio(song, 0.1 * torch.randn(2, SR // 2), SR, subtype=None if input_ext == "mp3" else input_subtype)
+    assert sf.info(str(song)).subtype == input_subtype
+    paths = Separator(Scale(), device="cpu", segment=0).separate_file(song, tmp_path / "out", format=out_format,
+                                                                      subtype=subtype)
+    assert {stem: sf.info(str(p)).subtype for stem, p in paths.items()} == {"vocals": expect, "instrumental": expect}
+
+
 # -- errors --------------------------------------------------------------------------------------------------------
 def test_waveform_errors():
     sep = Separator(Scale(), device="cpu")

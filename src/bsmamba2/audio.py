@@ -46,6 +46,8 @@ AUDIO_EXTENSIONS = (
 WRITE_FORMATS = {"wav": "WAV", "flac": "FLAC", "aiff": "AIFF", "mp3": "MP3", "ogg": "OGG", "m4a": "M4A",
                  "opus": "OPUS"}  # fmt: skip
 SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")
+# The default sample format of a lossless output: the input's depth (`subtype_for`).
+INPUT_SUBTYPE = "INPUT"
 # The lossy containers' one sample format each (ogg: Vorbis at libsndfile's default quality).
 LOSSY = {"MP3": "MPEG_LAYER_III", "OGG": "VORBIS", "M4A": "AAC", "OPUS": "OPUS"}
 # Written through PyAV (FFmpeg's encoders): format -> (FFmpeg muxer, encoder, encoder sample format).
@@ -455,6 +457,15 @@ def resolve_format(path: str | os.PathLike, format: str | None = None, subtype: 
         allowed = [s for s in SUBTYPES if sf.check_format(fmt, s)]
         raise ValueError(f"{ext} files cannot hold {subtype} samples; choose one of {allowed}")
     return fmt, subtype
+
+
+def subtype_for(fmt: str, input_subtype: str | None) -> str:
+    """The sample format a lossless output of format `fmt` (from `resolve_format`) gets when it follows its input's:
+    24-bit, 32-bit and float inputs keep their depth (double becomes float); 16-bit, 8-bit and lossy inputs give
+    PCM_16; a depth `fmt` cannot hold (FLAC has neither float nor 32-bit) becomes the deepest it can, PCM_24."""
+    depth = {"PCM_24": "PCM_24", "PCM_32": "PCM_32", "FLOAT": "FLOAT", "DOUBLE": "FLOAT"}
+    wanted = depth.get((input_subtype or "").upper(), "PCM_16")
+    return next(s for s in (wanted, "PCM_24", "PCM_16") if sf.check_format(fmt, s))
 
 
 def encoder_options(fmt: str, bitrate: int | None = None, sample_rate: int | None = None) -> dict:

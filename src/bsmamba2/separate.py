@@ -33,6 +33,8 @@ from torch import nn
 
 from bsmamba2 import cpu_compile, switches
 from bsmamba2.audio import (
+    INPUT_SUBTYPE,
+    LOSSY,
     AudioError,
     AudioReader,
     AudioWriter,
@@ -42,6 +44,7 @@ from bsmamba2.audio import (
     encoder_options,
     resampled_length,
     resolve_format,
+    subtype_for,
 )
 from bsmamba2.device import autocast, cpu_bf16_native, cpu_bf16_speedup, resolve_device, resolve_precision
 from bsmamba2.pretrained import model_from_file, resolve, sha256_file
@@ -633,8 +636,9 @@ class Separator:
 
         Memory does not grow with the file's length (except with segment=0). Outputs are written to temporary files
         and renamed only when all are complete, so an error or interruption leaves no partial file. `format`: wav,
-        flac, aiff, mp3 or ogg; `subtype` (wav, flac, aiff): PCM_16 by default, PCM_24, PCM_32 or FLOAT; `bitrate`
-        (mp3): kbit/s, 320 by default.
+        flac, aiff, mp3 or ogg; `subtype` (wav, flac, aiff): PCM_16, PCM_24, PCM_32 or FLOAT, by default (None or
+        "INPUT") the input's depth (`audio.subtype_for`: 24-bit and float inputs give 24-bit and float stems);
+        `bitrate` (mp3): kbit/s, 320 by default.
         """
         return self.separate_file_result(
             path, out_dir, template, format, subtype, sample_rate, downmix, stems, progress, bitrate
@@ -649,7 +653,8 @@ class Separator:
         """`separate_file`, also returning duration, time taken and real-time factor."""
         path = Path(path)
         start = time.perf_counter()
-        fmt, subtype = resolve_format(f"x.{format}", format, subtype)
+        follow_input = subtype is None or str(subtype).upper() == INPUT_SUBTYPE
+        fmt, subtype = resolve_format(f"x.{format}", format, None if follow_input else subtype)
         encoder_options(fmt, bitrate)  # a bad bitrate fails before the input is read
         targets = self.output_paths(path, out_dir, template, format.lower(), stems)
         with AudioReader(path, check=False) as reader:  # `stream` checks every block for NaN/Inf
@@ -659,6 +664,8 @@ class Separator:
             if info.channels > 2 and not downmix:
                 self._check_channels(torch.zeros(info.channels, 0), str(path), downmix)
             channels = min(info.channels, 2)
+            if follow_input and fmt not in LOSSY:
+                subtype = subtype_for(fmt, info.subtype)
             out_sr = int(sample_rate or info.sample_rate)
             reader.block_frames = max(1, int(READ_BLOCK_SECONDS * info.sample_rate))
             blocks = (self._check_channels(b, str(path), downmix) for b in reader)

@@ -14,6 +14,8 @@ from bsmamba2 import catalog
 from bsmamba2.audio import (
     AUDIO_EXTENSIONS,
     DEFAULT_BITRATES,
+    INPUT_SUBTYPE,
+    LOSSY,
     SUBTYPES,
     WRITE_FORMATS,
     AudioError,
@@ -62,8 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--format", "-f", choices=sorted(WRITE_FORMATS), default="wav", help="output format (default wav)")
     g.add_argument("--subtype", type=str.upper, choices=SUBTYPES, default=None,
-                   help="sample format of wav, flac and aiff (default PCM_16); FLOAT keeps values beyond ±1, the "
-                        "others clip them")
+                   help="sample format of wav, flac and aiff (default: the input's, so 24-bit and float inputs give "
+                        "24-bit and float stems, others PCM_16); FLOAT keeps values beyond ±1, the others clip them")
     g.add_argument("--bitrate", type=int, default=None, metavar="KBPS",
                    help="bitrate in kbit/s of mp3 (constant, 32 to 320; default {MP3}), m4a (AAC; default {M4A}) "
                         "and opus (default {OPUS}; opus is always 48 kHz)".format(**DEFAULT_BITRATES))
@@ -182,6 +184,8 @@ def _run(args: argparse.Namespace) -> int:
     # Output format, checkpoint and settings errors concern every input: they end the run (cli.py turns them into
     # exit 1), before a model is loaded where they can be told without one.
     fmt, subtype = resolve_format(f"x.{args.format}", args.format, args.subtype)
+    if args.subtype is None and fmt not in LOSSY:
+        subtype = INPUT_SUBTYPE  # each file's stems follow its own depth (`separate_file`)
     encoder_options(fmt, args.bitrate, args.sample_rate)
     bitrate = (args.bitrate or DEFAULT_BITRATES[fmt]) if fmt in DEFAULT_BITRATES else None
     separator = Separator(
