@@ -51,8 +51,8 @@ class Bf16Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x.to(torch.bfloat16), self.weight).float()
-        return y if self.bias is None else y + self.bias
+        y = F.linear(x.to(torch.bfloat16), self.weight).float()  # a new tensor: the bias goes in in place
+        return y if self.bias is None else y.add_(self.bias)
 
     def reference(self, x: Tensor) -> Tensor:
         """The same function in plain float32 arithmetic: the product of the bf16-rounded operands, rounded to bf16."""

@@ -46,7 +46,7 @@ from bsmamba2.audio import (
     resolve_format,
     subtype_for,
 )
-from bsmamba2.device import autocast, cpu_bf16_native, cpu_bf16_speedup, resolve_device, resolve_precision
+from bsmamba2.device import autocast, cpu_bf16_native, resolve_device, resolve_precision
 from bsmamba2.pretrained import model_from_file, resolve, sha256_file
 from bsmamba2.quantize import linear_bf16, quantize_linear_int8
 
@@ -335,11 +335,12 @@ class Separator:
         cpu_torch = self.device.type == "cpu" and self.backend == "torch"
         if precision is None and cpu_torch and not isinstance(model, nn.Module) and cpu_bf16_native():
             precision = "bf16"
-            log.info("CPU: Linear projections in bf16 (this CPU multiplies bf16 %.1fx faster than fp32); "
-                     "--precision fp32 for float32 throughout", cpu_bf16_speedup())
+            log.info("CPU: Linear projections in bf16 (this CPU multiplies bf16 natively); --precision fp32 for "
+                     "float32 throughout")
         self.dtype = resolve_precision(None if int8 else precision, self.device)
         # a CPU's bf16: reduced-precision projections in a copy of the model, no autocast
-        self._autocast_dtype = torch.float32 if cpu_torch and self.dtype == torch.bfloat16 else self.dtype
+        self.bf16_projections = cpu_torch and self.dtype == torch.bfloat16
+        self._autocast_dtype = torch.float32 if self.bf16_projections else self.dtype
         if self.backend != "torch":  # the network callable is an ONNX runtime's (bsmamba2.onnx_backend)
             from bsmamba2.onnx_backend import onnx_model  # noqa: PLC0415
 
@@ -361,7 +362,7 @@ class Separator:
             if self.device.type != "cpu":
                 raise ValueError("--precision int8 runs on the CPU; pass --device cpu")
             self.model = quantize_linear_int8(self.model)
-        elif cpu_torch and self.dtype == torch.bfloat16:
+        elif self.bf16_projections:
             self.model = linear_bf16(self.model)
         self.int8 = int8
         self.model = self.model.to(self.device).eval()
@@ -407,7 +408,7 @@ class Separator:
         if self.int8:
             return "int8 projections"
         name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-        return f"{name} projections" if self._autocast_dtype != self.dtype else name
+        return f"{name} projections" if self.bf16_projections else name
 
     def settings(self) -> dict:
         """The settings that change the output, as recorded in a manifest."""
@@ -459,7 +460,7 @@ class Separator:
         unknown). `stream` decides per input; `bsmamba2.catalog` once for its whole library."""
         # with bf16 projections the compiled block is slower than the eager one (RESULTS.md "cpu-bf16"): "auto"
         # leaves them eager, "on" still compiles
-        eager_bf16 = self.compile == "auto" and self.precision_name == "bf16 projections"
+        eager_bf16 = self.compile == "auto" and self.bf16_projections
         self._compiling = (self.backend == "torch" and not self.int8 and not eager_bf16
                            and cpu_compile.wanted(self.compile, self.device, seconds))
         return self._compiling
