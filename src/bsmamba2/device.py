@@ -100,7 +100,8 @@ def _mps_available() -> bool:
 
 
 def resolve_precision(precision: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`None`/fp32 → float32; bf16/fp16 run the model under autocast. fp16 needs a GPU; bf16 works on CPU too."""
+    """`None`/fp32 → float32; bf16/fp16 run the model under autocast on a GPU (`Separator` runs a CPU's bf16 as bf16
+    projections instead). fp16 needs a GPU."""
     if precision is None:
         return torch.float32
     if isinstance(precision, torch.dtype):
@@ -112,7 +113,8 @@ def resolve_precision(precision: str | torch.dtype | None, device: torch.device)
             raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
         dtype = PRECISIONS[key]
     if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("fp16 needs a GPU; on CPU use --precision fp32 (default) or bf16")
+        raise ValueError("fp16 needs a GPU; on a CPU use --precision bf16 or fp32, or leave it out (bf16 projections "
+                         "where the CPU has bf16 units, else fp32)")
     return dtype
 
 
